@@ -1,0 +1,1 @@
+"""postroom cluster: everything that talks to etcd or to other nodes."""

@@ -1,0 +1,1 @@
+"""postroom node: one gevent process serving SMTP, IMAP and POP3."""

@@ -1,0 +1,205 @@
+"""One TOML file into typed settings.
+
+Every setting has a safe default and is documented in docs/configuration.md.
+Unknown sections and keys are rejected with their dotted name, so a typo never
+silently falls back to a default.  Each section is a frozen dataclass; a
+protocol package that needs a new limit adds a field to its own section here
+and a line to docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    hostname: str = ""  # empty: the machine's FQDN
+    data_dir: str = "/var/lib/postroom"
+    log_level: str = "info"  # debug | info | warning | error
+    # Loopback addresses may use LOGIN/AUTHENTICATE/USER/PASS without TLS.
+    allow_plaintext_auth_on_loopback: bool = False
+
+
+@dataclass(frozen=True)
+class EtcdSettings:
+    endpoints: list[str] = field(default_factory=list)  # empty: start an embedded etcd
+    prefix: str = "/postroom"
+    lease_ttl: int = 10  # seconds; the session lease is the liveness signal
+    timeout: float = 5.0  # seconds per request before rotating to the next endpoint
+    # Embedded etcd (used only when endpoints is empty).
+    embedded_binary: str = ""  # empty: search PATH and /usr/bin for "etcd"
+    embedded_client_url: str = "http://127.0.0.1:2379"
+    embedded_peer_url: str = "http://127.0.0.1:2380"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    shards: int = 16  # mailbox shards; fixed when the store is first created
+    fsync: bool = True  # never turn off outside throwaway tests
+    group_commit_max: int = 256  # operations per SQLite transaction at most
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert: str = ""  # PEM chain; empty: a self-signed certificate under data_dir/tls
+    key: str = ""
+    min_version: str = "1.2"  # "1.2" or "1.3"
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:25", "[::]:25"])
+    max_message_size: int = 50 * 1024 * 1024  # bytes; SIZE (RFC 1870), 552 5.3.4
+    max_recipients: int = 100  # per transaction; 452 4.5.3 (RFC 5321 §4.5.3.1.8)
+    max_line_length: int = 1000  # octets incl. CRLF, text lines (RFC 5321 §4.5.3.1.6)
+    max_command_length: int = 512  # octets incl. CRLF (RFC 5321 §4.5.3.1.4)
+    max_errors: int = 10  # protocol errors per session before 421 and close
+    timeout: int = 300  # seconds of client silence before 421 (RFC 5321 §4.5.3.2.7)
+    max_connections_per_ip: int = 20  # 421 4.7.0 beyond this
+
+
+@dataclass(frozen=True)
+class ImapSettings:
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:143", "[::]:143"])
+    listen_tls: list[str] = field(default_factory=lambda: ["0.0.0.0:993", "[::]:993"])
+    max_line_length: int = 65536  # octets of one command line outside literals
+    max_literal_size: int = 50 * 1024 * 1024  # octets; beyond: BYE and close
+    idle_timeout: int = 1800  # seconds (RFC 9051 §5.4: at least 30 minutes)
+    max_connections_per_ip: int = 50
+
+
+@dataclass(frozen=True)
+class Pop3Settings:
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:110", "[::]:110"])
+    listen_tls: list[str] = field(default_factory=lambda: ["0.0.0.0:995", "[::]:995"])
+    max_line_length: int = 512  # octets incl. CRLF (RFC 2449 §4: 255 + slack)
+    timeout: int = 600  # seconds (RFC 1939 §3: at least 10 minutes)
+    max_connections_per_ip: int = 20
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    etcd: EtcdSettings = field(default_factory=EtcdSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    imap: ImapSettings = field(default_factory=ImapSettings)
+    pop3: Pop3Settings = field(default_factory=Pop3Settings)
+
+    @property
+    def hostname(self) -> str:
+        return self.node.hostname or socket.getfqdn()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.node.data_dir)
+
+
+def _check_value(name: str, annotation: Any, value: Any) -> Any:
+    """Validate one value against its field type (bool/int/float/str/list[str])."""
+    origin = typing.get_origin(annotation)
+    if origin in (list,):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings")
+        return list(value)
+    if origin in (types.UnionType, typing.Union):
+        raise ConfigError(f"{name}: unsupported type")  # no optional fields exist
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name}: expected a non-negative integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{name}: expected a non-negative number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string")
+        return value
+    raise ConfigError(f"{name}: unsupported type")
+
+
+def _build_section(cls: type, name: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"unknown configuration key: {name}.{key}")
+        values[key] = _check_value(f"{name}.{key}", hints[key], value)
+    return cls(**values)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from parsed TOML; raises ConfigError naming a bad key."""
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for name, value in raw.items():
+        if name not in hints:
+            raise ConfigError(f"unknown configuration section: {name}")
+        sections[name] = _build_section(hints[name], name, value)
+    config = Config(**sections)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks that a type alone cannot express."""
+    if config.node.log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("node.log_level: expected debug, info, warning or error")
+    if config.tls.min_version not in ("1.2", "1.3"):
+        raise ConfigError('tls.min_version: expected "1.2" or "1.3"')
+    if bool(config.tls.cert) != bool(config.tls.key):
+        raise ConfigError("tls.cert and tls.key: set both or neither")
+    if not 1 <= config.storage.shards <= 4096:
+        raise ConfigError("storage.shards: expected 1..4096")
+    for section in ("smtp", "imap", "pop3"):
+        settings = getattr(config, section)
+        for key in ("listen", "listen_tls"):
+            for addr in getattr(settings, key, []):
+                parse_listen_address(addr, f"{section}.{key}")
+
+
+def parse_listen_address(addr: str, name: str = "listen") -> tuple[str, int]:
+    """'0.0.0.0:25' or '[::1]:143' -> (host, port); raises ConfigError."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host:
+        raise ConfigError(f"{name}: bad listen address {addr!r} (expected HOST:PORT)")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ConfigError(f"{name}: bad listen address {addr!r}")
+        host = host[1:-1]
+    return host, int(port)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML file; raises ConfigError with a one-line reason."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return from_dict(raw)

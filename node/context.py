@@ -1,0 +1,141 @@
+"""What a protocol session may call: the node's services, as typed interfaces.
+
+Protocol servers receive one NodeContext.  Unit tests of sessions pass fakes
+that satisfy these Protocols; integration tests run the real ones.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from node.config import Config
+from storage.model import (
+    AppendResult,
+    FlagChange,
+    MailboxChanges,
+    MailboxInfo,
+    MailboxStatus,
+    MessageRow,
+)
+
+
+class Directory(Protocol):
+    """Domains, accounts and aliases (cluster/directory.py, kept in etcd)."""
+
+    def is_local_domain(self, domain: str) -> bool: ...
+
+    def resolve_recipient(self, address: str) -> list[str] | None:
+        """Accounts an address delivers to after alias/catch-all expansion.
+
+        None means unknown (550 5.1.1).  postmaster@ every local domain never
+        gives None (RFC 5321 §4.5.1).  Addresses are compared case-insensitively
+        in the domain and lower-cased in the local part.
+        """
+        ...
+
+    def account_exists(self, account: str) -> bool: ...
+
+    def authenticate(self, username: str, password: str) -> str | None:
+        """The canonical account name, or None.  Hashing runs off the hub."""
+        ...
+
+
+class MailStore(Protocol):
+    """Every account's mailboxes (storage/mailstore.py).
+
+    Writes go through the shard's operation log, group-committed off the hub,
+    and return only once durable; on failure they raise StorageUnavailable
+    and leave nothing visible.  Names use "/" as hierarchy delimiter.
+    """
+
+    def ensure_account(self, account: str) -> None: ...
+
+    def delete_account(self, account: str) -> None: ...
+
+    def deliver(
+        self,
+        accounts: Iterable[str],
+        raw: bytes,
+        *,
+        mailbox: str = "INBOX",
+        flags: Iterable[str] = (),
+        internaldate: float | None = None,
+    ) -> list[AppendResult]:
+        """Store one message for several accounts: blob written once, then one
+        append per account, all committed before returning."""
+        ...
+
+    def append(
+        self,
+        account: str,
+        mailbox: str,
+        raw: bytes,
+        *,
+        flags: Iterable[str] = (),
+        internaldate: float | None = None,
+    ) -> AppendResult: ...
+
+    def list_mailboxes(self, account: str) -> list[MailboxInfo]: ...
+
+    def create_mailbox(
+        self, account: str, name: str, special_use: str | None = None
+    ) -> MailboxInfo: ...
+
+    def delete_mailbox(self, account: str, name: str) -> None: ...
+
+    def rename_mailbox(self, account: str, old: str, new: str) -> None: ...
+
+    def set_subscribed(self, account: str, name: str, subscribed: bool) -> None: ...
+
+    def status(self, account: str, name: str) -> MailboxStatus: ...
+
+    def messages(self, account: str, name: str) -> list[MessageRow]:
+        """Every message in the mailbox, ascending UID."""
+        ...
+
+    def metadata(self, account: str, name: str, uids: Iterable[int]) -> dict[int, dict]:
+        """Parsed metadata stored at delivery (storage/mime.py), per uid."""
+        ...
+
+    def read_message(self, blob: str) -> bytes: ...
+
+    def store_flags(
+        self,
+        account: str,
+        name: str,
+        uids: Iterable[int],
+        mode: str,  # "set" | "add" | "remove"
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> list[FlagChange]:
+        """Changed messages only; each change gets a new MODSEQ."""
+        ...
+
+    def expunge(self, account: str, name: str, uids: Iterable[int]) -> list[int]: ...
+
+    def copy(
+        self, account: str, src: str, uids: Iterable[int], dst: str
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """(destination uidvalidity, [(source uid, new uid)])."""
+        ...
+
+    def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges: ...
+
+    def watch(self, account: str, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call callback(mailbox_name) on the hub after each committed change
+        to the account; returns a function that stops watching."""
+        ...
+
+
+@dataclass
+class NodeContext:
+    """The services one node process offers its protocol servers."""
+
+    config: Config
+    directory: Directory
+    store: MailStore
+    tls: ssl.SSLContext  # server context, TLS 1.2 minimum
+    hostname: str

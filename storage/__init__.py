@@ -1,0 +1,1 @@
+"""postroom storage: one node's durable state (blobs, shard databases) and backups."""

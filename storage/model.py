@@ -1,0 +1,92 @@
+"""Plain data types and errors shared by the storage layer and its callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Default folders of every account, with their RFC 6154 special-use attribute.
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None),
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"),
+    ("Archive", "\\Archive"),
+)
+
+
+class StorageError(Exception):
+    """Base of every storage error."""
+
+
+class StorageUnavailable(StorageError):
+    """The change could not be made durable now; nothing of it is visible.
+
+    Callers answer with a temporary failure (451 4.3.0, NO [UNAVAILABLE]).
+    """
+
+
+class NoSuchMailbox(StorageError):
+    pass
+
+
+class MailboxExists(StorageError):
+    pass
+
+
+class MailboxNotAllowed(StorageError):
+    """E.g. deleting INBOX, or a name that is not valid."""
+
+
+@dataclass(frozen=True)
+class MailboxInfo:
+    name: str  # full hierarchical name, "/" as delimiter, UTF-8
+    uidvalidity: int
+    special_use: str | None = None  # "\\Sent", ...
+    subscribed: bool = False
+
+
+@dataclass(frozen=True)
+class MailboxStatus:
+    uidvalidity: int
+    uidnext: int
+    messages: int
+    unseen: int
+    highestmodseq: int
+    size: int  # sum of message sizes, octets
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    uid: int
+    flags: frozenset[str]  # system flags with backslash ("\\Seen"), keywords as given
+    modseq: int
+    size: int  # octets of the stored message
+    internaldate: float  # seconds since the epoch, UTC
+    blob: str  # SHA-256 hex of the stored message bytes
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    account: str
+    mailbox: str
+    uidvalidity: int
+    uid: int
+    modseq: int
+    blob: str
+
+
+@dataclass(frozen=True)
+class FlagChange:
+    uid: int
+    flags: frozenset[str]
+    modseq: int
+
+
+@dataclass(frozen=True)
+class MailboxChanges:
+    """What changed in one mailbox after a given MODSEQ (for session sync)."""
+
+    highestmodseq: int
+    changed: list[MessageRow] = field(default_factory=list)  # new or flag-changed, uid order
+    expunged: list[int] = field(default_factory=list)  # uids expunged after that modseq
