@@ -87,6 +87,9 @@ class Pop3Settings:
     max_line_length: int = 512  # octets incl. CRLF (RFC 2449 §4: 255 + slack)
     timeout: int = 600  # seconds (RFC 1939 §3: at least 10 minutes)
     max_connections_per_ip: int = 20
+    max_auth_failures: int = 3  # failed logins per session, then -ERR [AUTH] and close
+    auth_failure_delay: float = 1.0  # seconds before each -ERR [AUTH] (against guessing)
+    max_bad_commands: int = 20  # unknown/invalid commands per session, then close
 
 
 @dataclass(frozen=True)
