@@ -1,0 +1,204 @@
+"""A real postroom node for tests: `python -m node serve` by PID on loopback.
+
+Each node has its own data directory, free ports for every listener and its
+own embedded etcd (the default single-node setup a user gets).  Readiness is
+the "postroom ready" line the node prints once every listener is bound.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tests.support.etcd import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+DOMAIN = "example.test"
+USERS = {"alice@example.test": "alice-pw-1234", "bob@example.test": "bob-pw-1234"}
+START_DEADLINE = 60.0
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {value!r} as TOML")
+
+
+def to_toml(settings: Mapping[str, Mapping[str, Any]]) -> str:
+    out = []
+    for section, values in settings.items():
+        out.append(f"[{section}]")
+        out += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def merge(base: dict, overrides: Mapping) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            base[key] = merge(dict(base.get(key, {})), value)
+        else:
+            base[key] = value
+    return base
+
+
+class NodeProcess:
+    """One postroom node process and the CLI bound to its configuration."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, base_dir: Path, overrides: Mapping | None = None) -> None:
+        self.base_dir = Path(base_dir)
+        self.data_dir = self.base_dir / "data"
+        self.config_path = self.base_dir / "postroom.toml"
+        self.ports = {name: free_port() for name in ("smtp", "imap", "imaps", "pop3", "pop3s")}
+        h = self.host
+        settings: dict[str, Any] = {
+            "node": {
+                "hostname": "mx.example.test",
+                "data_dir": str(self.data_dir),
+                "log_level": "info",
+                "allow_plaintext_auth_on_loopback": True,
+            },
+            "etcd": {
+                "embedded_client_url": f"http://{h}:{free_port()}",
+                "embedded_peer_url": f"http://{h}:{free_port()}",
+            },
+            "storage": {"shards": 4},
+            "smtp": {"listen": [f"{h}:{self.ports['smtp']}"]},
+            "imap": {
+                "listen": [f"{h}:{self.ports['imap']}"],
+                "listen_tls": [f"{h}:{self.ports['imaps']}"],
+            },
+            "pop3": {
+                "listen": [f"{h}:{self.ports['pop3']}"],
+                "listen_tls": [f"{h}:{self.ports['pop3s']}"],
+            },
+        }
+        self.settings = merge(settings, overrides or {})
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(to_toml(self.settings))
+        self.log_path = self.base_dir / "node.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def cafile(self) -> str:
+        return str(self.data_dir / "tls" / "cert.pem")
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self) -> None:
+        """Start the node and return once every listener is bound."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node", "--config", str(self.config_path), "serve"],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=self.env,
+            cwd=str(REPO),
+        )
+        deadline = time.monotonic() + START_DEADLINE
+        sel = selectors.DefaultSelector()
+        assert self.proc.stdout is not None
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        buf = b""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if sel.select(timeout=0.2):
+                chunk = os.read(self.proc.stdout.fileno(), 4096)
+                buf += chunk
+                if b"postroom ready" in buf:
+                    sel.close()
+                    return
+        self.kill()
+        raise TimeoutError(f"node not ready within {START_DEADLINE}s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM and wait; SIGKILL if it does not exit in time."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the node (and, through pdeathsig, its embedded etcd)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reap_etcd()
+
+    def _reap_etcd(self) -> None:
+        # The embedded etcd dies with its parent (pdeathsig); wait until its
+        # client port is free so a restart can bind it again.
+        url = self.settings["etcd"]["embedded_client_url"]
+        port = int(url.rsplit(":", 1)[1])
+        import socket
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex((self.host, port)) != 0:
+                    return
+            time.sleep(0.05)
+
+    def cli(self, *args: str, input: str | None = None, check: bool = False):
+        """Run `postroom --config <this node> ARGS...`; returns CompletedProcess."""
+        return subprocess.run(
+            [sys.executable, "-m", "node", "--config", str(self.config_path), *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=str(REPO),
+            timeout=60,
+            check=check,
+        )
+
+    def add_user(self, address: str, password: str) -> None:
+        result = self.cli("user", "add", address, input=password + "\n")
+        if result.returncode != 0:
+            raise RuntimeError(f"user add {address} failed: {result.stderr.strip()}")
+
+    def provision(self) -> None:
+        """The demo fixture's domain and users."""
+        result = self.cli("domain", "add", DOMAIN)
+        if result.returncode != 0:
+            raise RuntimeError(f"domain add failed: {result.stderr.strip()}")
+        for address, password in USERS.items():
+            self.add_user(address, password)
+
+    def __enter__(self) -> NodeProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,51 @@
+"""Configuration: defaults, type checks, unknown keys named (node/config.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.config import Config, ConfigError, from_dict, load, parse_listen_address
+
+
+def test_defaults_are_safe() -> None:
+    config = from_dict({})
+    assert config == Config()
+    assert config.node.allow_plaintext_auth_on_loopback is False
+    assert config.storage.fsync is True
+    assert config.tls.min_version == "1.2"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"smtp": {"max_recipent": 5}}, "smtp.max_recipent"),
+        ({"smpt": {}}, "smpt"),
+        ({"smtp": {"max_recipients": "many"}}, "smtp.max_recipients"),
+        ({"smtp": {"max_recipients": -1}}, "smtp.max_recipients"),
+        ({"node": {"allow_plaintext_auth_on_loopback": 1}}, "node.allow_plaintext_auth_on_loopback"),
+        ({"tls": {"cert": "/x.pem"}}, "tls.cert"),
+        ({"imap": {"listen": ["localhost"]}}, "imap.listen"),
+        ({"node": {"log_level": "loud"}}, "node.log_level"),
+    ],
+)
+def test_bad_settings_name_the_key(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_load_reports_missing_and_invalid_files(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[smtp\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad)
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen_address("0.0.0.0:25") == ("0.0.0.0", 25)
+    assert parse_listen_address("[::1]:143") == ("::1", 143)
+    with pytest.raises(ConfigError):
+        parse_listen_address("::1:143x")
