@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, then runs pytest.
+# Extra arguments go to pytest (e.g. tests/run.sh tests/unit -x).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+POSTROOM_APT="etcd-server swaks isync fetchmail curl ca-certificates" \
+POSTROOM_EXTRAS="[test]" bash "$here/setup-env.sh"
+cd "$here/.."
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"
