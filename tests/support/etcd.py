@@ -1,0 +1,164 @@
+"""A real single-member etcd for tests, started by PID on free loopback ports.
+
+Usage from a conftest::
+
+    from tests.support.etcd import etcd_server  # noqa: F401  (a pytest fixture)
+
+or directly: ``with EtcdServer(tmp_path) as srv: srv.client_url``.
+
+The process runs under ``setpriv --pdeathsig KILL`` so it dies with the test
+process even if teardown never runs.  Readiness is ``GET /health`` polled with
+a deadline; nothing sleeps to wait.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ETCD_BINARY_CANDIDATES = ("etcd", "/usr/bin/etcd")
+
+
+def find_etcd() -> str | None:
+    """Path of an etcd binary, or None (Debian package: etcd-server)."""
+    for candidate in ETCD_BINARY_CANDIDATES:
+        found = shutil.which(candidate)
+        if found:
+            return found
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free right now on host (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(client_url: str, deadline: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll /health until {"health": "true"} or raise TimeoutError at deadline."""
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"etcd exited early with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(client_url + "/health", timeout=0.5) as resp:
+                body = json.loads(resp.read() or b"{}")
+                if body.get("health") == "true":
+                    return
+                last = repr(body)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            last = str(exc)
+        # Poll interval only; readiness is decided by /health, not by the sleep.
+        time.sleep(0.02)
+    raise TimeoutError(f"etcd at {client_url} not healthy before deadline: {last}")
+
+
+class EtcdServer:
+    """One etcd member on 127.0.0.1 with its own temp data dir."""
+
+    def __init__(self, base_dir: Path | None = None, host: str = "127.0.0.1") -> None:
+        self._own_dir = base_dir is None
+        self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="postroom-etcd-"))
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host)
+        self.proc: subprocess.Popen | None = None
+        binary = find_etcd()
+        if binary is None:
+            raise RuntimeError("etcd binary not found (install the Debian package etcd-server)")
+        self.binary = binary
+
+    @property
+    def client_url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start (or restart, same ports and data) and wait for /health."""
+        data_dir = self.base_dir / "data"
+        argv = [
+            self.binary,
+            "--name", "m1",
+            "--data-dir", str(data_dir),
+            "--listen-client-urls", self.client_url,
+            "--advertise-client-urls", self.client_url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", f"m1={self.peer_url}",
+            "--initial-cluster-state", "new",
+        ]  # fmt: skip
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "KILL", *argv]
+        log = open(self.base_dir / "etcd.log", "ab")  # noqa: SIM115 (closed in stop)
+        try:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        finally:
+            log.close()
+        wait_healthy(self.client_url, time.monotonic() + timeout, self.proc)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after the deadline; waits for the PID."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL now (a crash) and reap."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+
+    def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def skip_without_etcd() -> None:
+    if find_etcd() is None:
+        pytest.skip("etcd binary not installed (Debian package etcd-server)")
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    """A fresh real etcd per test (about 0.2 s to start)."""
+    skip_without_etcd()
+    server = EtcdServer(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
