@@ -49,3 +49,22 @@ def test_listen_addresses() -> None:
     assert parse_listen_address("[::1]:143") == ("::1", 143)
     with pytest.raises(ConfigError):
         parse_listen_address("::1:143x")
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md has a row for every key of every section."""
+    import dataclasses
+    import typing
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    missing = []
+    for section, cls in typing.get_type_hints(Config).items():
+        if f"## [{section}]" not in doc:
+            missing.append(f"[{section}]")
+            continue
+        part = doc.split(f"## [{section}]", 1)[1].split("\n## ", 1)[0]
+        missing += [
+            f"{section}.{f.name}" for f in dataclasses.fields(cls) if f"| `{f.name}` |" not in part
+        ]
+    assert missing == []
