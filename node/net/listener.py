@@ -54,7 +54,9 @@ class Service:
                 sock.bind((host, port))
             except OSError as exc:
                 sock.close()
-                raise OSError(exc.errno, f"{self.name}: cannot listen on {addr}: {exc.strerror}")
+                raise OSError(
+                    exc.errno, f"{self.name}: cannot listen on {addr}: {exc.strerror}"
+                ) from None
             sock.listen(1024)
             server = StreamServer(sock, self._accept)
             server.start()

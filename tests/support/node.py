@@ -107,14 +107,14 @@ class NodeProcess:
     def start(self) -> None:
         """Start the node and return once every listener is bound."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "--config", str(self.config_path), "serve"],
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=self.env,
-            cwd=str(REPO),
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "--config", str(self.config_path), "serve"],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=self.env,
+                cwd=str(REPO),
+            )
         deadline = time.monotonic() + START_DEADLINE
         sel = selectors.DefaultSelector()
         assert self.proc.stdout is not None
