@@ -90,3 +90,11 @@ class MailboxChanges:
     highestmodseq: int
     changed: list[MessageRow] = field(default_factory=list)  # new or flag-changed, uid order
     expunged: list[int] = field(default_factory=list)  # uids expunged after that modseq
+
+
+class InvalidFlag(StorageError):
+    """A flag that is neither a known system flag nor a valid keyword atom."""
+
+
+class NoSuchBlob(StorageError):
+    """No stored message body has that name."""

@@ -1,0 +1,129 @@
+"""Message bodies as immutable, content-addressed files.
+
+Theory of operation: a body is stored once per node under its SHA-256 hex
+digest, fanned out as ``ab/cd/<sha>`` so no directory grows huge.  A write
+goes to a temporary file in ``tmp/``, is fsynced, renamed into place, and the
+destination directory (and any directory created for it) is fsynced, so once
+``put`` returns the blob survives a crash.  Callers write the blob *before*
+committing the operation that references it (docs/storage.md).
+
+All file I/O runs in gevent's threadpool so a slow disk never blocks the hub.
+Blobs are never deleted here: a blob no longer referenced by any message may
+still be needed by the operation log, a replica catching up, or a backup; a
+later garbage collector will remove them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+from pathlib import Path
+
+import gevent
+
+from storage.model import NoSuchBlob
+
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def is_blob_name(sha: str) -> bool:
+    """True for exactly 64 lower-case hex digits (no path can be smuggled in)."""
+    return isinstance(sha, str) and _SHA_RE.fullmatch(sha) is not None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Content-addressed message files under ``root``.
+
+    ``fsync=False`` skips every fsync; use it only for throwaway tests.
+    """
+
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.fsync = fsync
+        self._tmp = self.root / "tmp"
+
+    def open(self) -> None:
+        """Create the directories and remove temp files left by a crash.
+
+        Only one process uses a store, so every file in ``tmp/`` is garbage.
+        """
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for leftover in self._tmp.iterdir():
+            leftover.unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_dir(self.root)
+
+    def path(self, sha: str) -> Path:
+        """The file of a blob; raises ValueError unless ``sha`` is 64 lower-case hex."""
+        if not is_blob_name(sha):
+            raise ValueError("blob name must be 64 lower-case hex digits")
+        return self.root / sha[:2] / sha[2:4] / sha
+
+    def exists(self, sha: str) -> bool:
+        return is_blob_name(sha) and self.path(sha).is_file()
+
+    def put(self, data: bytes) -> str:
+        """Store ``data`` durably and return its SHA-256 hex; idempotent."""
+        return gevent.get_hub().threadpool.apply(self._put_sync, (bytes(data),))
+
+    def read(self, sha: str) -> bytes:
+        """The bytes of a blob; raises NoSuchBlob for a bad or unknown name."""
+        if not is_blob_name(sha):
+            raise NoSuchBlob(sha)
+        return gevent.get_hub().threadpool.apply(self._read_sync, (sha,))
+
+    # -- threadpool side -------------------------------------------------
+
+    def _read_sync(self, sha: str) -> bytes:
+        try:
+            return self.path(sha).read_bytes()
+        except FileNotFoundError:
+            raise NoSuchBlob(sha) from None
+
+    def _put_sync(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        final = self.path(sha)
+        if final.is_file():
+            return sha  # immutable: same name, same bytes
+        created = self._makedirs(final.parent)
+        tmp = self._tmp / f"{sha}.{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(final.parent)
+            for directory in created:  # new fan-out dirs: make their entries durable
+                _fsync_dir(directory.parent)
+        return sha
+
+    def _makedirs(self, directory: Path) -> list[Path]:
+        """mkdir -p; returns the directories created, deepest first."""
+        created: list[Path] = []
+        current = directory
+        while not current.is_dir():
+            created.append(current)
+            current = current.parent
+        for d in reversed(created):
+            d.mkdir(exist_ok=True)
+        return created

@@ -1,0 +1,415 @@
+"""The node's MailStore (node/context.py): accounts spread over shard databases.
+
+``shard = first 8 bytes of sha256(lower-cased account) mod shards``.  The
+shard count is recorded in ``data_dir/storage.json`` on first creation; a
+later mismatch is an error, never a silent reshuffle.  Shards are opened
+lazily.  Every write is an intent submitted to the shard's group committer
+(storage/groupcommit.py) and returns only once committed; message bodies go
+to the BlobStore (fsynced) *before* the op that references them is committed.
+
+Layout under ``data_dir``::
+
+    storage.json                 {"format": 1, "shards": N}
+    blobs/ab/cd/<sha256>         message bodies (storage/blobs.py)
+    blobs/tmp/                   partial blob writes, removed on open
+    shards/shard-0007.sqlite     op log + state of shard 7 (storage/shard.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import gevent
+from gevent.event import AsyncResult
+
+from storage import names
+from storage import shard as ops
+from storage.blobs import BlobStore
+from storage.groupcommit import GroupCommitter
+from storage.model import (
+    AppendResult,
+    FlagChange,
+    MailboxChanges,
+    MailboxInfo,
+    MailboxStatus,
+    MessageRow,
+    StorageError,
+    StorageUnavailable,
+)
+from storage.shard import Changes, Intent, Op, Shard
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_MODES = ("set", "add", "remove")
+MAX_UIDS = ops.MAX_UIDS_PER_OP
+
+
+class StoreLayoutError(StorageError):
+    """data_dir does not match the configured store (e.g. another shard count)."""
+
+
+def shard_of(account: str, shards: int) -> int:
+    """Stable shard number of an account (never depends on process or version)."""
+    digest = hashlib.sha256(account.lower().encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+def _account(account: str) -> str:
+    if not isinstance(account, str) or not account or len(account) > 320:
+        raise StorageError("bad account name")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in account):
+        raise StorageError("bad account name")
+    return account.lower()
+
+
+def _uids(uids: Iterable[int]) -> list[int]:
+    out = sorted({int(u) for u in uids})
+    if len(out) > MAX_UIDS:
+        raise StorageError("too many UIDs in one operation")
+    if out and (out[0] < 1 or out[-1] > 0xFFFFFFFF):
+        raise StorageError("UID out of range")  # RFC 3501 §2.3.1.1: 32-bit non-zero
+    return out
+
+
+class _OpenShard:
+    def __init__(self, shard: Shard, committer: GroupCommitter) -> None:
+        self.shard = shard
+        self.committer = committer
+
+
+class MailStore:
+    """Implements node.context.MailStore over SQLite shards and a BlobStore."""
+
+    def __init__(
+        self, data_dir: Path, shards: int, fsync: bool = True, group_commit_max: int = 256
+    ) -> None:
+        if not 1 <= shards <= 4096:
+            raise StoreLayoutError("shards must be 1..4096")
+        self.data_dir = Path(data_dir)
+        self.shards = shards
+        self.fsync = fsync
+        self.group_commit_max = group_commit_max
+        self.blobs = BlobStore(self.data_dir / "blobs", fsync=fsync)
+        self._open: dict[int, _OpenShard] = {}
+        self._opening: dict[int, AsyncResult] = {}
+        self._watchers: dict[str, list[Callable[[str], None]]] = {}
+        self._is_open = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open(self) -> None:
+        """Create or check the layout; raises StoreLayoutError on a mismatch."""
+        gevent.get_hub().threadpool.apply(self._open_sync)
+        self._is_open = True
+
+    def _open_sync(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "shards").mkdir(exist_ok=True)
+        marker = self.data_dir / "storage.json"
+        if marker.exists():
+            try:
+                recorded = json.loads(marker.read_text())
+            except ValueError as exc:
+                raise StoreLayoutError(f"{marker}: unreadable") from exc
+            if recorded.get("format") != FORMAT:
+                raise StoreLayoutError(f"{marker}: unknown format {recorded.get('format')!r}")
+            if recorded.get("shards") != self.shards:
+                raise StoreLayoutError(
+                    f"{marker}: store was created with {recorded.get('shards')} shards,"
+                    f" configuration says {self.shards}; shards cannot change"
+                )
+        else:
+            tmp = marker.with_suffix(".tmp")
+            with open(tmp, "w") as f:
+                json.dump({"format": FORMAT, "shards": self.shards}, f)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, marker)
+            if self.fsync:
+                fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self.blobs.open()
+
+    def close(self) -> None:
+        """Finish queued writes and close every shard."""
+        self._is_open = False
+        for entry in list(self._open.values()):
+            entry.committer.close()
+            entry.shard.close()
+        self._open.clear()
+
+    def __enter__(self) -> MailStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- shards ------------------------------------------------------------
+
+    def shard_path(self, number: int) -> Path:
+        return self.data_dir / "shards" / f"shard-{number:04d}.sqlite"
+
+    def _shard(self, account: str) -> _OpenShard:
+        return self._entry(shard_of(account, self.shards))
+
+    def _entry(self, number: int) -> _OpenShard:
+        """The open shard ``number``, opening it on first use."""
+        if not self._is_open:
+            raise StorageUnavailable("store is not open")
+        if not 0 <= number < self.shards:
+            raise StorageError("no such shard")
+        entry = self._open.get(number)
+        if entry is not None:
+            return entry
+        pending = self._opening.get(number)
+        if pending is not None:  # another greenlet is opening it
+            return pending.get()
+        pending = self._opening[number] = AsyncResult()
+        try:
+            shard = Shard(self.shard_path(number), fsync=self.fsync)
+            gevent.get_hub().threadpool.apply(shard.open_writer)
+            shard.open_reader()
+            entry = _OpenShard(
+                shard, GroupCommitter(shard, self.group_commit_max, self._notify)
+            )
+            self._open[number] = entry
+            pending.set(entry)
+            return entry
+        except Exception as exc:
+            pending.set_exception(StorageUnavailable(f"cannot open shard {number}"))
+            raise StorageUnavailable(f"cannot open shard {number}") from exc
+        finally:
+            del self._opening[number]
+
+    def shard_for(self, account: str) -> Shard:
+        """The (opened) shard database holding an account, for replication and tools."""
+        return self._shard(_account(account)).shard
+
+    def committer_for(self, account: str) -> GroupCommitter:
+        return self._shard(_account(account)).committer
+
+    def _submit(self, account: str, intent: Intent) -> Any:
+        return self._shard(account).committer.submit(intent)
+
+    def apply_ops(self, number: int, ops_: list[Op]) -> int:
+        """Append replicated ops to shard ``number`` (cluster/replication.py)."""
+        entry = self._entry(number)
+        return entry.committer.submit(functools.partial(ops.intent_apply_ops, ops=ops_))
+
+    def ops_since(self, number: int, index: int) -> list[Op]:
+        return self._entry(number).shard.ops_since(index)
+
+    # -- watchers ------------------------------------------------------------
+
+    def watch(self, account: str, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call callback(mailbox) on the hub after each committed change."""
+        key = _account(account)
+        self._watchers.setdefault(key, []).append(callback)
+
+        def stop() -> None:
+            callbacks = self._watchers.get(key, [])
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._watchers.pop(key, None)
+
+        return stop
+
+    def _notify(self, changes: Changes) -> None:
+        seen: set[tuple[str, str]] = set()
+        for account, mailbox in changes:
+            if (account, mailbox) in seen:
+                continue
+            seen.add((account, mailbox))
+            for callback in list(self._watchers.get(account, ())):
+                try:
+                    callback(mailbox)
+                except Exception:
+                    log.exception("mailbox watcher failed")
+
+    # -- writes ------------------------------------------------------------
+
+    def ensure_account(self, account: str) -> None:
+        """Create the default folders if the account has no INBOX yet; idempotent."""
+        acct = _account(account)
+        self._submit(acct, functools.partial(ops.intent_ensure_account, account=acct))
+
+    def delete_account(self, account: str) -> None:
+        """Remove every mailbox of the account.  Blobs stay (see docs/storage.md)."""
+        acct = _account(account)
+        self._submit(acct, functools.partial(ops.intent_delete_account, account=acct))
+
+    def _meta(self, raw: bytes, meta: dict | None) -> dict:
+        if meta is not None:
+            return meta
+        from storage.mime import parse_metadata  # owned by the IMAP side
+
+        return parse_metadata(raw)
+
+    def deliver(
+        self,
+        accounts: Iterable[str],
+        raw: bytes,
+        *,
+        mailbox: str = "INBOX",
+        flags: Iterable[str] = (),
+        internaldate: float | None = None,
+        meta: dict | None = None,
+    ) -> list[AppendResult]:
+        """Store one message for several accounts, all committed before returning.
+
+        The blob is written (and fsynced) once, then one append per account is
+        queued on every shard at once, so the shards commit concurrently.
+        Raises the first failure after all appends have finished; the others
+        may have committed (the sender retries: at-least-once).
+        """
+        targets = list(dict.fromkeys(_account(a) for a in accounts))
+        if not targets:
+            return []
+        box = names.mailbox_name(mailbox)
+        canon = names.canonical_flags(flags)
+        when = time.time() if internaldate is None else float(internaldate)
+        metadata = self._meta(raw, meta)
+        blob = self.blobs.put(raw)
+        pending = []
+        for acct in targets:
+            intent = functools.partial(
+                ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
+                flags=canon, internaldate=when, meta=metadata,
+            )
+            pending.append(self._shard(acct).committer.submit_nowait(intent))
+        results: list[AppendResult] = []
+        error: BaseException | None = None
+        for p in pending:
+            try:
+                results.append(p.get())
+            except StorageError as exc:
+                error = error or exc
+        if error is not None:
+            raise error
+        return results
+
+    def append(
+        self,
+        account: str,
+        mailbox: str,
+        raw: bytes,
+        *,
+        flags: Iterable[str] = (),
+        internaldate: float | None = None,
+        meta: dict | None = None,
+    ) -> AppendResult:
+        """RFC 3501 §6.3.11 APPEND; raises NoSuchMailbox (TRYCREATE) if missing."""
+        acct = _account(account)
+        box = names.mailbox_name(mailbox)
+        canon = names.canonical_flags(flags)
+        when = time.time() if internaldate is None else float(internaldate)
+        metadata = self._meta(raw, meta)
+        blob = self.blobs.put(raw)
+        return self._submit(acct, functools.partial(
+            ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
+            flags=canon, internaldate=when, meta=metadata,
+        ))
+
+    def create_mailbox(
+        self, account: str, name: str, special_use: str | None = None
+    ) -> MailboxInfo:
+        """RFC 3501 §6.3.3; missing superior names are created too."""
+        acct = _account(account)
+        return self._submit(acct, functools.partial(
+            ops.intent_create_mailbox, account=acct, name=names.mailbox_name(name),
+            special_use=names.special_use(special_use),
+        ))
+
+    def delete_mailbox(self, account: str, name: str) -> None:
+        """RFC 3501 §6.3.4; INBOX raises MailboxNotAllowed, inferiors stay."""
+        acct = _account(account)
+        self._submit(acct, functools.partial(
+            ops.intent_delete_mailbox, account=acct, name=names.mailbox_name(name)))
+
+    def rename_mailbox(self, account: str, old: str, new: str) -> None:
+        """RFC 3501 §6.3.5, including the INBOX special case."""
+        acct = _account(account)
+        self._submit(acct, functools.partial(
+            ops.intent_rename_mailbox, account=acct, old=names.mailbox_name(old),
+            new=names.mailbox_name(new)))
+
+    def set_subscribed(self, account: str, name: str, subscribed: bool) -> None:
+        acct = _account(account)
+        self._submit(acct, functools.partial(
+            ops.intent_subscribe, account=acct, name=names.mailbox_name(name),
+            subscribed=bool(subscribed)))
+
+    def store_flags(
+        self,
+        account: str,
+        name: str,
+        uids: Iterable[int],
+        mode: str,
+        flags: Iterable[str],
+        unchanged_since: int | None = None,
+    ) -> list[FlagChange]:
+        """RFC 3501 §6.4.6 / RFC 7162 §3.1.3; changed messages only, each a new MODSEQ."""
+        if mode not in _MODES:
+            raise StorageError(f"bad store mode {mode!r}")
+        acct = _account(account)
+        return self._submit(acct, functools.partial(
+            ops.intent_store_flags, account=acct, mailbox=names.mailbox_name(name),
+            uids=_uids(uids), mode=mode, flags=names.canonical_flags(flags),
+            unchanged_since=unchanged_since))
+
+    def expunge(self, account: str, name: str, uids: Iterable[int]) -> list[int]:
+        """Remove the given messages; returns the UIDs that existed, ascending."""
+        acct = _account(account)
+        return self._submit(acct, functools.partial(
+            ops.intent_expunge, account=acct, mailbox=names.mailbox_name(name),
+            uids=_uids(uids)))
+
+    def copy(
+        self, account: str, src: str, uids: Iterable[int], dst: str
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """RFC 3501 §6.4.7 / RFC 4315 COPYUID data: (dst uidvalidity, [(src, new)])."""
+        acct = _account(account)
+        return self._submit(acct, functools.partial(
+            ops.intent_copy, account=acct, src=names.mailbox_name(src), uids=_uids(uids),
+            dst=names.mailbox_name(dst)))
+
+    # -- reads (hub, reader connection) ----------------------------------------
+
+    def list_mailboxes(self, account: str) -> list[MailboxInfo]:
+        acct = _account(account)
+        return self._shard(acct).shard.list_mailboxes(acct)
+
+    def status(self, account: str, name: str) -> MailboxStatus:
+        acct = _account(account)
+        return self._shard(acct).shard.status(acct, names.mailbox_name(name))
+
+    def messages(self, account: str, name: str) -> list[MessageRow]:
+        acct = _account(account)
+        return self._shard(acct).shard.messages(acct, names.mailbox_name(name))
+
+    def metadata(self, account: str, name: str, uids: Iterable[int]) -> dict[int, dict]:
+        acct = _account(account)
+        return self._shard(acct).shard.metadata(acct, names.mailbox_name(name), _uids(uids))
+
+    def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
+        acct = _account(account)
+        return self._shard(acct).shard.changes_since(acct, names.mailbox_name(name), modseq)
+
+    def read_message(self, blob: str) -> bytes:
+        """The stored bytes; raises NoSuchBlob."""
+        return self.blobs.read(blob)

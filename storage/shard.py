@@ -1,0 +1,736 @@
+"""One SQLite database per shard: the operation log and the state it builds.
+
+Theory of operation
+-------------------
+Every change to a shard is an *operation* appended to the ``oplog`` table
+``(idx, epoch, ts, op, args)``; the state tables (``mailboxes``, ``messages``,
+``expunged``, ``shard_meta``) are exactly what applying the log in index
+order produces.  An operation is created by the writer *inside* the write
+transaction: an intent handler (``intent_*``) reads the current state,
+validates, decides every value (UID, MODSEQ, UIDVALIDITY, times) and records
+them in the op's JSON args; the matching ``_apply_*`` function then changes
+state using only those args and the state itself.  Replaying the log into an
+empty database, or shipping it to a replica (``ops_since`` / ``apply_ops``),
+therefore yields identical state.
+
+Mailboxes are keyed by their UIDVALIDITY, which is unique within a shard
+(``max(now, last + 1)``), so a recreated mailbox never repeats an earlier
+incarnation's value (RFC 3501 §2.3.1.1) and renaming needs no message moves.
+
+Threads: the writer connection is used only from gevent's threadpool, one
+batch at a time (storage/groupcommit.py); the reader connection only on the
+hub, for small indexed queries.  WAL mode means readers never wait for the
+writer and always see the last committed state.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage import names
+from storage.model import (
+    DEFAULT_MAILBOXES,
+    AppendResult,
+    FlagChange,
+    MailboxChanges,
+    MailboxExists,
+    MailboxInfo,
+    MailboxNotAllowed,
+    MailboxStatus,
+    MessageRow,
+    NoSuchMailbox,
+    StorageError,
+    StorageUnavailable,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS oplog (
+    idx INTEGER PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    op TEXT NOT NULL,
+    args TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS shard_meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS mailboxes (
+    uidvalidity INTEGER PRIMARY KEY,
+    account TEXT NOT NULL,
+    name TEXT NOT NULL,
+    uidnext INTEGER NOT NULL,
+    highestmodseq INTEGER NOT NULL,
+    special_use TEXT,
+    subscribed INTEGER NOT NULL,
+    UNIQUE (account, name)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    mailbox INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    blob TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    internaldate REAL NOT NULL,
+    flags TEXT NOT NULL,
+    modseq INTEGER NOT NULL,
+    meta TEXT NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages (mailbox, modseq);
+CREATE TABLE IF NOT EXISTS expunged (
+    mailbox INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    modseq INTEGER NOT NULL,
+    PRIMARY KEY (mailbox, uid)
+) WITHOUT ROWID;
+"""
+
+STATE_TABLES = ("shard_meta", "mailboxes", "messages", "expunged")
+MAX_UIDS_PER_OP = 1_000_000  # bounded op args
+
+
+@dataclass(frozen=True)
+class Op:
+    """One log entry; ``args`` is the JSON object recorded in the log."""
+
+    index: int
+    epoch: int
+    timestamp: float
+    op: str
+    args: dict[str, Any]
+
+
+def _flags_text(flags: Iterable[str]) -> str:
+    # Space-joined canonical list: flags are atoms, so a space never occurs.
+    return " ".join(flags)
+
+
+def _flags_set(text: str) -> frozenset[str]:
+    return frozenset(text.split()) if text else frozenset()
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _meta_get(conn: sqlite3.Connection, key: str) -> int:
+    row = conn.execute("SELECT value FROM shard_meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else 0
+
+
+def _meta_set(conn: sqlite3.Connection, key: str, value: int) -> None:
+    conn.execute(
+        "INSERT INTO shard_meta (key, value) VALUES (?, ?)"
+        " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Deterministic state transitions: args (+ state) -> state.  Each returns the
+# (account, mailbox name) pairs it changed, for watchers.
+
+Changes = list[tuple[str, str]]
+
+
+def _apply_create_mailbox(conn: sqlite3.Connection, a: dict) -> Changes:
+    for mb in a["mailboxes"]:
+        conn.execute(
+            "INSERT INTO mailboxes (uidvalidity, account, name, uidnext, highestmodseq,"
+            " special_use, subscribed) VALUES (?, ?, ?, 1, 1, ?, ?)",
+            (mb["uidvalidity"], a["account"], mb["name"], mb["special_use"], int(mb["subscribed"])),
+        )
+        _meta_set(conn, "last_uidvalidity", max(_meta_get(conn, "last_uidvalidity"), mb["uidvalidity"]))
+    return [(a["account"], mb["name"]) for mb in a["mailboxes"]]
+
+
+def _drop_mailbox(conn: sqlite3.Connection, uidvalidity: int) -> None:
+    conn.execute("DELETE FROM messages WHERE mailbox = ?", (uidvalidity,))
+    conn.execute("DELETE FROM expunged WHERE mailbox = ?", (uidvalidity,))
+    conn.execute("DELETE FROM mailboxes WHERE uidvalidity = ?", (uidvalidity,))
+
+
+def _apply_delete_mailbox(conn: sqlite3.Connection, a: dict) -> Changes:
+    _drop_mailbox(conn, a["uidvalidity"])
+    return [(a["account"], a["name"])]
+
+
+def _apply_rename_mailbox(conn: sqlite3.Connection, a: dict) -> Changes:
+    account, old, new = a["account"], a["old"], a["new"]
+    if old == "INBOX":
+        # RFC 3501 §6.3.5: the messages move to a new mailbox; INBOX stays, empty,
+        # keeping its UIDVALIDITY and UIDNEXT.  Its children are unaffected.
+        inbox = conn.execute(
+            "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes"
+            " WHERE account = ? AND name = 'INBOX'",
+            (account,),
+        ).fetchone()
+        src, uidnext, hms = inbox
+        conn.execute(
+            "INSERT INTO mailboxes (uidvalidity, account, name, uidnext, highestmodseq,"
+            " special_use, subscribed) VALUES (?, ?, ?, ?, ?, NULL, 0)",
+            (a["uidvalidity"], account, new, uidnext, hms),
+        )
+        _meta_set(conn, "last_uidvalidity", max(_meta_get(conn, "last_uidvalidity"), a["uidvalidity"]))
+        conn.execute(
+            "INSERT OR REPLACE INTO expunged (mailbox, uid, modseq)"
+            " SELECT mailbox, uid, ? FROM messages WHERE mailbox = ?",
+            (a["modseq"], src),
+        )
+        conn.execute("UPDATE messages SET mailbox = ? WHERE mailbox = ?", (a["uidvalidity"], src))
+        conn.execute(
+            "UPDATE mailboxes SET highestmodseq = ? WHERE uidvalidity = ?", (a["modseq"], src)
+        )
+        return [(account, "INBOX"), (account, new)]
+    # Rename the mailbox and every inferior name (RFC 3501 §6.3.5), in name order.
+    rows = conn.execute(
+        "SELECT uidvalidity, name FROM mailboxes WHERE account = ? AND (name = ? OR"
+        " substr(name, 1, ?) = ?) ORDER BY name",
+        (account, old, len(old) + 1, old + names.DELIMITER),
+    ).fetchall()
+    changes: Changes = []
+    for uv, name in rows:
+        renamed = new + name[len(old):]
+        conn.execute("UPDATE mailboxes SET name = ? WHERE uidvalidity = ?", (renamed, uv))
+        changes += [(account, name), (account, renamed)]
+    return changes
+
+
+def _apply_subscribe(conn: sqlite3.Connection, a: dict) -> Changes:
+    conn.execute(
+        "UPDATE mailboxes SET subscribed = ? WHERE uidvalidity = ?",
+        (int(a["subscribed"]), a["uidvalidity"]),
+    )
+    return [(a["account"], a["name"])]
+
+
+def _apply_append(conn: sqlite3.Connection, a: dict) -> Changes:
+    conn.execute(
+        "INSERT INTO messages (mailbox, uid, blob, size, internaldate, flags, modseq, meta)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            a["uidvalidity"], a["uid"], a["blob"], a["size"], a["internaldate"],
+            _flags_text(a["flags"]), a["modseq"], _dumps(a["meta"]),
+        ),
+    )
+    conn.execute(
+        "UPDATE mailboxes SET uidnext = max(uidnext, ?), highestmodseq = max(highestmodseq, ?)"
+        " WHERE uidvalidity = ?",
+        (a["uid"] + 1, a["modseq"], a["uidvalidity"]),
+    )
+    return [(a["account"], a["mailbox"])]
+
+
+def _apply_store_flags(conn: sqlite3.Connection, a: dict) -> Changes:
+    top = 0
+    for uid, flags, modseq in a["changes"]:
+        conn.execute(
+            "UPDATE messages SET flags = ?, modseq = ? WHERE mailbox = ? AND uid = ?",
+            (_flags_text(flags), modseq, a["uidvalidity"], uid),
+        )
+        top = max(top, modseq)
+    conn.execute(
+        "UPDATE mailboxes SET highestmodseq = max(highestmodseq, ?) WHERE uidvalidity = ?",
+        (top, a["uidvalidity"]),
+    )
+    return [(a["account"], a["mailbox"])]
+
+
+def _apply_expunge(conn: sqlite3.Connection, a: dict) -> Changes:
+    uv, modseq = a["uidvalidity"], a["modseq"]
+    for uid in a["uids"]:
+        conn.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (uv, uid))
+        conn.execute(
+            "INSERT OR REPLACE INTO expunged (mailbox, uid, modseq) VALUES (?, ?, ?)",
+            (uv, uid, modseq),
+        )
+    conn.execute(
+        "UPDATE mailboxes SET highestmodseq = max(highestmodseq, ?) WHERE uidvalidity = ?",
+        (modseq, uv),
+    )
+    return [(a["account"], a["mailbox"])]
+
+
+def _apply_copy(conn: sqlite3.Connection, a: dict) -> Changes:
+    # RFC 3501 §6.4.7: flags and internal date are preserved.
+    src, dst = a["src_uidvalidity"], a["dst_uidvalidity"]
+    top_uid = top_modseq = 0
+    for src_uid, dst_uid, modseq in a["pairs"]:
+        conn.execute(
+            "INSERT INTO messages (mailbox, uid, blob, size, internaldate, flags, modseq, meta)"
+            " SELECT ?, ?, blob, size, internaldate, flags, ?, meta FROM messages"
+            " WHERE mailbox = ? AND uid = ?",
+            (dst, dst_uid, modseq, src, src_uid),
+        )
+        top_uid, top_modseq = max(top_uid, dst_uid), max(top_modseq, modseq)
+    conn.execute(
+        "UPDATE mailboxes SET uidnext = max(uidnext, ?), highestmodseq = max(highestmodseq, ?)"
+        " WHERE uidvalidity = ?",
+        (top_uid + 1, top_modseq, dst),
+    )
+    return [(a["account"], a["dst"])]
+
+
+def _apply_delete_account(conn: sqlite3.Connection, a: dict) -> Changes:
+    rows = conn.execute(
+        "SELECT uidvalidity, name FROM mailboxes WHERE account = ? ORDER BY name", (a["account"],)
+    ).fetchall()
+    for uv, _name in rows:
+        _drop_mailbox(conn, uv)
+    return [(a["account"], name) for _uv, name in rows]
+
+
+APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
+    "create_mailbox": _apply_create_mailbox,
+    "delete_mailbox": _apply_delete_mailbox,
+    "rename_mailbox": _apply_rename_mailbox,
+    "subscribe": _apply_subscribe,
+    "append": _apply_append,
+    "store_flags": _apply_store_flags,
+    "expunge": _apply_expunge,
+    "copy": _apply_copy,
+    "delete_account": _apply_delete_account,
+}
+
+
+# ---------------------------------------------------------------------------
+# The write transaction seen by intent handlers.
+
+
+class Tx:
+    """One intent's view of the open write transaction (threadpool only)."""
+
+    def __init__(self, conn: sqlite3.Connection, epoch: int) -> None:
+        self.conn = conn
+        self.epoch = epoch
+        self.changes: Changes = []
+
+    def log(self, op: str, args: dict[str, Any]) -> None:
+        """Append an op to the log and apply it: the only way state changes."""
+        index = _meta_get(self.conn, "last_index") + 1
+        self.insert(Op(index, self.epoch, time.time(), op, args))
+
+    def insert(self, op: Op) -> None:
+        if op.op not in APPLY:
+            raise StorageError(f"unknown operation {op.op!r}")
+        self.conn.execute(
+            "INSERT INTO oplog (idx, epoch, ts, op, args) VALUES (?, ?, ?, ?, ?)",
+            (op.index, op.epoch, op.timestamp, op.op, _dumps(op.args)),
+        )
+        _meta_set(self.conn, "last_index", op.index)
+        _meta_set(self.conn, "last_epoch", op.epoch)
+        self.changes += APPLY[op.op](self.conn, op.args)
+
+    def mailbox(self, account: str, name: str) -> tuple[int, int, int]:
+        """(uidvalidity, uidnext, highestmodseq); raises NoSuchMailbox."""
+        row = self.conn.execute(
+            "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes"
+            " WHERE account = ? AND name = ?",
+            (account, name),
+        ).fetchone()
+        if row is None:
+            raise NoSuchMailbox(name)
+        return row
+
+    def new_uidvalidities(self, count: int) -> list[int]:
+        """Values never used before in this shard (RFC 3501 §2.3.1.1)."""
+        first = max(int(time.time()), _meta_get(self.conn, "last_uidvalidity") + 1)
+        return list(range(first, first + count))
+
+
+Intent = Callable[[Tx], Any]
+
+
+# ---------------------------------------------------------------------------
+# Intents: validate, decide every value, log ops.  Arguments arrive already
+# validated by storage/mailstore.py where that needs no state.
+
+
+def _ensure_defaults(tx: Tx, account: str) -> None:
+    """Create the default folders (storage/model.py) for an account on first use."""
+    if tx.conn.execute(
+        "SELECT 1 FROM mailboxes WHERE account = ? AND name = 'INBOX'", (account,)
+    ).fetchone():
+        return
+    existing = {r[0] for r in tx.conn.execute(
+        "SELECT name FROM mailboxes WHERE account = ?", (account,))}
+    wanted = [(n, su) for n, su in DEFAULT_MAILBOXES if n not in existing]
+    uvs = tx.new_uidvalidities(len(wanted))
+    tx.log("create_mailbox", {
+        "account": account,
+        "mailboxes": [
+            {"name": n, "uidvalidity": uv, "special_use": su, "subscribed": True}
+            for (n, su), uv in zip(wanted, uvs, strict=True)
+        ],
+    })
+
+
+def intent_ensure_account(tx: Tx, account: str) -> None:
+    _ensure_defaults(tx, account)
+
+
+def intent_create_mailbox(
+    tx: Tx, account: str, name: str, special_use: str | None
+) -> MailboxInfo:
+    _ensure_defaults(tx, account)
+    existing = {r[0] for r in tx.conn.execute(
+        "SELECT name FROM mailboxes WHERE account = ?", (account,))}
+    if name in existing:
+        raise MailboxExists(name)
+    # RFC 3501 §6.3.3: create superior hierarchical names that do not exist.
+    parts = name.split(names.DELIMITER)
+    todo = [names.DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
+    todo = [p for p in todo if p not in existing] + [name]
+    uvs = tx.new_uidvalidities(len(todo))
+    tx.log("create_mailbox", {
+        "account": account,
+        "mailboxes": [
+            {"name": n, "uidvalidity": uv, "subscribed": False,
+             "special_use": special_use if n == name else None}
+            for n, uv in zip(todo, uvs, strict=True)
+        ],
+    })
+    return MailboxInfo(name, uvs[-1], special_use, False)
+
+
+def intent_delete_mailbox(tx: Tx, account: str, name: str) -> None:
+    if name == "INBOX":
+        raise MailboxNotAllowed("INBOX cannot be deleted")  # RFC 3501 §6.3.4
+    uv, _, _ = tx.mailbox(account, name)
+    # Inferior names stay (RFC 9051 §6.3.4); the IMAP layer shows the gap.
+    tx.log("delete_mailbox", {"account": account, "name": name, "uidvalidity": uv})
+
+
+def intent_rename_mailbox(tx: Tx, account: str, old: str, new: str) -> None:
+    _ensure_defaults(tx, account)
+    tx.mailbox(account, old)
+    if new == "INBOX" or new == old:
+        raise MailboxExists(new)
+    if old != "INBOX" and new.startswith(old + names.DELIMITER):
+        raise MailboxNotAllowed("cannot rename a mailbox into itself")
+    if tx.conn.execute(
+        "SELECT 1 FROM mailboxes WHERE account = ? AND name = ?", (account, new)
+    ).fetchone():
+        raise MailboxExists(new)
+    args: dict[str, Any] = {"account": account, "old": old, "new": new}
+    if old == "INBOX":
+        _, _, hms = tx.mailbox(account, "INBOX")
+        args["uidvalidity"] = tx.new_uidvalidities(1)[0]
+        args["modseq"] = hms + 1
+    else:
+        # Every renamed name must be free too (inferiors move along).
+        rows = tx.conn.execute(
+            "SELECT name FROM mailboxes WHERE account = ? AND substr(name, 1, ?) = ?",
+            (account, len(old) + 1, old + names.DELIMITER),
+        ).fetchall()
+        for (child,) in rows:
+            target = new + child[len(old):]
+            if len(target.encode("utf-8")) > names.MAX_NAME_OCTETS:
+                raise MailboxNotAllowed("renamed mailbox name too long")
+            if tx.conn.execute(
+                "SELECT 1 FROM mailboxes WHERE account = ? AND name = ?", (account, target)
+            ).fetchone():
+                raise MailboxExists(target)
+    tx.log("rename_mailbox", args)
+
+
+def intent_subscribe(tx: Tx, account: str, name: str, subscribed: bool) -> None:
+    uv, _, _ = tx.mailbox(account, name)
+    tx.log("subscribe", {"account": account, "name": name, "uidvalidity": uv,
+                         "subscribed": bool(subscribed)})
+
+
+def intent_append(
+    tx: Tx, account: str, mailbox: str, blob: str, size: int, flags: list[str],
+    internaldate: float, meta: dict,
+) -> AppendResult:
+    _ensure_defaults(tx, account)
+    uv, uidnext, hms = tx.mailbox(account, mailbox)
+    tx.log("append", {
+        "account": account, "mailbox": mailbox, "uidvalidity": uv, "uid": uidnext,
+        "modseq": hms + 1, "blob": blob, "size": size, "internaldate": internaldate,
+        "flags": flags, "meta": meta,
+    })
+    return AppendResult(account, mailbox, uv, uidnext, hms + 1, blob)
+
+
+def intent_store_flags(
+    tx: Tx, account: str, mailbox: str, uids: list[int], mode: str, flags: list[str],
+    unchanged_since: int | None,
+) -> list[FlagChange]:
+    uv, _, hms = tx.mailbox(account, mailbox)
+    given = set(flags)
+    changes: list[FlagChange] = []
+    for uid in uids:
+        row = tx.conn.execute(
+            "SELECT flags, modseq FROM messages WHERE mailbox = ? AND uid = ?", (uv, uid)
+        ).fetchone()
+        if row is None:
+            continue
+        current = _flags_set(row[0])
+        # RFC 7162 §3.1.3: UNCHANGEDSINCE fails for messages modified after it.
+        if unchanged_since is not None and row[1] > unchanged_since:
+            continue
+        if mode == "set":
+            updated = frozenset(given)
+        elif mode == "add":
+            updated = current | given
+        else:
+            updated = current - given
+        if updated == current:
+            continue
+        hms += 1
+        changes.append(FlagChange(uid, updated, hms))
+    if changes:
+        tx.log("store_flags", {
+            "account": account, "mailbox": mailbox, "uidvalidity": uv,
+            "changes": [[c.uid, sorted(c.flags), c.modseq] for c in changes],
+        })
+    return changes
+
+
+def intent_expunge(tx: Tx, account: str, mailbox: str, uids: list[int]) -> list[int]:
+    uv, _, hms = tx.mailbox(account, mailbox)
+    present = [
+        uid for uid in uids
+        if tx.conn.execute(
+            "SELECT 1 FROM messages WHERE mailbox = ? AND uid = ?", (uv, uid)).fetchone()
+    ]
+    if present:
+        tx.log("expunge", {"account": account, "mailbox": mailbox, "uidvalidity": uv,
+                           "uids": present, "modseq": hms + 1})
+    return present
+
+
+def intent_copy(
+    tx: Tx, account: str, src: str, uids: list[int], dst: str
+) -> tuple[int, list[tuple[int, int]]]:
+    src_uv, _, _ = tx.mailbox(account, src)
+    dst_uv, uidnext, hms = tx.mailbox(account, dst)
+    pairs: list[list[int]] = []
+    for uid in uids:
+        if tx.conn.execute(
+            "SELECT 1 FROM messages WHERE mailbox = ? AND uid = ?", (src_uv, uid)
+        ).fetchone():
+            hms += 1
+            pairs.append([uid, uidnext, hms])
+            uidnext += 1
+    if pairs:
+        tx.log("copy", {"account": account, "src": src, "src_uidvalidity": src_uv,
+                        "dst": dst, "dst_uidvalidity": dst_uv, "pairs": pairs})
+    return dst_uv, [(s, d) for s, d, _ in pairs]
+
+
+def intent_delete_account(tx: Tx, account: str) -> None:
+    if tx.conn.execute("SELECT 1 FROM mailboxes WHERE account = ?", (account,)).fetchone():
+        tx.log("delete_account", {"account": account})
+
+
+def intent_apply_ops(tx: Tx, ops: list[Op]) -> int:
+    """Replication/replay: append given ops in order; returns the last index.
+
+    Each op must continue the log (index = last + 1) and carry an epoch no
+    older than the last one applied (design.md, promise 2).
+    """
+    last = _meta_get(tx.conn, "last_index")
+    epoch = _meta_get(tx.conn, "last_epoch")
+    for op in ops:
+        if op.index != last + 1:
+            raise StorageError(f"op index {op.index} does not follow {last}")
+        if op.epoch < epoch:
+            raise StorageError(f"op epoch {op.epoch} is older than {epoch}")
+        tx.insert(op)
+        last, epoch = op.index, op.epoch
+    return last
+
+
+# ---------------------------------------------------------------------------
+
+
+BatchResult = list[tuple[bool, Any, Changes]]
+
+
+class Shard:
+    """One shard database: ``run_batch`` for the writer, read queries for the hub."""
+
+    def __init__(self, path: Path, fsync: bool = True, epoch: int = 0) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.epoch = epoch
+        self.commits = 0  # successful batch commits, for tests and metrics
+        # Test hook: called in the threadpool just before COMMIT; raising fails the batch.
+        self.before_commit: Callable[[], None] | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def open_writer(self) -> None:
+        """Open the writer connection and create the schema (threadpool side)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+        self._writer = conn
+
+    def open_reader(self) -> None:
+        """Open the hub-side reader (after the writer created the schema)."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA query_only=1")
+        self._reader = conn
+
+    def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                conn.close()
+        self._reader = self._writer = None
+
+    # -- writer (threadpool only, one batch at a time) ------------------------
+
+    def run_batch(self, intents: list[Intent]) -> BatchResult:
+        """Run intents in ONE transaction with one commit.
+
+        Each intent runs inside its own SAVEPOINT: an intent that raises is
+        rolled back alone and its exception returned in its slot.  If the
+        transaction cannot be committed, StorageUnavailable is raised and
+        nothing of the batch is visible.
+        """
+        conn = self._writer
+        if conn is None:
+            raise StorageUnavailable("shard is closed")
+        results: BatchResult = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for intent in intents:
+                conn.execute("SAVEPOINT op")
+                tx = Tx(conn, self.epoch)
+                try:
+                    value = intent(tx)
+                except (sqlite3.OperationalError, sqlite3.InternalError):
+                    raise  # the database itself is failing: the batch fails
+                except Exception as exc:  # handed to its caller
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, exc, []))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((True, value, tx.changes))
+            if self.before_commit is not None:
+                self.before_commit()
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite may already have rolled back
+            raise StorageUnavailable("shard commit failed") from exc
+        self.commits += 1
+        return results
+
+    # -- reader (hub) ------------------------------------------------------
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        if self._reader is None:
+            raise StorageUnavailable("shard is closed")
+        return self._reader
+
+    def ops_since(self, index: int, limit: int = 10_000) -> list[Op]:
+        """Log entries with idx > index, ascending, at most ``limit``."""
+        rows = self.reader.execute(
+            "SELECT idx, epoch, ts, op, args FROM oplog WHERE idx > ? ORDER BY idx LIMIT ?",
+            (index, limit),
+        ).fetchall()
+        return [Op(i, e, t, o, json.loads(a)) for i, e, t, o, a in rows]
+
+    def last_index(self) -> int:
+        row = self.reader.execute("SELECT value FROM shard_meta WHERE key = 'last_index'").fetchone()
+        return row[0] if row else 0
+
+    def dump_state(self) -> dict[str, list[tuple]]:
+        """Every state table's rows, sorted (for determinism checks and tools)."""
+        return {
+            t: sorted(self.reader.execute(f"SELECT * FROM {t}").fetchall())
+            for t in STATE_TABLES
+        }
+
+    def _mailbox_row(self, account: str, name: str) -> tuple:
+        row = self.reader.execute(
+            "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes"
+            " WHERE account = ? AND name = ?",
+            (account, name),
+        ).fetchone()
+        if row is None:
+            raise NoSuchMailbox(name)
+        return row
+
+    def list_mailboxes(self, account: str) -> list[MailboxInfo]:
+        rows = self.reader.execute(
+            "SELECT name, uidvalidity, special_use, subscribed FROM mailboxes"
+            " WHERE account = ? ORDER BY name",
+            (account,),
+        ).fetchall()
+        return [MailboxInfo(n, uv, su, bool(s)) for n, uv, su, s in rows]
+
+    def status(self, account: str, name: str) -> MailboxStatus:
+        row = self.reader.execute(
+            "SELECT m.uidvalidity, m.uidnext, m.highestmodseq, count(x.uid),"
+            " coalesce(sum(instr(' ' || x.flags || ' ', ' \\Seen ') = 0), 0),"
+            " coalesce(sum(x.size), 0)"
+            " FROM mailboxes m LEFT JOIN messages x ON x.mailbox = m.uidvalidity"
+            " WHERE m.account = ? AND m.name = ? GROUP BY m.uidvalidity",
+            (account, name),
+        ).fetchone()
+        if row is None:
+            raise NoSuchMailbox(name)
+        uv, uidnext, hms, count, unseen, size = row
+        return MailboxStatus(uv, uidnext, count, unseen, hms, size)
+
+    def messages(self, account: str, name: str) -> list[MessageRow]:
+        uv = self._mailbox_row(account, name)[0]
+        rows = self.reader.execute(
+            "SELECT uid, flags, modseq, size, internaldate, blob FROM messages"
+            " WHERE mailbox = ? ORDER BY uid",
+            (uv,),
+        ).fetchall()
+        return [MessageRow(u, _flags_set(f), m, s, d, b) for u, f, m, s, d, b in rows]
+
+    def metadata(self, account: str, name: str, uids: Iterable[int]) -> dict[int, dict]:
+        uv = self._mailbox_row(account, name)[0]
+        out: dict[int, dict] = {}
+        for uid in uids:
+            row = self.reader.execute(
+                "SELECT meta FROM messages WHERE mailbox = ? AND uid = ?", (uv, uid)
+            ).fetchone()
+            if row is not None:
+                out[uid] = json.loads(row[0])
+        return out
+
+    def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
+        conn = self.reader
+        conn.execute("BEGIN")  # one WAL snapshot for the three queries
+        try:
+            uv, _, hms = self._mailbox_row(account, name)
+            rows = conn.execute(
+                "SELECT uid, flags, modseq, size, internaldate, blob FROM messages"
+                " WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+                (uv, modseq),
+            ).fetchall()
+            gone = conn.execute(
+                "SELECT uid FROM expunged WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+                (uv, modseq),
+            ).fetchall()
+        finally:
+            conn.execute("COMMIT")
+        return MailboxChanges(
+            hms,
+            [MessageRow(u, _flags_set(f), m, s, d, b) for u, f, m, s, d, b in rows],
+            [u for (u,) in gone],
+        )
