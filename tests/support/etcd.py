@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -162,3 +163,35 @@ def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.close()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_patched(module: str, function: str, *args: str, timeout: float = 120.0) -> str:
+    """Run module.function(*args) in a fresh gevent-monkey-patched Python.
+
+    The etcd session's watches and lease refresher are greenlets: they need
+    the process to be patched first thing, which a pytest process is not.
+    Fails the calling test with the child's output when the child fails;
+    returns its stdout otherwise.
+    """
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import importlib, sys\n"
+        f"getattr(importlib.import_module({module!r}), {function!r})(*sys.argv[1:])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"{module}.{function} failed (status {result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-8000:]}",
+            pytrace=False,
+        )
+    return result.stdout

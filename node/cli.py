@@ -1,0 +1,237 @@
+"""The ``postroom`` command.
+
+Every error is one line ``postroom: error: ...`` on stderr: exit status 2 for
+a usage error, 1 for anything else; never a traceback.  Passwords are read
+from the terminal (twice, without echo) or, when stdin is not a terminal, as
+one line from stdin; never from argv, where ``ps`` would show them.
+
+The directory commands talk to etcd at ``etcd.endpoints`` or, when that list
+is empty, at ``etcd.embedded_client_url`` (the running node's embedded etcd).
+A running node watches the directory, so a change applies at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import NoReturn
+
+from node.config import Config, ConfigError, load
+
+DEFAULT_CONFIG = "/etc/postroom/postroom.toml"
+MAX_PASSWORD_LINE = 4096
+
+
+class CliError(Exception):
+    """A one-line user error (exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"postroom: error: {message} (try: {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="postroom", description="A clustered mail server.")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"settings file (default: $POSTROOM_CONFIG, else {DEFAULT_CONFIG})",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("serve", help="run this node")
+    quick = sub.add_parser("quickstart", help="one node on loopback with a demo user")
+    quick.add_argument("--data-dir", metavar="DIR", default=None)
+    sub.add_parser("status", help="etcd, members and directory counts")
+
+    domain = sub.add_parser("domain", help="local domains").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    domain.add_parser("add", help="add a local domain").add_argument("domain")
+    domain.add_parser("list", help="list local domains")
+    domain.add_parser("remove", help="remove an empty domain").add_argument("domain")
+
+    user = sub.add_parser("user", help="accounts").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    user.add_parser("add", help="add an account (password from stdin)").add_argument("address")
+    user.add_parser("passwd", help="set a password (from stdin)").add_argument("address")
+    user.add_parser("list", help="list accounts").add_argument("domain", nargs="?")
+    user.add_parser("remove", help="remove an account").add_argument("address")
+
+    alias = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    alias_add = alias.add_parser("add", help="SOURCE (address or @domain) -> TARGET...")
+    alias_add.add_argument("source")
+    alias_add.add_argument("targets", nargs="+", metavar="target")
+    alias.add_parser("list", help="list aliases")
+    alias.add_parser("remove", help="remove an alias").add_argument("source")
+    return parser
+
+
+def load_config(path: str | None) -> Config:
+    """--config, else $POSTROOM_CONFIG (both must exist), else the default path
+    (a missing default file means every setting at its default)."""
+    explicit = path or os.environ.get("POSTROOM_CONFIG") or ""
+    if explicit:
+        return load(explicit)
+    if not os.path.exists(DEFAULT_CONFIG):
+        return Config()
+    return load(DEFAULT_CONFIG)
+
+
+def read_password(confirm: bool = True) -> str:
+    """From the terminal (asked twice) or one line of stdin."""
+    if sys.stdin is not None and sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if confirm and getpass.getpass("Repeat password: ") != first:
+            raise CliError("passwords do not match")
+        password = first
+    else:
+        if sys.stdin is None:
+            raise CliError("no password given on stdin")
+        line = sys.stdin.readline(MAX_PASSWORD_LINE + 2)
+        password = line.rstrip("\r\n")
+        if len(password) > MAX_PASSWORD_LINE:
+            raise CliError(f"password too long (at most {MAX_PASSWORD_LINE} characters)")
+    if not password:
+        raise CliError("empty password (give it on stdin, one line)")
+    return password
+
+
+def _session(config: Config):
+    from cluster.etcd import EtcdSession
+
+    endpoints = list(config.etcd.endpoints) or [config.etcd.embedded_client_url]
+    return EtcdSession(endpoints, config.etcd.prefix, config.etcd.lease_ttl, config.etcd.timeout)
+
+
+def _directory(config: Config):
+    from cluster.directory import EtcdDirectory
+
+    return EtcdDirectory(_session(config))
+
+
+def _age(seconds: float) -> str:
+    """3d4h, 2h5m, 7m3s, 12s."""
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s}s"
+
+
+def cmd_status(config: Config) -> int:
+    from cluster.membership import list_members
+
+    session = _session(config)
+    status = session.status()
+    version = status.get("version", "?")
+    print(f"etcd: reachable at {session._endpoint_url()} (version {version})")
+    members = list_members(session)
+    print(f"members: {len(members)}")
+    now = time.time()
+    for node_id, record in sorted(members.items()):
+        listeners = record.get("listeners") or record.get("listen") or {}
+        if isinstance(listeners, dict):
+            addrs = " ".join(f"{k}={','.join(v)}" for k, v in sorted(listeners.items()) if v)
+        else:
+            addrs = " ".join(str(a) for a in listeners)
+        started = float(record.get("started", now) or now)
+        host = record.get("hostname", "?")
+        print(f"  {node_id} {host} up {_age(now - started)} {addrs}".rstrip())
+    from cluster.directory import EtcdDirectory
+
+    directory = EtcdDirectory(session)
+    print(
+        f"domains: {len(directory.list_domains())}  accounts: {len(directory.list_users())}"
+        f"  aliases: {len(directory.list_aliases())}"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    command = args.command
+    if command == "serve":
+        from node.app import serve
+
+        return int(serve(config) or 0)
+    if command == "quickstart":
+        from node.app import quickstart
+
+        data_dir = args.data_dir or str(config.data_dir)
+        return int(quickstart(data_dir) or 0)
+    if command == "status":
+        return cmd_status(config)
+
+    action = args.action
+    if command == "user" and action in ("add", "passwd"):
+        password = read_password()
+    directory = _directory(config)
+    if command == "domain":
+        if action == "add":
+            print(f"added domain {directory.add_domain(args.domain)}")
+        elif action == "remove":
+            print(f"removed domain {directory.remove_domain(args.domain)}")
+        else:
+            for name in directory.list_domains():
+                print(name)
+    elif command == "user":
+        if action == "add":
+            print(f"added account {directory.add_user(args.address, password)}")
+        elif action == "passwd":
+            print(f"password changed for {directory.set_password(args.address, password)}")
+        elif action == "remove":
+            print(f"removed account {directory.remove_user(args.address)}")
+        else:
+            for name in directory.list_users(args.domain):
+                print(name)
+    elif command == "alias":
+        if action == "add":
+            name = directory.add_alias(args.source, args.targets)
+            print(f"added alias {name}")
+        elif action == "remove":
+            print(f"removed alias {directory.remove_alias(args.source)}")
+        else:
+            for name, targets in directory.list_aliases().items():
+                print(f"{name} -> {', '.join(targets)}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``postroom`` console script and ``python -m node``."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    from cluster.directory import DirectoryError
+    from cluster.embedded import EmbeddedEtcdError
+    from cluster.etcd import EtcdError
+
+    try:
+        return run(args)
+    except (CliError, ConfigError, DirectoryError, EtcdError, EmbeddedEtcdError) as exc:
+        message = " ".join(str(exc).split())
+    except KeyboardInterrupt:
+        message = "interrupted"
+    except OSError as exc:
+        message = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+    except Exception as exc:  # never a traceback for the operator
+        message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    sys.stderr.write(f"postroom: error: {message}\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
