@@ -1,0 +1,3 @@
+"""Benchmarks are run by tests/bench/run.py, never collected by pytest."""
+
+collect_ignore_glob = ["*"]
