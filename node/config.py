@@ -68,6 +68,9 @@ class SmtpSettings:
     max_errors: int = 10  # protocol errors per session before 421 and close
     timeout: int = 300  # seconds of client silence before 421 (RFC 5321 §4.5.3.2.7)
     max_connections_per_ip: int = 20  # 421 4.7.0 beyond this
+    # Local domain whose postmaster gets RCPT TO:<postmaster> (RFC 5321 §4.5.1);
+    # empty: the hostname or its nearest parent that is a local domain.
+    postmaster_domain: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""Local delivery: resolve recipients, add trace fields, store durably.
+
+``deliver`` returns only after ``ctx.store.deliver`` has made the message
+durable for every account; it raises whatever the store raises (the SMTP
+session answers 451 4.3.0 and nothing is visible).  Filters (SPF, DKIM,
+Sieve, ...) hook in here in later work.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import secrets
+import time
+
+from node.context import Directory, NodeContext
+from node.mailflow.envelope import Envelope
+from storage.model import AppendResult
+
+
+def resolve(directory: Directory, address: str) -> list[str] | None:
+    """Accounts for an address after alias expansion; None when unknown."""
+    accounts = directory.resolve_recipient(address)
+    if accounts is None:
+        return None
+    return list(dict.fromkeys(accounts))
+
+
+def received_header(envelope: Envelope, hostname: str, now: float | None = None) -> bytes:
+    """RFC 5321 §4.4 Received trace field (with-protocol per RFC 3848).
+
+    The TLS version and cipher are a comment; "for" names the recipient
+    only when there is exactly one, so Bcc recipients are not disclosed.
+    """
+    when = email.utils.formatdate(now if now is not None else time.time(), localtime=True)
+    ident = secrets.token_hex(8)
+    ip = envelope.peer_ip
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    lines = [f"Received: from {envelope.helo or 'unknown'} ([{literal}])"]
+    by = f"\tby {hostname} (postroom) with {envelope.protocol}"
+    if envelope.tls:
+        by += f" ({envelope.tls})"
+    lines.append(by + f" id {ident}")
+    if len(envelope.recipients) == 1:
+        rcpt = envelope.recipients[0].address
+        lines.append(f"\tfor <{rcpt}>; {when}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{when}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+def return_path(envelope: Envelope) -> bytes:
+    """RFC 5321 §4.4: the final delivery adds Return-Path with the reverse-path."""
+    return f"Return-Path: <{envelope.sender}>\r\n".encode()
+
+
+def deliver(ctx: NodeContext, envelope: Envelope, message: bytes) -> list[AppendResult]:
+    """Store ``message`` once for every distinct account of the envelope."""
+    accounts = envelope.accounts()
+    if not accounts:
+        return []
+    raw = return_path(envelope) + received_header(envelope, ctx.hostname) + message
+    return ctx.store.deliver(accounts, raw)
