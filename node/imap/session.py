@@ -1,0 +1,904 @@
+"""IMAP4rev1 session policy (RFC 3501): decides every reply, calls the store.
+
+Theory of operation: the server feeds received bytes to `Session.feed`;
+the session frames and parses them (protocol.py), checks the state table,
+runs the command and queues replies, which it hands to `send` in batches.
+The session never touches a socket and never sleeps; the store calls may
+block the calling greenlet (they run their work off the hub).
+
+Mailbox view: while a mailbox is selected the session keeps its own view,
+the list of UIDs whose positions are the message sequence numbers, each
+message's last reported flags, and the MODSEQ up to which it has looked.
+`store.watch` marks the view dirty after any committed change; at the sync
+points RFC 3501 §5.2/§7.4.1 allow, `_sync` asks `changes_since` and reports
+EXISTS, FETCH (FLAGS) and, except while answering FETCH/STORE/SEARCH (UID
+forms included), EXPUNGE.  An expunge learned at another point is kept in
+`View.gone` until it may be reported, so sequence numbers never shift under
+the client mid-command.  \\Recent is not tracked: RECENT is always 0 (the
+flag is gone from IMAP4rev2, RFC 9051 §7.3.2; see docs/imap.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import importlib
+import ipaddress
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from node.context import NodeContext
+from node.imap import search as searchmod
+from node.imap.protocol import (
+    NEED_DATA,
+    STAR,
+    SYSTEM_FLAGS,
+    Atom,
+    Command,
+    ContinuationRequest,
+    FatalError,
+    FetchItem,
+    FramedCommand,
+    Framer,
+    Limits,
+    Literal,
+    LiteralTooLarge,
+    ParseError,
+    Raw,
+    RawLine,
+    Section,
+    SeqSet,
+    State,
+    allowed,
+    continuation,
+    encode_mailbox,
+    encode_string,
+    format_date_time,
+    parse_command,
+    status_untagged,
+    tagged,
+    untagged,
+)
+from storage.model import (
+    MailboxExists,
+    MailboxNotAllowed,
+    MessageRow,
+    NoSuchMailbox,
+    StorageError,
+    StorageUnavailable,
+)
+
+log = logging.getLogger("postroom.imap")
+
+MAX_AUTH_FAILURES = 5  # then BYE: slows password guessing per connection
+FLUSH_AT = 256 * 1024  # octets of queued output before handing it to send()
+FETCH_BATCH = 128  # messages whose metadata/body are loaded at once
+PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
+DELIMITER = "/"
+
+
+@dataclass
+class Reply:
+    """The tagged completion of a command (RFC 3501 §7.1)."""
+
+    status: str  # OK | NO | BAD
+    text: str
+    code: str | None = None
+
+
+def ok(text: str, code: str | None = None) -> Reply:
+    return Reply("OK", text, code)
+
+
+def no(text: str, code: str | None = None) -> Reply:
+    return Reply("NO", text, code)
+
+
+def bad(text: str, code: str | None = None) -> Reply:
+    return Reply("BAD", text, code)
+
+
+@dataclass
+class View:
+    """The selected mailbox as this session has reported it."""
+
+    name: str
+    readonly: bool
+    uidvalidity: int
+    uids: list[int]  # ascending; index + 1 is the sequence number
+    flags: dict[int, frozenset[str]]
+    modseq: int
+    keywords: set[str] = field(default_factory=set)  # announced in FLAGS
+    gone: set[int] = field(default_factory=set)  # expunged, not yet reported
+
+    def seq_of(self, uid: int) -> int:
+        return bisect.bisect_left(self.uids, uid) + 1
+
+
+def _mime() -> Any:
+    # Written by another part of the project (envelope, bodystructure,
+    # fetch_section, ...); imported when first needed.
+    return importlib.import_module("node.imap.mime")
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _flag_list(flags: frozenset[str] | set[str]) -> Raw:
+    ordered = [f for f in SYSTEM_FLAGS if f in flags] + sorted(
+        f for f in flags if f not in SYSTEM_FLAGS
+    )
+    return Raw(("(" + " ".join(ordered) + ")").encode("utf-8"))
+
+
+class Session:
+    """One client connection's IMAP state.  Not thread-safe; the server
+    serializes calls (feed, idle_flush, timeout) with a lock."""
+
+    def __init__(
+        self,
+        ctx: NodeContext,
+        send: Callable[[bytes], None],
+        *,
+        peer_ip: str,
+        tls: bool,
+        wakeup: Callable[[], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self._send = send
+        self.peer_ip = peer_ip
+        self.tls = tls
+        self.wakeup = wakeup
+        cfg = ctx.config.imap
+        self.limits = Limits(
+            max_line_length=cfg.max_line_length, max_literal_size=cfg.max_literal_size
+        )
+        self.framer = Framer(self.limits)
+        self.state = State.NOT_AUTHENTICATED
+        self.account: str | None = None
+        self.view: View | None = None
+        self.closed = False
+        self.want_starttls = False
+        self.idle_tag: str | None = None
+        self._auth_tag: str | None = None
+        self._auth_failures = 0
+        self._dirty = False
+        self._unwatch: Callable[[], None] | None = None
+        self._out: list[bytes] = []
+        self._out_size = 0
+
+    # ---------------------------------------------------------------- I/O
+
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= FLUSH_AT:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out, self._out_size = [], 0
+            self._send(data)
+
+    def capabilities(self) -> str:
+        caps = ["IMAP4rev1", "SASL-IR", "IDLE", "CHILDREN"]
+        if self.state is State.NOT_AUTHENTICATED:
+            if not self.tls:
+                caps.append("STARTTLS")
+            caps.append("AUTH=PLAIN" if self._plaintext_ok() else "LOGINDISABLED")
+        return " ".join(caps)
+
+    def _plaintext_ok(self) -> bool:
+        if self.tls:
+            return True
+        return self.ctx.config.node.allow_plaintext_auth_on_loopback and _is_loopback(self.peer_ip)
+
+    def greeting(self) -> None:
+        """The server greeting (RFC 3501 §7.1.1) with capabilities (§7.2.1)."""
+        self._write(
+            status_untagged(
+                "OK", f"{self.ctx.hostname} postroom ready", f"CAPABILITY {self.capabilities()}"
+            )
+        )
+        self.flush()
+
+    def timeout(self) -> None:
+        """The client was silent for imap.idle_timeout (RFC 3501 §5.4)."""
+        self._write(status_untagged("BYE", "autologout; idle for too long"))
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._unwatch is not None:
+            unwatch, self._unwatch = self._unwatch, None
+            try:
+                unwatch()
+            except Exception:  # the store going away must not break logout
+                log.exception("imap: unwatch failed")
+
+    def tls_started(self) -> None:
+        """The server finished the STARTTLS handshake."""
+        self.want_starttls = False
+        self.tls = True
+        self.framer.discard_buffer()
+
+    def feed(self, data: bytes) -> None:
+        """Process received bytes; replies go to send().  Stops early (and
+        drops the rest) when the session closes or STARTTLS begins."""
+        self.framer.receive(data)
+        while not self.closed and not self.want_starttls:
+            ev = self.framer.next_event()
+            if ev is NEED_DATA:
+                break
+            self._event(ev)
+        if self.want_starttls:
+            # RFC 3501 §6.2.1 / RFC 3207 §4.2: plaintext pipelined after
+            # STARTTLS must not be acted on.
+            self.framer.discard_buffer()
+        self.flush()
+
+    def _event(self, ev: Any) -> None:
+        if isinstance(ev, ContinuationRequest):
+            self._write(continuation("Ready for literal data"))
+            self.flush()
+        elif isinstance(ev, FatalError):
+            self._write(status_untagged("BYE", f"protocol error: {ev.text}"))
+            self.close()
+        elif isinstance(ev, LiteralTooLarge):
+            self._write(tagged(ev.tag, "BAD", "literal too large", "TOOBIG"))
+        elif isinstance(ev, RawLine):
+            self._raw_line(ev.line)
+        elif isinstance(ev, FramedCommand):
+            try:
+                cmd = parse_command(ev, self.limits)
+            except ParseError as exc:
+                self._write(tagged(exc.tag, "BAD", exc.text))
+                return
+            self._command(cmd)
+
+    # ------------------------------------------------------------ dispatch
+
+    def _command(self, cmd: Command) -> None:
+        if not allowed(self.state, cmd.full_name):
+            self._write(tagged(cmd.tag, "BAD", f"{cmd.full_name} not allowed now"))
+            return
+        handler = getattr(self, "_cmd_" + cmd.name.lower())
+        try:
+            reply = handler(cmd)
+        except StorageUnavailable:
+            reply = no("try again later", "UNAVAILABLE")
+        except NoSuchMailbox:
+            reply = no("no such mailbox", "NONEXISTENT")
+        except MailboxExists:
+            reply = no("mailbox already exists", "ALREADYEXISTS")
+        except MailboxNotAllowed:
+            reply = no("not allowed for this mailbox", "CANNOT")
+        except StorageError:
+            log.exception("imap: storage error in %s", cmd.full_name)
+            reply = no("storage error", "SERVERBUG")
+        if reply is None:  # the command continues (IDLE, AUTHENTICATE)
+            return
+        if self.state is State.SELECTED and self.view is not None and reply.status != "BAD":
+            self._sync_safe(expunge=cmd.name not in ("FETCH", "STORE", "SEARCH"))
+        self._write(tagged(cmd.tag, reply.status, reply.text, reply.code))
+
+    def _sync_safe(self, *, expunge: bool) -> None:
+        try:
+            self._sync(expunge=expunge)
+        except StorageError:
+            log.warning("imap: could not refresh the mailbox view", exc_info=True)
+
+    def _raw_line(self, line: bytes) -> None:
+        """A line outside command syntax: IDLE's DONE or a SASL response."""
+        if self.idle_tag is not None:
+            tag, self.idle_tag = self.idle_tag, None
+            self.framer.line_mode = False
+            if line.strip().upper() == b"DONE":
+                self._write(tagged(tag, "OK", "IDLE terminated"))
+            else:
+                self._write(tagged(tag, "BAD", "expected DONE"))
+        elif self._auth_tag is not None:
+            tag, self._auth_tag = self._auth_tag, None
+            self.framer.line_mode = False
+            if line.strip() == b"*":
+                self._write(tagged(tag, "BAD", "authentication cancelled"))
+                return
+            self._finish_plain(tag, line.strip())
+        else:  # not reachable: line mode is only set with one of the tags
+            self.framer.line_mode = False
+
+    # ------------------------------------------------------ any state
+
+    def _cmd_capability(self, cmd: Command) -> Reply:
+        self._write(untagged("CAPABILITY", self.capabilities()))
+        return ok("CAPABILITY completed")
+
+    def _cmd_noop(self, cmd: Command) -> Reply:
+        if self.view is not None:
+            self._dirty = True
+        return ok("NOOP completed")
+
+    def _cmd_logout(self, cmd: Command) -> Reply | None:
+        self._write(status_untagged("BYE", "logging out"))
+        self._write(tagged(cmd.tag, "OK", "LOGOUT completed"))
+        self.state = State.LOGOUT
+        self.close()
+        return None
+
+    # ---------------------------------------------- not authenticated
+
+    def _cmd_starttls(self, cmd: Command) -> Reply | None:
+        if self.tls:
+            return bad("TLS is already active")
+        self._write(tagged(cmd.tag, "OK", "begin TLS negotiation now"))
+        self.want_starttls = True
+        return None
+
+    def _cmd_login(self, cmd: Command) -> Reply:
+        if not self._plaintext_ok():
+            return no("use STARTTLS first", "PRIVACYREQUIRED")
+        user, secret = cmd.args
+        try:
+            password = secret.value.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._auth_failed()
+        return self._login(user, password)
+
+    def _login(self, user: str, password: str) -> Reply:
+        account = self.ctx.directory.authenticate(user, password)
+        if account is None:
+            return self._auth_failed()
+        self.ctx.store.ensure_account(account)
+        self.account = account
+        self.state = State.AUTHENTICATED
+        self._unwatch = self.ctx.store.watch(account, self._on_change)
+        log.info("imap: %s logged in from %s", account, self.peer_ip)
+        return ok("logged in", f"CAPABILITY {self.capabilities()}")
+
+    def _auth_failed(self) -> Reply:
+        self._auth_failures += 1
+        if self._auth_failures >= MAX_AUTH_FAILURES:
+            self._write(status_untagged("BYE", "too many failed logins"))
+            self.close()
+        return no("invalid credentials", "AUTHENTICATIONFAILED")
+
+    def _cmd_authenticate(self, cmd: Command) -> Reply | None:
+        mech, initial = cmd.args
+        if mech != "PLAIN":
+            return no("unsupported mechanism", "CANNOT")
+        if not self._plaintext_ok():
+            return no("use STARTTLS first", "PRIVACYREQUIRED")
+        if initial is None:
+            self._auth_tag = cmd.tag
+            self.framer.line_mode = True
+            self._write(continuation("").rstrip(b"\r\n") + b"\r\n")
+            self.flush()
+            return None
+        self._finish_plain(cmd.tag, initial.encode("ascii"))
+        return None
+
+    def _finish_plain(self, tag: str, response: bytes) -> None:
+        """RFC 4616: authzid NUL authcid NUL passwd, base64 (RFC 3501 §6.2.2)."""
+        try:
+            data = b"" if response == b"=" else base64.b64decode(response, validate=True)
+            authzid, authcid, passwd = data.split(b"\x00")
+            user, password = authcid.decode("utf-8"), passwd.decode("utf-8")
+            authz = authzid.decode("utf-8")
+        except (ValueError, binascii.Error):
+            self._write(tagged(tag, "BAD", "malformed PLAIN response"))
+            return
+        if authz and authz.lower() != user.lower():
+            reply = no("proxy authorization not supported", "AUTHORIZATIONFAILED")
+        else:
+            try:
+                reply = self._login(user, password)
+            except StorageUnavailable:
+                reply = no("try again later", "UNAVAILABLE")
+        self._write(tagged(tag, reply.status, reply.text, reply.code))
+
+    # --------------------------------------------------- authenticated
+
+    @property
+    def _acct(self) -> str:
+        assert self.account is not None
+        return self.account
+
+    def _cmd_select(self, cmd: Command) -> Reply:
+        return self._select(cmd.args[0], readonly=False)
+
+    def _cmd_examine(self, cmd: Command) -> Reply:
+        return self._select(cmd.args[0], readonly=True)
+
+    def _select(self, name: str, *, readonly: bool) -> Reply:
+        # RFC 3501 §6.3.1: a failed SELECT leaves no mailbox selected.
+        self.view = None
+        self.state = State.AUTHENTICATED
+        store = self.ctx.store
+        status = store.status(self._acct, name)
+        rows = store.messages(self._acct, name)
+        uids = [r.uid for r in rows]
+        view = View(
+            name=name,
+            readonly=readonly,
+            uidvalidity=status.uidvalidity,
+            uids=uids,
+            flags={r.uid: r.flags for r in rows},
+            modseq=status.highestmodseq,
+        )
+        for r in rows:
+            view.keywords.update(f for f in r.flags if not f.startswith("\\"))
+        self.view = view
+        self._dirty = False
+        self.state = State.SELECTED
+        self._write(untagged("FLAGS", self._flags_atom()))
+        self._write(untagged(len(uids), "EXISTS"))
+        self._write(untagged(0, "RECENT"))
+        unseen = next((i + 1 for i, r in enumerate(rows) if "\\Seen" not in r.flags), None)
+        if unseen is not None:
+            self._write(status_untagged("OK", "first unseen", f"UNSEEN {unseen}"))
+        self._write(status_untagged("OK", "UIDs valid", f"UIDVALIDITY {status.uidvalidity}"))
+        uidnext = max(status.uidnext, (uids[-1] + 1) if uids else 1)
+        self._write(status_untagged("OK", "predicted next UID", f"UIDNEXT {uidnext}"))
+        perm = "()" if readonly else PERMANENT_FLAGS
+        self._write(status_untagged("OK", "flags permitted", f"PERMANENTFLAGS {perm}"))
+        if readonly:
+            return ok("EXAMINE completed", "READ-ONLY")
+        return ok("SELECT completed", "READ-WRITE")
+
+    def _flags_atom(self) -> str:
+        assert self.view is not None
+        kws = sorted(self.view.keywords)
+        return "(" + " ".join(list(SYSTEM_FLAGS) + kws) + ")"
+
+    def _cmd_create(self, cmd: Command) -> Reply:
+        name = cmd.args[0].rstrip(DELIMITER)  # RFC 3501 §6.3.3: trailing delimiter
+        if not name or name.upper() == "INBOX":
+            if name:
+                return no("INBOX always exists", "ALREADYEXISTS")
+            return no("empty mailbox name", "CANNOT")
+        if not _valid_name(name):
+            return no("invalid mailbox name", "CANNOT")
+        # RFC 3501 §6.3.3: the store creates missing superior names too.
+        self.ctx.store.create_mailbox(self._acct, name)
+        return ok("CREATE completed")
+
+    def _cmd_delete(self, cmd: Command) -> Reply:
+        name = cmd.args[0]
+        if name == "INBOX":
+            return no("INBOX cannot be deleted", "CANNOT")
+        self.ctx.store.delete_mailbox(self._acct, name)
+        return ok("DELETE completed")
+
+    def _cmd_rename(self, cmd: Command) -> Reply:
+        old, new = cmd.args
+        new = new.rstrip(DELIMITER)
+        if not new or not _valid_name(new) or new.upper() == "INBOX":
+            return no("invalid new mailbox name", "CANNOT")
+        self.ctx.store.rename_mailbox(self._acct, old, new)
+        return ok("RENAME completed")
+
+    def _cmd_subscribe(self, cmd: Command) -> Reply:
+        self.ctx.store.set_subscribed(self._acct, cmd.args[0], True)
+        return ok("SUBSCRIBE completed")
+
+    def _cmd_unsubscribe(self, cmd: Command) -> Reply:
+        self.ctx.store.set_subscribed(self._acct, cmd.args[0], False)
+        return ok("UNSUBSCRIBE completed")
+
+    def _cmd_list(self, cmd: Command) -> Reply:
+        return self._list(cmd, subscribed_only=False)
+
+    def _cmd_lsub(self, cmd: Command) -> Reply:
+        return self._list(cmd, subscribed_only=True)
+
+    def _list(self, cmd: Command, *, subscribed_only: bool) -> Reply:
+        """RFC 3501 §6.3.8/§6.3.9 with RFC 3348 children and RFC 6154 attributes."""
+        ref, pattern = cmd.args
+        word = "LSUB" if subscribed_only else "LIST"
+        if pattern == "" and not subscribed_only:
+            # The hierarchy delimiter and root of the reference (§6.3.8).
+            root = ref.split(DELIMITER, 1)[0] + DELIMITER if DELIMITER in ref else ""
+            self._write(untagged(word, "(\\Noselect)", f'"{DELIMITER}"', _mbox(root)))
+            return ok(f"{word} completed")
+        matcher = _pattern_regex(ref + pattern)
+        boxes = self.ctx.store.list_mailboxes(self._acct)
+        by_name = {m.name: m for m in boxes}
+        chosen = {m.name for m in boxes if m.subscribed or not subscribed_only}
+        # Superior names that exist only as parents of chosen ones.
+        all_names = set(chosen)
+        for name in chosen:
+            parts = name.split(DELIMITER)
+            for i in range(1, len(parts)):
+                all_names.add(DELIMITER.join(parts[:i]))
+        has_children = {n.rsplit(DELIMITER, 1)[0] for n in by_name if DELIMITER in n}
+        for name in sorted(all_names, key=lambda n: (n != "INBOX", n)):
+            if not _match(matcher, name):
+                continue
+            attrs = []
+            if name not in chosen:
+                # A superior name shown only because a child matched (§6.3.9).
+                attrs.append("\\Noselect")
+            if not subscribed_only:
+                attrs.append("\\HasChildren" if name in has_children else "\\HasNoChildren")
+                info = by_name.get(name)
+                if info is not None and info.special_use:
+                    attrs.append(info.special_use)
+            self._write(untagged(word, "(" + " ".join(attrs) + ")", f'"{DELIMITER}"', _mbox(name)))
+        return ok(f"{word} completed")
+
+    def _cmd_status(self, cmd: Command) -> Reply:
+        name, items = cmd.args
+        st = self.ctx.store.status(self._acct, name)
+        values = {
+            "MESSAGES": st.messages,
+            "RECENT": 0,
+            "UIDNEXT": st.uidnext,
+            "UIDVALIDITY": st.uidvalidity,
+            "UNSEEN": st.unseen,
+        }
+        out: list[Any] = []
+        for item in dict.fromkeys(items):
+            out += [Atom(item), values[item]]
+        self._write(untagged("STATUS", _mbox(name), out))
+        return ok("STATUS completed")
+
+    def _cmd_append(self, cmd: Command) -> Reply:
+        name, flags, date, message = cmd.args
+        internaldate = date.timestamp() if date is not None else None
+        try:
+            self.ctx.store.append(self._acct, name, message, flags=flags, internaldate=internaldate)
+        except NoSuchMailbox:
+            return no("no such mailbox", "TRYCREATE")  # RFC 3501 §6.3.11
+        if self.view is not None and self.view.name == name:
+            self._dirty = True
+        return ok("APPEND completed")
+
+    def _cmd_idle(self, cmd: Command) -> Reply | None:
+        """RFC 2177: report changes as they commit until DONE."""
+        self.idle_tag = cmd.tag
+        self.framer.line_mode = True
+        self._write(continuation("idling"))
+        if self.view is not None:
+            self._dirty = True
+            self._sync_safe(expunge=True)
+        self.flush()
+        return None
+
+    def idle_flush(self) -> None:
+        """Called by the server after wakeup(): report changes while idling."""
+        if self.idle_tag is not None and self.view is not None and self._dirty:
+            self._sync_safe(expunge=True)
+            self.flush()
+
+    def _on_change(self, mailbox: str) -> None:
+        """store.watch callback (on the hub): never does I/O itself."""
+        if self.view is not None and mailbox == self.view.name:
+            self._dirty = True
+            if self.idle_tag is not None and self.wakeup is not None:
+                self.wakeup()
+
+    # ---------------------------------------------------------- selected
+
+    def _cmd_check(self, cmd: Command) -> Reply:
+        self._dirty = True
+        return ok("CHECK completed")
+
+    def _cmd_close(self, cmd: Command) -> Reply:
+        view = self.view
+        assert view is not None
+        self.view = None
+        self.state = State.AUTHENTICATED
+        if not view.readonly:
+            # RFC 3501 §6.4.2: expunge silently.
+            rows = self.ctx.store.messages(self._acct, view.name)
+            doomed = [r.uid for r in rows if "\\Deleted" in r.flags and r.uid in view.flags]
+            if doomed:
+                self.ctx.store.expunge(self._acct, view.name, doomed)
+        return ok("CLOSE completed")
+
+    def _cmd_expunge(self, cmd: Command) -> Reply:
+        view = self.view
+        assert view is not None
+        if view.readonly:
+            return no("mailbox is read-only", "READ-ONLY")
+        rows = self.ctx.store.messages(self._acct, view.name)
+        doomed = [r.uid for r in rows if "\\Deleted" in r.flags and r.uid in view.flags]
+        if doomed:
+            for uid in self.ctx.store.expunge(self._acct, view.name, doomed):
+                if uid in view.flags:
+                    view.gone.add(uid)
+        return ok("EXPUNGE completed")
+
+    def _resolve(self, seqs: SeqSet, uid: bool) -> list[int] | None:
+        """UIDs named by a sequence set, in view order; None if a message
+        sequence number is out of range (RFC 3501 §9 BAD)."""
+        view = self.view
+        assert view is not None
+        uids = view.uids
+        picked: set[int] = set()
+        if uid:
+            largest = uids[-1] if uids else 0
+            for lo, hi in seqs.resolve(largest):
+                a = bisect.bisect_left(uids, lo)
+                b = bisect.bisect_right(uids, hi)
+                picked.update(uids[a:b])
+        else:
+            n = len(uids)
+            for lo, hi in seqs.resolve(n):
+                if hi > n or lo < 1:
+                    if n == 0 and any(STAR in r for r in seqs.ranges):
+                        continue
+                    return None
+                picked.update(uids[lo - 1 : hi])
+        return sorted(picked)
+
+    def _cmd_copy(self, cmd: Command) -> Reply:
+        seqs, dest = cmd.args
+        uids = self._resolve(seqs, cmd.uid)
+        if uids is None:
+            return bad("invalid message sequence number")
+        uids = [u for u in uids if u not in self.view.gone]  # type: ignore[union-attr]
+        if uids:
+            try:
+                self.ctx.store.copy(self._acct, self.view.name, uids, dest)  # type: ignore[union-attr]
+            except NoSuchMailbox:
+                return no("no such mailbox", "TRYCREATE")  # RFC 3501 §6.4.7
+        return ok(f"{cmd.full_name} completed")
+
+    def _cmd_store(self, cmd: Command) -> Reply:
+        seqs, mode, silent, flags = cmd.args
+        view = self.view
+        assert view is not None
+        uids = self._resolve(seqs, cmd.uid)
+        if uids is None:
+            return bad("invalid message sequence number")
+        if view.readonly:
+            return no("mailbox is read-only", "READ-ONLY")
+        uids = [u for u in uids if u not in view.gone]
+        if uids:
+            changes = self.ctx.store.store_flags(self._acct, view.name, uids, mode, flags)
+            for ch in changes:
+                view.flags[ch.uid] = ch.flags
+            self._announce_keywords(flags)
+        if not silent:
+            for u in uids:
+                items: list[Any] = [Atom("FLAGS"), _flag_list(view.flags[u])]
+                if cmd.uid:
+                    items += [Atom("UID"), u]
+                self._write(untagged(view.seq_of(u), "FETCH", items))
+        return ok(f"{cmd.full_name} completed")
+
+    def _announce_keywords(self, flags: Any) -> None:
+        view = self.view
+        assert view is not None
+        new = {f for f in flags if not f.startswith("\\")} - view.keywords
+        if new:
+            view.keywords |= new
+            self._write(untagged("FLAGS", self._flags_atom()))
+
+    def _rows(self) -> dict[int, MessageRow]:
+        view = self.view
+        assert view is not None
+        return {r.uid: r for r in self.ctx.store.messages(self._acct, view.name)}
+
+    def _cmd_search(self, cmd: Command) -> Reply:
+        charset, key = cmd.args
+        if charset not in (None, "UTF-8", "US-ASCII"):
+            return no("unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
+        view = self.view
+        assert view is not None
+        rows = self._rows()
+        need_meta, need_raw = searchmod.needs(key)
+        live = [u for u in view.uids if u in rows and u not in view.gone]
+        found: list[int] = []
+        max_seq = len(view.uids)
+        max_uid = view.uids[-1] if view.uids else 0
+        store = self.ctx.store
+        for start in range(0, len(live), FETCH_BATCH):
+            batch = live[start : start + FETCH_BATCH]
+            metas = store.metadata(self._acct, view.name, batch) if need_meta else {}
+            for u in batch:
+                row = rows[u]
+                cand = searchmod.Candidate(
+                    seq=view.seq_of(u),
+                    uid=u,
+                    flags=view.flags.get(u, row.flags),
+                    size=row.size,
+                    internaldate=row.internaldate,
+                    load_meta=lambda u=u, m=metas: m.get(u, {}),
+                    load_raw=(lambda b=row.blob: store.read_message(b)) if need_raw else bytes,
+                )
+                if searchmod.matches(key, cand, max_seq=max_seq, max_uid=max_uid):
+                    found.append(u if cmd.uid else cand.seq)
+        self._write(untagged("SEARCH", *[str(n) for n in found]) if found else b"* SEARCH\r\n")
+        return ok(f"{cmd.full_name} completed")
+
+    def _cmd_fetch(self, cmd: Command) -> Reply:
+        seqs, items = cmd.args
+        view = self.view
+        assert view is not None
+        uids = self._resolve(seqs, cmd.uid)
+        if uids is None:
+            return bad("invalid message sequence number")
+        items = list(items)
+        if cmd.uid and not any(i.name == "UID" for i in items):
+            items.insert(0, FetchItem("UID"))  # RFC 3501 §6.4.8
+        need_meta = any(i.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") for i in items)
+        need_raw = any(
+            i.section is not None or i.name.startswith("RFC822") and i.name != "RFC822.SIZE"
+            for i in items
+        )
+        sets_seen = not view.readonly and any(
+            (i.section is not None and not i.peek) or i.name in ("RFC822", "RFC822.TEXT")
+            for i in items
+        )
+        rows = self._rows()
+        live = [u for u in uids if u in rows and u not in view.gone]
+        store = self.ctx.store
+        for start in range(0, len(live), FETCH_BATCH):
+            batch = live[start : start + FETCH_BATCH]
+            metas = store.metadata(self._acct, view.name, batch) if need_meta else {}
+            seen_now: set[int] = set()
+            if sets_seen:
+                unseen = [u for u in batch if "\\Seen" not in view.flags.get(u, frozenset())]
+                if unseen:
+                    for ch in store.store_flags(self._acct, view.name, unseen, "add", ["\\Seen"]):
+                        view.flags[ch.uid] = ch.flags
+                        seen_now.add(ch.uid)
+            for u in batch:
+                row = rows[u]
+                raw = store.read_message(row.blob) if need_raw else b""
+                self._write(self._fetch_one(view, row, items, metas.get(u, {}), raw, u in seen_now))
+        return ok(f"{cmd.full_name} completed")
+
+    def _fetch_one(
+        self,
+        view: View,
+        row: MessageRow,
+        items: list[FetchItem],
+        meta: dict,
+        raw: bytes,
+        flags_changed: bool,
+    ) -> bytes:
+        out: list[Any] = []
+        flags = view.flags.get(row.uid, row.flags)
+        wants_flags = any(i.name == "FLAGS" for i in items)
+        for item in items:
+            name = item.name
+            if name == "FLAGS":
+                out += [Atom("FLAGS"), _flag_list(flags)]
+            elif name == "UID":
+                out += [Atom("UID"), row.uid]
+            elif name == "INTERNALDATE":
+                out += [Atom("INTERNALDATE"), format_date_time(row.internaldate)]
+            elif name == "RFC822.SIZE":
+                out += [Atom("RFC822.SIZE"), row.size]
+            elif name == "ENVELOPE":
+                out += [Atom("ENVELOPE"), Raw(_mime().envelope(meta))]
+            elif name == "BODYSTRUCTURE":
+                out += [Atom("BODYSTRUCTURE"), Raw(_mime().bodystructure(meta, True))]
+            elif name == "BODY":
+                out += [Atom("BODY"), Raw(_mime().bodystructure(meta, False))]
+            elif name == "RFC822":
+                out += [Atom("RFC822"), Literal(raw)]
+            elif name == "RFC822.HEADER":
+                out += [Atom("RFC822.HEADER"), Literal(_section(raw, Section((), "HEADER")))]
+            elif name == "RFC822.TEXT":
+                out += [Atom("RFC822.TEXT"), Literal(_section(raw, Section((), "TEXT")))]
+            else:
+                assert item.section is not None
+                data = _section(raw, item.section)
+                if item.partial is not None:
+                    origin, count = item.partial
+                    data = data[origin : origin + count]
+                out += [Atom(item.response_name()), Literal(data)]
+        if flags_changed and not wants_flags:
+            out += [Atom("FLAGS"), _flag_list(flags)]  # RFC 3501 §6.4.5: \Seen set
+        return untagged(view.seq_of(row.uid), "FETCH", out)
+
+    # -------------------------------------------------------------- sync
+
+    def _sync(self, *, expunge: bool) -> None:
+        """Report committed changes to the view (RFC 3501 §5.2, §7.4.1)."""
+        view = self.view
+        if view is None:
+            return
+        if self._dirty:
+            self._dirty = False
+            changes = self.ctx.store.changes_since(self._acct, view.name, view.modseq)
+            view.modseq = max(view.modseq, changes.highestmodseq)
+            for uid in changes.expunged:
+                if uid in view.flags:
+                    view.gone.add(uid)
+            newest = view.uids[-1] if view.uids else 0
+            new_rows: list[MessageRow] = []
+            flag_updates: list[int] = []
+            for row in changes.changed:
+                if row.uid in view.gone:
+                    continue
+                if row.uid in view.flags:
+                    if row.flags != view.flags[row.uid]:
+                        view.flags[row.uid] = row.flags
+                        flag_updates.append(row.uid)
+                elif row.uid > newest:
+                    new_rows.append(row)
+            new_rows.sort(key=lambda r: r.uid)
+            keywords = {f for r in new_rows for f in r.flags} | {
+                f for u in flag_updates for f in view.flags[u]
+            }
+            self._announce_keywords(keywords)
+            for u in flag_updates:
+                self._write(
+                    untagged(
+                        view.seq_of(u),
+                        "FETCH",
+                        [Atom("FLAGS"), _flag_list(view.flags[u]), Atom("UID"), u],
+                    )
+                )
+            if new_rows:
+                for row in new_rows:
+                    view.uids.append(row.uid)
+                    view.flags[row.uid] = row.flags
+                self._write(untagged(len(view.uids), "EXISTS"))
+        if expunge and view.gone:
+            # Highest sequence number first, so earlier numbers stay valid.
+            for uid in sorted(view.gone, reverse=True):
+                seq = view.seq_of(uid)
+                del view.uids[seq - 1]
+                del view.flags[uid]
+                self._write(untagged(seq, "EXPUNGE"))
+            view.gone.clear()
+
+
+def _section(raw: bytes, section: Section) -> bytes:
+    if not section.part and section.specifier is None:
+        return raw  # BODY[]: the whole message (RFC 3501 §6.4.5)
+    return _mime().fetch_section(raw, section.part, section.specifier, section.fields)
+
+
+def _mbox(name: str) -> Raw:
+    return Raw(encode_string(encode_mailbox(name)))
+
+
+_BAD_NAME = re.compile(r"[*%\x00-\x1f\x7f]")
+
+
+def _valid_name(name: str) -> bool:
+    return (
+        not _BAD_NAME.search(name)
+        and not name.startswith(DELIMITER)
+        and "//" not in name
+        and len(name.encode("utf-8")) <= 1024
+    )
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """RFC 3501 §6.3.8 wildcards: "*" matches anything, "%" no delimiter."""
+    out = []
+    for ch in pattern:
+        if ch == "*":
+            out.append(".*")
+        elif ch == "%":
+            out.append(f"[^{re.escape(DELIMITER)}]*")
+        else:
+            out.append(re.escape(ch))
+    return re.compile("".join(out), re.DOTALL)
+
+
+def _match(regex: re.Pattern[str], name: str) -> bool:
+    if regex.fullmatch(name):
+        return True
+    # INBOX is case-insensitive (RFC 3501 §5.1), also as a prefix of a pattern.
+    if name == "INBOX" or name.startswith("INBOX" + DELIMITER):
+        return bool(re.compile(regex.pattern, re.DOTALL | re.IGNORECASE).fullmatch(name))
+    return False
