@@ -211,24 +211,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# Errors whose text is written for the operator; their modules are imported
+# lazily by the commands, so look them up only if loaded (fast usage errors).
+_USER_ERRORS = (
+    ("cluster.directory", "DirectoryError"),
+    ("cluster.etcd", "EtcdError"),
+    ("cluster.embedded", "EmbeddedEtcdError"),
+)
+
+
+def _error_message(exc: Exception) -> str:
+    user_errors: list[type] = [CliError, ConfigError]
+    for module, name in _USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None:
+            user_errors.append(getattr(loaded, name))
+    if isinstance(exc, tuple(user_errors)):
+        return " ".join(str(exc).split())
+    if isinstance(exc, OSError):
+        return f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
+    return f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``postroom`` console script and ``python -m node``."""
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else None)
-    from cluster.directory import DirectoryError
-    from cluster.embedded import EmbeddedEtcdError
-    from cluster.etcd import EtcdError
-
     try:
         return run(args)
-    except (CliError, ConfigError, DirectoryError, EtcdError, EmbeddedEtcdError) as exc:
-        message = " ".join(str(exc).split())
     except KeyboardInterrupt:
         message = "interrupted"
-    except OSError as exc:
-        message = f"{exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}"
     except Exception as exc:  # never a traceback for the operator
-        message = f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        message = _error_message(exc)
     sys.stderr.write(f"postroom: error: {message}\n")
     return 1
 
