@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from node.context import NodeContext
 from node.pop3 import protocol as p
 from node.pop3.locks import LOCKS, MaildropLocks
-from storage.model import MessageRow
+from storage.model import MessageRow, NoSuchBlob
 
 log = logging.getLogger("postroom.pop3")
 
@@ -50,6 +50,7 @@ ERR_SYS_TEMP = p.err("system temporarily unavailable, try again later", p.RespCo
 ERR_QUIT_FAILED = p.err("deletions could not be committed, nothing deleted", p.RespCode.SYS_TEMP)
 ERR_NO_MESSAGE = p.err("no such message")
 ERR_DELETED = p.err("message already deleted")
+ERR_GONE = p.err("message no longer exists (removed by another client)")
 ERR_BAD_NUMBER = p.err("invalid message number")
 ERR_USER_FIRST = p.err("send USER first")
 ERR_MECHANISM = p.err("unsupported authentication mechanism")
@@ -333,13 +334,15 @@ class Pop3Session:
         ]
         return Response(p.multiline(p.ok("unique-id listing follows"), p.lines_body(lines)))
 
-    def _read(self, row: MessageRow) -> bytes | None:
-        assert self.account is not None
+    def _read(self, row: MessageRow) -> bytes | p.Reply:
+        """The stored bytes, or the -ERR to send instead."""
         try:
             return self.ctx.store.read_message(row.blob)
+        except NoSuchBlob:
+            return ERR_GONE  # expunged (e.g. over IMAP) and collected since login
         except Exception:
             log.exception("pop3: cannot read message %s of %s", row.uid, self.account)
-            return None
+            return ERR_SYS_TEMP
 
     def _cmd_retr(self, arg: str) -> Response:
         """RFC 1939 §5 RETR: the message exactly as stored, dot-stuffed."""
@@ -348,8 +351,8 @@ class Pop3Session:
             return _reply(found)
         _, row = found
         raw = self._read(row)
-        if raw is None:
-            return _reply(ERR_SYS_TEMP)
+        if isinstance(raw, p.Reply):
+            return _reply(raw)
         return Response(p.multiline(p.ok(f"{len(raw)} octets"), [raw]))
 
     def _cmd_top(self, arg: str, count: str) -> Response:
@@ -362,8 +365,8 @@ class Pop3Session:
             return _reply(p.ERR_SYNTAX)
         _, row = found
         raw = self._read(row)
-        if raw is None:
-            return _reply(ERR_SYS_TEMP)
+        if isinstance(raw, p.Reply):
+            return _reply(raw)
         return Response(p.multiline(p.ok("top of message follows"), [p.top_of_message(raw, lines)]))
 
     def _cmd_dele(self, arg: str) -> Response:

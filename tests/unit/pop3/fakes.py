@@ -14,7 +14,13 @@ from typing import Any
 
 from node.config import Config, from_dict
 from node.context import NodeContext
-from storage.model import AppendResult, MailboxStatus, MessageRow, StorageUnavailable
+from storage.model import (
+    AppendResult,
+    MailboxStatus,
+    MessageRow,
+    NoSuchBlob,
+    StorageUnavailable,
+)
 
 
 class FakeDirectory:
@@ -45,13 +51,14 @@ class _Box:
 
 
 class FakeStore:
-    """INBOX-only store; `fail_expunge` / `fail_open` make the next call fail."""
+    """INBOX-only store; `fail_expunge` / `fail_open` / `fail_read` make calls fail."""
 
     def __init__(self) -> None:
         self.boxes: dict[str, _Box] = {}
         self.blobs: dict[str, bytes] = {}
         self.fail_expunge = False
         self.fail_open = False
+        self.fail_read = False
         self.expunged: list[tuple[str, list[int]]] = []
 
     def ensure_account(self, account: str) -> None:
@@ -82,6 +89,10 @@ class FakeStore:
         return [self.boxes[account].rows[u] for u in sorted(self.boxes[account].rows)]
 
     def read_message(self, blob: str) -> bytes:
+        if self.fail_read:
+            raise StorageUnavailable("disk error")
+        if blob not in self.blobs:
+            raise NoSuchBlob(blob)
         return self.blobs[blob]
 
     def expunge(self, account: str, name: str, uids: Iterable[int]) -> list[int]:

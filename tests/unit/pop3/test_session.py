@@ -348,3 +348,16 @@ def test_pipelined_commands_answered_in_order() -> None:
 )
 def test_is_loopback(ip: str, expected: bool) -> None:
     assert is_loopback(ip) is expected
+
+
+def test_retr_of_a_message_removed_since_login() -> None:
+    store = filled_store()
+    c = session(store=store)
+    login(c)
+    del store.blobs[store.boxes[ALICE].rows[1].blob]  # expunged over IMAP, blob collected
+    assert c.send(b"RETR 1\r\n") == b"-ERR message no longer exists (removed by another client)\r\n"
+    assert c.send(b"TOP 1 0\r\n").startswith(b"-ERR message no longer exists")
+    store.fail_read = True
+    assert c.send(b"RETR 2\r\n").startswith(b"-ERR [SYS/TEMP] ")
+    store.fail_read = False
+    assert c.send(b"RETR 2\r\n").startswith(b"+OK")
