@@ -179,7 +179,7 @@ def parse_command(line: bytes, state: State) -> Command | BadInput:
     name = keyword.upper()
     if not name.strip():
         return BadInput(ERR_EMPTY)
-    syntax = COMMANDS.get(name)
+    syntax = COMMANDS.get(name) if keyword.isascii() else None  # "\u017ftat" is not STAT
     if syntax is None:
         return BadInput(ERR_UNKNOWN)
     if name not in LEGAL[state]:

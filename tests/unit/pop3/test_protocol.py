@@ -101,6 +101,14 @@ def test_state_table_refuses_commands_of_another_state() -> None:
     assert conn.next_event() == p.BadInput(p.ERR_BAD_STATE)
 
 
+def test_non_ascii_keyword_never_folds_into_a_command() -> None:
+    assert "\u017fTAT".upper() == "STAT"
+    conn = p.Pop3Connection()
+    conn.transition(p.State.TRANSACTION)
+    conn.receive_data("\u017ftat\r\n".encode())
+    assert conn.next_event() == p.BadInput(p.ERR_UNKNOWN)
+
+
 def test_apop_is_not_offered() -> None:
     assert run([b"APOP mrose c4c9334bac560ecc979e58001b3e22fb\r\n"]) == [p.BadInput(p.ERR_UNKNOWN)]
 
