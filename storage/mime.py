@@ -54,6 +54,9 @@ class Field:
     vstart: int  # first octet after the colon
 
 
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
 def _split_header(raw: bytes, start: int, end: int) -> tuple[list[Field], int]:
     """Fields of the header in raw[start:end] and the offset of the body.
 
@@ -62,25 +65,44 @@ def _split_header(raw: bytes, start: int, end: int) -> tuple[list[Field], int]:
     is empty (offset == end).
     """
     fields: list[Field] = []
+    if start >= end:
+        return fields, end
+    if raw[start] == _LF:
+        return fields, start + 1
+    if raw.startswith(b"\r\n", start, end):
+        return fields, start + 2
+    blank = _BLANK_LINE.search(raw, start, end)
+    if blank is None:
+        hend = bstart = end
+    else:
+        hend, bstart = blank.start() + 1, blank.end()
     pos = start
-    find = raw.find
-    while pos < end:
-        nl = find(b"\n", pos, end)
-        line_end = end if nl < 0 else nl + 1
-        first = raw[pos]
-        if first == _LF or (first == _CR and (pos + 1 == end or raw[pos + 1] == _LF)):
-            return fields, line_end
+    append = fields.append
+    for line in raw[start:hend].split(b"\n"):
+        if pos >= hend:
+            break
+        line_end = min(pos + len(line) + 1, hend)
+        first = line[0] if line else _LF
         if (first == 32 or first == 9) and fields:
             fields[-1].end = line_end  # folded continuation (RFC 5322 §2.2.3)
         else:
-            colon = find(b":", pos, line_end)
-            if colon > pos:
-                name = raw[pos:colon].strip(b" \t").decode("ascii", "replace").lower()
-                fields.append(Field(name, pos, line_end, colon + 1))
+            colon = line.find(b":")
+            if colon > 0:
+                name = line[:colon].strip(b" \t").lower().decode("latin-1")
+                append(Field(name, pos, line_end, pos + colon + 1))
             else:
-                fields.append(Field("", pos, line_end, line_end))
+                append(Field("", pos, line_end, line_end))
         pos = line_end
-    return fields, end
+    return fields, bstart
+
+
+def _index(fields: list[Field]) -> dict[str, Field]:
+    """The first field of each name (RFC 5322 §3.6 allows most only once)."""
+    index: dict[str, Field] = {}
+    for f in fields:
+        if f.name not in index:
+            index[f.name] = f
+    return index
 
 
 def _field_value(raw: bytes, f: Field) -> str:
@@ -92,17 +114,15 @@ def _field_value(raw: bytes, f: Field) -> str:
     return value.strip(b" \t").decode("utf-8", "replace")
 
 
-def _first(raw: bytes, fields: list[Field], name: str) -> str | None:
-    for f in fields:
-        if f.name == name:
-            return _field_value(raw, f)
-    return None
+def _first(raw: bytes, index: dict[str, Field], name: str) -> str | None:
+    f = index.get(name)
+    return None if f is None else _field_value(raw, f)
 
 
 # --------------------------------------------------------------------------
 # Structured field values (RFC 2045 §5.1, RFC 2231)
 
-_TSPECIALS = frozenset('()<>@,;:\\"/[]?=')
+_TOKEN = re.compile(r'[^()<>@,;:\\"/\[\]?=\x00-\x20\x7f]+')  # RFC 2045 §5.1 token
 
 
 class _Cursor:
@@ -150,13 +170,11 @@ class _Cursor:
         return "".join(out)
 
     def token(self) -> str:
-        s, n, start = self.s, self.n, self.i
-        while self.i < n:
-            c = s[self.i]
-            if c in _TSPECIALS or c <= " " or c == "\x7f":
-                break
-            self.i += 1
-        return s[start : self.i]
+        m = _TOKEN.match(self.s, self.i)
+        if m is None:
+            return ""
+        self.i = m.end()
+        return m.group()
 
     def quoted(self) -> str:
         """Consume a quoted-string starting at '"'; an unterminated one runs to the end."""
@@ -309,6 +327,7 @@ class Part:
     bstart: int
     end: int
     fields: list[Field]
+    first: dict[str, Field] = field(default_factory=dict)  # first field of each name
     type: str = "text"  # as written in the header (case kept)
     subtype: str = "plain"
     params: list[list[str]] = field(default_factory=list)
@@ -348,14 +367,14 @@ def _make_part(
     """Parse the entity in raw[hstart:end] (header, blank line, body)."""
     budget.parts += 1
     fields, bstart = _split_header(raw, hstart, end)
-    part = Part(hstart, bstart, end, fields)
-    ct = parse_content_type(_first(raw, fields, "content-type"))
+    part = Part(hstart, bstart, end, fields, _index(fields))
+    ct = parse_content_type(_first(raw, part.first, "content-type"))
     if ct is None:
         if digest:  # RFC 2046 §5.1.5
             part.type, part.subtype = "message", "rfc822"
     else:
         part.type, part.subtype, part.params = ct
-    part.encoding = _encoding_token(_first(raw, fields, "content-transfer-encoding"))
+    part.encoding = _encoding_token(_first(raw, part.first, "content-transfer-encoding"))
     ltype, lsub = part.type.lower(), part.subtype.lower()
     container = (ltype == "multipart") or (
         ltype == "message"
@@ -513,32 +532,42 @@ _ADDR_SPECIALS = '()<>@,;:\\".[]'
 Address = list[str | None]  # [name, adl, mailbox, host]
 
 
+_ADDR_TOKEN = re.compile(
+    r"""(?P<ws>[ \t\r\n]+)
+    |(?P<q>"(?P<qt>(?:[^"\\]|\\.)*)"?)
+    |(?P<d>\[[^\]]*\]?)
+    |(?P<a>[^ \t\r\n()<>@,;:\\".\[\]]+)
+    |(?P<c>\()
+    |(?P<s>.)""",
+    re.X | re.S,
+)
+_QUOTED_PAIR = re.compile(r"\\(.)", re.S)
+
+
 def _addr_tokens(s: str) -> list[tuple[str, str]]:
     """("a", atom) ("q", quoted text) ("c", comment) ("d", [literal]) or (special, "")."""
-    cur = _Cursor(s)
     out: list[tuple[str, str]] = []
-    n = cur.n
-    while cur.i < n and len(out) < 10_000:
-        c = s[cur.i]
-        if c in " \t\r\n":
-            cur.i += 1
-        elif c == "(":
+    pos, n = 0, len(s)
+    match = _ADDR_TOKEN.match
+    while pos < n and len(out) < 10_000:
+        m = match(s, pos)
+        if m is None:  # cannot happen: the last alternative matches any character
+            break
+        kind = m.lastgroup
+        pos = m.end()
+        if kind == "ws":
+            continue
+        if kind == "c":
+            cur = _Cursor(s)
+            cur.i = m.start()
             out.append(("c", cur.comment().strip()))
-        elif c == '"':
-            out.append(("q", cur.quoted()))
-        elif c == "[":
-            close = s.find("]", cur.i)
-            stop = n if close < 0 else close + 1
-            out.append(("d", s[cur.i : stop]))
-            cur.i = stop
-        elif c in _ADDR_SPECIALS:
-            out.append((c, ""))
-            cur.i += 1
+            pos = cur.i
+        elif kind == "q":
+            out.append(("q", _QUOTED_PAIR.sub(r"\1", m.group("qt"))))
+        elif kind == "s":
+            out.append((m.group(), ""))
         else:
-            start = cur.i
-            while cur.i < n and s[cur.i] not in _ADDR_SPECIALS and s[cur.i] not in " \t\r\n":
-                cur.i += 1
-            out.append(("a", s[start : cur.i]))
+            out.append((kind or "a", m.group()))
     return out
 
 
@@ -681,7 +710,7 @@ def parse_date(value: str | None) -> float | None:
 # Metadata
 
 
-def _envelope(raw: bytes, fields: list[Field]) -> dict[str, Any]:
+def _envelope(raw: bytes, fields: dict[str, Field]) -> dict[str, Any]:
     """ENVELOPE fields (RFC 3501 §7.4.2); sender/reply-to default to from."""
     from_ = parse_addresses(_first(raw, fields, "from"))
     sender = parse_addresses(_first(raw, fields, "sender")) or from_
@@ -725,7 +754,7 @@ def _language(value: str | None) -> list[str] | None:
 
 
 def _part_meta(raw: bytes, part: Part) -> dict[str, Any]:
-    f = part.fields
+    f = part.first
     size = part.end - part.bstart
     ltype = part.type.lower()
     params = part.params
@@ -757,7 +786,7 @@ def _part_meta(raw: bytes, part: Part) -> dict[str, Any]:
         meta["parts"] = [_part_meta(raw, child) for child in part.children]
     elif part.message is not None:
         inner = part.message
-        meta["envelope"] = _envelope(raw, inner.fields)
+        meta["envelope"] = _envelope(raw, inner.first)
         meta["message"] = _part_meta(raw, inner)
         meta["lines"] = raw.count(b"\n", part.bstart, part.end)
     elif ltype == "text" and not part.overflow:
@@ -787,7 +816,7 @@ def parse_metadata(raw: bytes) -> dict[str, Any]:
     Never raises on bytes input.
     """
     root = scan(raw)
-    fields = root.fields
+    fields = root.first
     subject = _first(raw, fields, "subject")
     date = _first(raw, fields, "date")
     return {
@@ -819,4 +848,4 @@ def header_values(raw: bytes, name: str, part: Part | None = None) -> list[str]:
 def scan_header(raw: bytes) -> Part:
     """Only the top-level header of a message (cheaper than scan)."""
     fields, bstart = _split_header(raw, 0, len(raw))
-    return Part(0, bstart, len(raw), fields)
+    return Part(0, bstart, len(raw), fields, _index(fields))
