@@ -335,6 +335,9 @@ class SmtpCore:
             return self._pend(DataEnd(d.size, error))
         out = bytearray()
         cap = self.max_line_length
+        fast = self._fast_block(d)
+        if fast:
+            return DataChunk(fast)
         while not d.ended:
             if d.skipping:
                 nl = self._buf.find(b"\n")
@@ -377,6 +380,35 @@ class SmtpCore:
         if d.ended:
             return self._next_data()
         return NEED_DATA
+
+    def _fast_block(self, d: _Data) -> bytes:
+        """All complete lines in the buffer at once, when none needs attention.
+
+        Plain case only: every line CRLF-terminated, within the line cap, no
+        line starting with "." (so no unstuffing and no end marker), and the
+        size cap not reached.  Anything else goes line by line.
+        """
+        if d.skipping or d.too_long or d.too_big or not d.prev_crlf:
+            return b""
+        last = self._buf.rfind(b"\n")
+        if last < 0:
+            return b""
+        block = bytes(self._buf[: last + 1])
+        if (
+            block[:1] == b"."
+            or b"\n." in block
+            or block.count(b"\n") != block.count(b"\r\n")
+            or d.size + len(block) > self.max_message_size
+            or self._long_line(block)
+        ):
+            return b""
+        del self._buf[: last + 1]
+        d.size += len(block)
+        return block
+
+    def _long_line(self, block: bytes) -> bool:
+        # Lines incl. CRLF longer than the cap: content of cap octets or more before LF.
+        return max(map(len, block.split(b"\n"))) >= self.max_line_length
 
     # -- output -------------------------------------------------------------
     def _pend(self, event: Event) -> Event:
