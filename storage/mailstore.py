@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 _MODES = ("set", "add", "remove")
 MAX_UIDS = ops.MAX_UIDS_PER_OP
+_PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the threadpool
 
 
 class StoreLayoutError(StorageError):
@@ -258,6 +259,10 @@ class MailStore:
             return meta
         from storage.mime import parse_metadata  # owned by the IMAP side
 
+        if len(raw) > _PARSE_INLINE_MAX:
+            # Pure Python and CPU-bound: in a thread the GIL's switch interval
+            # still lets the hub run, inline a large message would stall it.
+            return gevent.get_hub().threadpool.apply(parse_metadata, (raw,))
         return parse_metadata(raw)
 
     def deliver(

@@ -253,3 +253,12 @@ def test_concurrent_appends_get_distinct_ascending_uids(store):
     uids = sorted(j.value.uid for j in jobs)
     assert uids == list(range(1, 101))
     assert len({j.value.modseq for j in jobs}) == 100
+
+
+@pytest.mark.parametrize("size", [10, 200_000])
+def test_metadata_is_parsed_once_at_delivery(store, size):
+    from storage.mime import parse_metadata
+
+    raw = b"From: a@example.org\r\nSubject: Parsed\r\n\r\n" + b"word " * (size // 5) + b"\r\n"
+    r = store.deliver(["a@x"], raw)
+    assert store.metadata("a@x", "INBOX", [r[0].uid]) == {r[0].uid: json.loads(json.dumps(parse_metadata(raw)))}
