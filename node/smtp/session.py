@@ -102,7 +102,14 @@ class Session:
             if isinstance(event, DataChunk):
                 self._message += event.data  # the core never exceeds the size cap
                 continue
-            reply, fatal = self._handle(event)
+            try:
+                reply, fatal = self._handle(event)
+            except Exception as exc:  # e.g. the directory is unreachable: retry later
+                log.warning("smtp %s: %s failed (%s: %s); answered 451", self.peer_ip,
+                            type(event).__name__, type(exc).__name__, exc)
+                if isinstance(event, DataEnd | BdatEnd):
+                    self._reset()
+                reply, fatal = R.TEMPORARY_FAILURE, False
             if not reply.positive and not fatal and not reply.closes:
                 self.errors += 1
                 if self.errors >= self.ctx.config.smtp.max_errors:

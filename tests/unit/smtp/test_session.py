@@ -235,3 +235,16 @@ def test_smtputf8_protocol_keyword(env):  # RFC 6531 §3.7.3
     deliver_one(session, "MAIL FROM:<ä@x.example> SMTPUTF8\r\n".encode(),
                 [b"RCPT TO:<bob@example.test>\r\n"], b"x")
     assert b"with UTF8SMTP id" in store.delivered[0][1]
+
+
+def test_directory_failure_is_temporary(env):
+    session, store = env
+
+    def broken(address):
+        raise ConnectionError("etcd at 10.0.0.1 unreachable")
+
+    session.ctx.directory.resolve_recipient = broken
+    replies = talk(session, EHLO, b"MAIL FROM:<>\r\n", b"RCPT TO:<bob@example.test>\r\n",
+                   b"NOOP\r\n")
+    assert replies[2] == R.TEMPORARY_FAILURE.encode() and b"etcd" not in replies[2]
+    assert replies[3] == R.NOOP_OK.encode()
