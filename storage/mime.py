@@ -335,7 +335,9 @@ class Part:
     children: list[Part] = field(default_factory=list)  # multipart/*
     message: Part | None = None  # message/rfc822: the encapsulated message
     multipart: bool = False
-    overflow: bool = False  # a container beyond MAX_DEPTH / MAX_PARTS
+    # Opaque: a container beyond MAX_DEPTH / MAX_PARTS, or an encoded
+    # message/rfc822; reported as application/octet-stream.
+    overflow: bool = False
 
 
 class _Budget:
@@ -376,12 +378,14 @@ def _make_part(
         part.type, part.subtype, part.params = ct
     part.encoding = _encoding_token(_first(raw, part.first, "content-transfer-encoding"))
     ltype, lsub = part.type.lower(), part.subtype.lower()
-    container = (ltype == "multipart") or (
-        ltype == "message"
-        and lsub == "rfc822"
-        and (part.encoding or "7bit").lower() in ("7bit", "8bit", "binary")
-    )
-    if not container:
+    rfc822 = ltype == "message" and lsub == "rfc822"
+    if rfc822 and (part.encoding or "7bit").lower() not in ("7bit", "8bit", "binary"):
+        # RFC 2046 §5.2.1 forbids encoding message/rfc822; the body is not a
+        # message we can show, and a "message" "rfc822" without envelope and
+        # body would break the BODYSTRUCTURE grammar (RFC 3501 §9 body-type-msg).
+        part.overflow = True
+        return part
+    if ltype != "multipart" and not rfc822:
         return part
     if depth >= MAX_DEPTH or budget.parts >= MAX_PARTS:
         part.overflow = True

@@ -233,11 +233,9 @@ def fetch_section(
     if not part:
         if spec == "MIME":
             return b""
-        if spec in ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"):
-            return _message_section(raw, scan_header(raw), spec, fields)
         if spec is None:
             return raw
-        return _message_section(raw, scan(raw), spec, fields)
+        return _message_section(raw, scan_header(raw), spec, fields)
     if any(n < 1 for n in part):
         return b""
     sel = _resolve(scan(raw), part)

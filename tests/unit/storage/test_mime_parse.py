@@ -109,6 +109,19 @@ def test_outer_boundary_ends_unterminated_inner_multipart() -> None:
     assert body["parts"][0]["parts"][0]["size"] == 1  # "a", cut at the outer delimiter
 
 
+def test_encoded_message_rfc822_is_opaque() -> None:
+    # RFC 2046 §5.2.1: message/rfc822 may not be encoded; if it is, it cannot
+    # carry an envelope, so it is reported as application/octet-stream.
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        b"RnJvbTogYUBiDQoNCng=\r\n--b--\r\n"
+    )
+    part = parse_metadata(raw)["body"]["parts"][0]
+    assert (part["type"], part["subtype"]) == ("application", "octet-stream")
+    assert "message" not in part and part["encoding"] == "base64" and part["size"] == 20
+
+
 # -- limits ---------------------------------------------------------------
 
 
