@@ -21,6 +21,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -70,6 +71,15 @@ def _account(account: str) -> str:
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in account):
         raise StorageError("bad account name")
     return account.lower()
+
+
+def _when(internaldate: float | None) -> float:
+    if internaldate is None:
+        return time.time()
+    when = float(internaldate)
+    if not math.isfinite(when) or not 0 <= when < 2**37:
+        raise StorageError("internal date out of range")
+    return when
 
 
 def _uids(uids: Iterable[int]) -> list[int]:
@@ -287,7 +297,7 @@ class MailStore:
             return []
         box = names.mailbox_name(mailbox)
         canon = names.canonical_flags(flags)
-        when = time.time() if internaldate is None else float(internaldate)
+        when = _when(internaldate)
         metadata = self._meta(raw, meta)
         blob = self.blobs.put(raw)
         pending = []
@@ -322,7 +332,7 @@ class MailStore:
         acct = _account(account)
         box = names.mailbox_name(mailbox)
         canon = names.canonical_flags(flags)
-        when = time.time() if internaldate is None else float(internaldate)
+        when = _when(internaldate)
         metadata = self._meta(raw, meta)
         blob = self.blobs.put(raw)
         return self._submit(acct, functools.partial(

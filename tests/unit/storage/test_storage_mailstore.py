@@ -262,3 +262,12 @@ def test_metadata_is_parsed_once_at_delivery(store, size):
     raw = b"From: a@example.org\r\nSubject: Parsed\r\n\r\n" + b"word " * (size // 5) + b"\r\n"
     r = store.deliver(["a@x"], raw)
     assert store.metadata("a@x", "INBOX", [r[0].uid]) == {r[0].uid: json.loads(json.dumps(parse_metadata(raw)))}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_internaldate_is_refused_before_anything_is_written(store, bad):
+    from storage.model import StorageError
+
+    with pytest.raises(StorageError):
+        store.append("a@x", "INBOX", msg(1), internaldate=bad, meta=META)
+    assert store.list_mailboxes("a@x") == []
