@@ -218,3 +218,48 @@ def scenario_hub_keeps_ticking(url: str) -> None:
 def test_hub_keeps_ticking_during_etcd_ops(etcd_server: EtcdServer) -> None:
     out = run_patched(MODULE, "scenario_hub_keeps_ticking", etcd_server.client_url)
     print(out)
+
+
+def scenario_membership_reregisters_after_session_loss(url: str) -> None:
+    from cluster.membership import Membership, list_members
+
+    s = EtcdSession([url], "/mem", 3, 2.0)
+    m = Membership(s, "n1", {"listeners": {"smtp": ["127.0.0.1:25"]}, "version": "t"})
+    m.start()
+    other = EtcdSession([url], "/mem", 3, 2.0)
+    record = list_members(other)["n1"]
+    assert record["listeners"] == {"smtp": ["127.0.0.1:25"]} and record["node_id"] == "n1"
+    first = s.lease_id
+    other._post("kv/lease/revoke", {"ID": first})  # as if the lease expired
+    assert list_members(other) == {}
+    _wait(lambda: "n1" in list_members(other), what="re-registration")
+    assert other.get("/members/n1").lease == s.lease_id != first
+    m.stop()
+    assert list_members(other) == {}
+    s.close()
+
+
+def test_membership_reregisters_after_session_loss(etcd_server: EtcdServer) -> None:
+    run_patched(
+        MODULE, "scenario_membership_reregisters_after_session_loss", etcd_server.client_url
+    )
+
+
+def scenario_outage_longer_than_ttl_loses_the_session() -> None:
+    with EtcdServer() as srv:
+        lost: list[int] = []
+        restored: list[int] = []
+        s = EtcdSession([srv.client_url], "/o", 2, 1.0, on_session_lost=lambda: lost.append(1))
+        s.add_session_callbacks(on_restored=lambda: restored.append(s.lease_id))
+        s.start()
+        srv.kill()
+        _wait(lambda: lost, what="session loss during the outage")
+        assert s.lease_id == 0 and not restored
+        srv.start()
+        _wait(lambda: restored, what="a new lease after the outage")
+        s.put("/k", 1, lease=True)
+        s.close()
+
+
+def test_outage_longer_than_ttl_loses_the_session() -> None:
+    run_patched(MODULE, "scenario_outage_longer_than_ttl_loses_the_session")
