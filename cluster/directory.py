@@ -148,6 +148,7 @@ class EtcdDirectory:
 
     def start(self, watch: bool = True) -> None:
         """Load domains, accounts and aliases; with watch, follow every change."""
+        dummy_hash()  # computed now, so the first unknown-user login is not faster
         for prefix in (DOMAINS, ACCOUNTS, ALIASES):
             start_revision = self._load(prefix)
             if watch:
