@@ -28,7 +28,7 @@ lines = st.one_of(
         st.sampled_from(KEYWORDS),
         st.lists(words, max_size=3),
         st.booleans(),
-    ).map(lambda s: s.encode("utf-8", "surrogatepass")),
+    ).map(lambda s: s.encode("utf-8", "surrogatepass").replace(b"\n", b"")),
     st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"")),
 )
 
