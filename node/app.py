@@ -75,6 +75,7 @@ class Node:
             self.embedded.start()
             endpoints = [cfg.etcd.embedded_client_url]
         self.etcd = EtcdSession(endpoints, cfg.etcd.prefix, cfg.etcd.lease_ttl, cfg.etcd.timeout)
+        self.etcd.start()
         self.directory = EtcdDirectory(self.etcd)
         self.directory.start()
         self.store = MailStore(
