@@ -100,8 +100,9 @@ COMMAND_STATES: dict[str, frozenset[State]] = {
     "UID STORE": _SELECTED,
     "UID COPY": _SELECTED,
     "UID SEARCH": _SELECTED,
+    "UID EXPUNGE": _SELECTED,  # RFC 4315 §2.1 (UIDPLUS)
 }
-UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "SEARCH"})
+UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "SEARCH", "EXPUNGE"})
 
 
 def allowed(state: State, name: str) -> bool:
@@ -238,7 +239,8 @@ class Command:
     APPEND (mailbox, flags: tuple[str], date: datetime | None, message:
     bytes); SEARCH (charset: str | None, key: SearchKey); FETCH (SeqSet,
     tuple[FetchItem]); STORE (SeqSet, mode "set"/"add"/"remove", silent:
-    bool, flags: tuple[str]); COPY (SeqSet, mailbox); others ().
+    bool, flags: tuple[str]); COPY (SeqSet, mailbox); UID EXPUNGE (SeqSet,);
+    others ().
     Mailbox names are decoded from modified UTF-7 (RFC 3501 §5.1.3).
     """
 
@@ -689,6 +691,8 @@ def parse_command(framed: FramedCommand, limits: Limits) -> Command:
             raise r.fail("unknown UID command")
         uid = True
     parser = _PARSERS.get(name)
+    if uid and name == "EXPUNGE":
+        parser = _uid_expunge
     if parser is None:
         raise r.fail("unknown command")
     args = parser(r)
@@ -698,6 +702,11 @@ def parse_command(framed: FramedCommand, limits: Limits) -> Command:
 
 def _no_args(r: _Reader) -> tuple[Any, ...]:
     return ()
+
+
+def _uid_expunge(r: _Reader) -> tuple[Any, ...]:
+    r.sp()
+    return (r.sequence_set(),)
 
 
 def _one_mailbox(r: _Reader) -> tuple[Any, ...]:
@@ -1178,6 +1187,8 @@ def encode_command(cmd: Command) -> bytes:
         out.append(b"(" + " ".join(a[3]).encode("ascii") + b")")
     elif cmd.name == "COPY":
         out += [a[0].encode().encode("ascii"), mb(a[1])]
+    elif cmd.name == "EXPUNGE" and cmd.uid:
+        out.append(a[0].encode().encode("ascii"))
     return b" ".join(out) + b"\r\n"
 
 

@@ -190,7 +190,7 @@ class Session:
             self._send(data)
 
     def capabilities(self) -> str:
-        caps = ["IMAP4rev1", "SASL-IR", "IDLE", "CHILDREN"]
+        caps = ["IMAP4rev1", "SASL-IR", "IDLE", "CHILDREN", "UIDPLUS"]
         if self.state is State.NOT_AUTHENTICATED:
             if not self.tls:
                 caps.append("STARTTLS")
@@ -556,12 +556,14 @@ class Session:
         name, flags, date, message = cmd.args
         internaldate = date.timestamp() if date is not None else None
         try:
-            self.ctx.store.append(self._acct, name, message, flags=flags, internaldate=internaldate)
+            res = self.ctx.store.append(
+                self._acct, name, message, flags=flags, internaldate=internaldate
+            )
         except NoSuchMailbox:
             return no("no such mailbox", "TRYCREATE")  # RFC 3501 §6.3.11
         if self.view is not None and self.view.name == name:
             self._dirty = True
-        return ok("APPEND completed")
+        return ok("APPEND completed", f"APPENDUID {res.uidvalidity} {res.uid}")  # RFC 4315 §3
 
     def _cmd_idle(self, cmd: Command) -> Reply | None:
         """RFC 2177: report changes as they commit until DONE."""
@@ -611,13 +613,21 @@ class Session:
         assert view is not None
         if view.readonly:
             return no("mailbox is read-only", "READ-ONLY")
+        only: set[int] | None = None
+        if cmd.uid:  # RFC 4315 §2.1: only the given UIDs
+            picked = self._resolve(cmd.args[0], True)
+            only = set(picked or ())
         rows = self.ctx.store.messages(self._acct, view.name)
-        doomed = [r.uid for r in rows if "\\Deleted" in r.flags and r.uid in view.flags]
+        doomed = [
+            r.uid
+            for r in rows
+            if "\\Deleted" in r.flags and r.uid in view.flags and (only is None or r.uid in only)
+        ]
         if doomed:
             for uid in self.ctx.store.expunge(self._acct, view.name, doomed):
                 if uid in view.flags:
                     view.gone.add(uid)
-        return ok("EXPUNGE completed")
+        return ok(f"{cmd.full_name} completed")
 
     def _resolve(self, seqs: SeqSet, uid: bool) -> list[int] | None:
         """UIDs named by a sequence set, in view order; None if a message
@@ -648,12 +658,19 @@ class Session:
         if uids is None:
             return bad("invalid message sequence number")
         uids = [u for u in uids if u not in self.view.gone]  # type: ignore[union-attr]
-        if uids:
-            try:
-                self.ctx.store.copy(self._acct, self.view.name, uids, dest)  # type: ignore[union-attr]
-            except NoSuchMailbox:
-                return no("no such mailbox", "TRYCREATE")  # RFC 3501 §6.4.7
-        return ok(f"{cmd.full_name} completed")
+        if not uids:
+            return ok(f"{cmd.full_name} completed")
+        try:
+            uidvalidity, pairs = self.ctx.store.copy(self._acct, self.view.name, uids, dest)  # type: ignore[union-attr]
+        except NoSuchMailbox:
+            return no("no such mailbox", "TRYCREATE")  # RFC 3501 §6.4.7
+        if dest == self.view.name:  # type: ignore[union-attr]
+            self._dirty = True
+        if not pairs:
+            return ok(f"{cmd.full_name} completed")
+        src = _compact([a for a, _ in pairs])
+        dst = _compact([b for _, b in pairs])
+        return ok(f"{cmd.full_name} completed", f"COPYUID {uidvalidity} {src} {dst}")
 
     def _cmd_store(self, cmd: Command) -> Reply:
         seqs, mode, silent, flags = cmd.args
@@ -858,6 +875,17 @@ class Session:
                 del view.flags[uid]
                 self._write(untagged(seq, "EXPUNGE"))
             view.gone.clear()
+
+
+def _compact(uids: list[int]) -> str:
+    """Ascending UIDs as a uid-set with runs joined ("1:3,7")."""
+    ranges: list[tuple[int, int]] = []
+    for u in uids:
+        if ranges and ranges[-1][1] + 1 == u:
+            ranges[-1] = (ranges[-1][0], u)
+        else:
+            ranges.append((u, u))
+    return SeqSet(tuple(ranges)).encode()
 
 
 def _section(raw: bytes, section: Section) -> bytes:

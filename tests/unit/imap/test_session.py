@@ -51,7 +51,7 @@ def test_starttls_discards_pipelined_plaintext() -> None:
     assert out == b"s OK begin TLS negotiation now\r\n"
     assert c.session.want_starttls
     c.session.tls_started()
-    assert c.cmd("t CAPABILITY")[0] == b"* CAPABILITY IMAP4rev1 SASL-IR IDLE CHILDREN AUTH=PLAIN"
+    assert c.cmd("t CAPABILITY")[0] == b"* CAPABILITY IMAP4rev1 SASL-IR IDLE CHILDREN UIDPLUS AUTH=PLAIN"
     assert c.cmd("u STARTTLS") == [b"u BAD TLS is already active"]
 
 
@@ -177,7 +177,7 @@ def test_append_with_flags_date_and_literal(client: Client) -> None:
                       % len(msg))
     assert out.startswith(b"+ ")
     out = client.feed(msg + b"\r\n")
-    assert out == b"a OK APPEND completed\r\n"
+    assert out.startswith(b"a OK [APPENDUID ") and out.endswith(b" 1] APPEND completed\r\n")
     row = client.store.messages("alice@example.test", "Drafts")[0]
     assert row.flags == {"\\Draft", "$Label"}
     assert row.internaldate == 760686745.0
@@ -273,8 +273,13 @@ def test_copy_and_trycreate(client: Client) -> None:
     client.login()
     client.deliver()
     client.cmd("s SELECT INBOX")
-    assert client.cmd("c COPY 1 Archive") == [b"c OK COPY completed"]
-    assert len(client.store.messages("alice@example.test", "Archive")) == 1
+    client.deliver()
+    client.deliver()
+    client.cmd("n NOOP")
+    uv = client.store.status("alice@example.test", "Archive").uidvalidity
+    # RFC 4315 §3: COPYUID
+    assert client.cmd("c COPY 1,3 Archive") == [f"c OK [COPYUID {uv} 1,3 1:2] COPY completed".encode()]
+    assert len(client.store.messages("alice@example.test", "Archive")) == 2
     assert client.cmd("c UID COPY 1 Nope") == [b"c NO [TRYCREATE] no such mailbox"]
 
 
@@ -289,6 +294,18 @@ def test_expunge_and_close(client: Client) -> None:
     assert client.cmd("c CLOSE") == [b"c OK CLOSE completed"]
     assert [r.uid for r in client.store.messages("alice@example.test", "INBOX")] == [3]
     assert client.cmd("f FETCH 1 FLAGS") == [b"f BAD FETCH not allowed now"]
+
+
+def test_uid_expunge_only_given_uids(client: Client) -> None:
+    # RFC 4315 §2.1
+    client.login()
+    for _ in range(3):
+        client.deliver()
+    client.cmd("s SELECT INBOX")
+    client.cmd("a STORE 1:3 +FLAGS.SILENT (\\Deleted)")
+    assert client.cmd("e UID EXPUNGE 2:3") == [
+        b"* 3 EXPUNGE", b"* 2 EXPUNGE", b"e OK UID EXPUNGE completed"]
+    assert [r.uid for r in client.store.messages("alice@example.test", "INBOX")] == [1]
 
 
 def test_search_keys(client: Client) -> None:
