@@ -28,11 +28,13 @@ import base64
 import binascii
 import email.utils
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 MAX_DEPTH = 100  # nested multipart / message/rfc822 levels
 MAX_PARTS = 10_000  # MIME parts per message
+MAX_ADDRESSES = 1_000  # per ENVELOPE address field; the rest is left out
 METADATA_VERSION = 1
 
 _LF = 10
@@ -538,7 +540,7 @@ Address = list[str | None]  # [name, adl, mailbox, host]
 
 _ADDR_TOKEN = re.compile(
     r"""(?P<ws>[ \t\r\n]+)
-    |(?P<q>"(?P<qt>(?:[^"\\]|\\.)*)"?)
+    |(?P<q>"(?P<qt>(?:[^"\\]++|\\.)*+)"?)
     |(?P<d>\[[^\]]*\]?)
     |(?P<a>[^ \t\r\n()<>@,;:\\".\[\]]+)
     |(?P<c>\()
@@ -548,15 +550,21 @@ _ADDR_TOKEN = re.compile(
 _QUOTED_PAIR = re.compile(r"\\(.)", re.S)
 
 
-def _addr_tokens(s: str) -> list[tuple[str, str]]:
-    """("a", atom) ("q", quoted text) ("c", comment) ("d", [literal]) or (special, "")."""
-    out: list[tuple[str, str]] = []
+def _unpair(m: re.Match[str]) -> str:
+    return m.group(1)
+
+
+def _addr_tokens(s: str) -> Iterator[tuple[str, str]]:
+    """("a", atom) ("q", quoted text) ("c", comment) ("d", [literal]) or (special, "").
+
+    Lazy, so a caller that stops early (MAX_ADDRESSES) does no further work.
+    """
     pos, n = 0, len(s)
     match = _ADDR_TOKEN.match
-    while pos < n and len(out) < 10_000:
+    while pos < n:
         m = match(s, pos)
         if m is None:  # cannot happen: the last alternative matches any character
-            break
+            return
         kind = m.lastgroup
         pos = m.end()
         if kind == "ws":
@@ -564,15 +572,16 @@ def _addr_tokens(s: str) -> list[tuple[str, str]]:
         if kind == "c":
             cur = _Cursor(s)
             cur.i = m.start()
-            out.append(("c", cur.comment().strip()))
+            text = cur.comment().strip()
             pos = cur.i
+            yield ("c", text)
         elif kind == "q":
-            out.append(("q", _QUOTED_PAIR.sub(r"\1", m.group("qt"))))
+            qt = m.group("qt")
+            yield ("q", _QUOTED_PAIR.sub(_unpair, qt) if "\\" in qt else qt)
         elif kind == "s":
-            out.append((m.group(), ""))
+            yield (m.group(), "")
         else:
-            out.append((kind or "a", m.group()))
-    return out
+            yield (kind or "a", m.group())
 
 
 def _phrase(tokens: list[tuple[str, str]]) -> str | None:
@@ -646,16 +655,19 @@ def parse_addresses(value: str | None) -> list[Address] | None:
 
     A group is a start marker [None, None, group-name, None], its members,
     and an end marker [None, None, None, None].  None when the field is
-    absent or holds no address.
+    absent or holds no address.  At most MAX_ADDRESSES entries are returned.
     """
     if value is None:
         return None
-    tokens = _addr_tokens(value)
     out: list[Address] = []
     current: list[tuple[str, str]] = []
     in_group = False
     in_angle = False
-    for tok in tokens:
+    truncated = False
+    for tok in _addr_tokens(value):
+        if len(out) >= MAX_ADDRESSES:
+            truncated = True
+            break
         kind = tok[0]
         if kind == "<":
             in_angle = True
@@ -683,9 +695,7 @@ def parse_addresses(value: str | None) -> list[Address] | None:
             current = []
         else:
             current.append(tok)
-        if len(out) >= 10_000:
-            break
-    addr = _mailbox(current)
+    addr = None if truncated else _mailbox(current)
     if addr:
         out.append(addr)
     if in_group:

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage.mime import (
+    MAX_ADDRESSES,
     MAX_DEPTH,
     MAX_PARTS,
     decode_param,
@@ -240,6 +241,14 @@ def test_addresses() -> None:
     assert parse_addresses("a@") == [[None, None, "a", "MISSING_DOMAIN"]]
     assert parse_addresses("@b") == [[None, None, "MISSING_MAILBOX", "b"]]
     assert parse_addresses("Name <a@[127.0.0.1]>") == [["Name", None, "a", "[127.0.0.1]"]]
+
+
+def test_address_count_is_capped_and_groups_stay_balanced() -> None:
+    many = ", ".join(f"u{i}@example.org" for i in range(MAX_ADDRESSES * 3))
+    assert len(parse_addresses(many) or []) == MAX_ADDRESSES
+    grouped = parse_addresses("big: " + many + ";") or []
+    assert grouped[0] == [None, None, "big", None]
+    assert grouped[-1] == [None, None, None, None]
 
 
 def test_sender_and_reply_to_default_to_from() -> None:
