@@ -66,4 +66,6 @@ class Client:
 
     def deliver(self, raw: bytes = MESSAGE, account: str = "alice@example.test",
                 mailbox: str = "INBOX", flags=()) -> int:
-        return self.store.append(account, mailbox, raw, flags=flags).uid
+        # A fixed INTERNALDATE keeps transcripts comparable.
+        return self.store.append(account, mailbox, raw, flags=flags,
+                                 internaldate=1700000000.0).uid

@@ -413,3 +413,32 @@ def test_timeout_says_bye() -> None:
     c = Client()
     c.session.timeout()
     assert c.take().startswith(b"* BYE")
+
+
+def _rfc_sample(split: str) -> bytes:
+    c = Client(split=split)
+    c.store.ensure_account("alice@example.test")
+    for _ in range(12):
+        c.deliver()
+    script = (b"a001 login alice@example.test alice-pw-1234\r\n"
+              b"a002 select inbox\r\n"
+              b"a003 fetch 12 full\r\n"
+              b"a004 fetch 12 body[header]\r\n"
+              b"a005 store 12 +flags \\deleted\r\n"
+              b"a006 logout\r\n")
+    return c.feed(script)
+
+
+def test_rfc3501_section8_sample_same_however_split() -> None:
+    # RFC 3501 §8, with our users: every split gives the same transcript.
+    whole = _rfc_sample("whole")
+    assert _rfc_sample("bytes") == whole
+    assert _rfc_sample("random") == whole
+    lines = whole.split(b"\r\n")
+    assert lines[0].startswith(b"a001 OK")
+    assert b"* 12 EXISTS" in lines and lines.index(b"* 12 EXISTS") < 10
+    assert any(x.startswith(b"* 12 FETCH (FLAGS () INTERNALDATE ") and b"ENVELOPE (" in x
+               and b"BODY (" in x for x in lines)
+    assert any(x.startswith(b"* 12 FETCH (BODY[HEADER] {") for x in lines)
+    assert b"* 12 FETCH (FLAGS (\\Deleted \\Seen))" in lines  # body[header] set \Seen
+    assert lines[-3:] == [b"* BYE logging out", b"a006 OK LOGOUT completed", b""]
