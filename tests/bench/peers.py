@@ -268,6 +268,15 @@ class PostfixDovecot:
 
     # -- observation
 
+    def cpu(self) -> float:
+        """CPU seconds used so far by both masters and every descendant.
+
+        A reaped child's time lands in its parent's cutime/cstime, a live one's
+        in its own utime/stime, so the sum only grows and a delta between two
+        calls is the peer's CPU over that interval.
+        """
+        return tree_cpu(self.master_pids())
+
     def delivered(self) -> tuple[int, float]:
         """(messages in every Maildir, newest delivery mtime)."""
         count = 0
@@ -295,6 +304,33 @@ class PostfixDovecot:
                 continue
             out.append(f"--- {name}\n" + "\n".join(text))
         return "\n".join(out)
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(roots: list[int]) -> float:
+    """utime+stime+cutime+cstime of roots and all their descendants, seconds."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        times[pid] = sum(int(x) for x in fields[11:15]) / CLK_TCK
+    total = 0.0
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        total += times.get(pid, 0.0)
+        stack += children.get(pid, [])
+    return total
 
 
 def remove_tree(path: Path) -> None:

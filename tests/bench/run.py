@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import poplib
-import resource
 import shlex
 import signal
 import subprocess
@@ -42,6 +41,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.bench import peers  # noqa: E402
+from tests.bench import profile as pyspy  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
@@ -53,6 +53,7 @@ USERS = [f"user{i}@{DOMAIN}" for i in range(100)]
 PASSWORD = "bench-pw-1234"
 SMTP_LEVELS = (1, 10, 50)
 RETRIEVAL_SESSIONS = 10
+LOADAVG: list[float] = []  # 1-minute load average at start and end
 DELIVERY_DEADLINE = 600.0  # seconds for the peer's queue to drain into Maildir
 
 
@@ -104,20 +105,6 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def system_busy_cpu() -> float:
-    """Busy CPU seconds of the whole machine since boot (all cores)."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = parts[:8]
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
-
-
-def own_cpu() -> float:
-    """CPU seconds of this runner process (its polling is not the server's)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -164,7 +151,6 @@ def load(children: Children, kind: str, addr: str, sessions: int, count: int,
          duration: float, server_cpu=None) -> tuple[Measure, dict]:  # fmt: skip
     """Run one loadgen; server_cpu() returns the server's CPU seconds so far."""
     cpu0 = server_cpu() if server_cpu else 0.0
-    busy0, own0 = system_busy_cpu(), own_cpu()
     result = children.run_loadgen(kind, addr, sessions, count, duration)
     m = Measure(
         ok=result["ok"],
@@ -174,10 +160,7 @@ def load(children: Children, kind: str, addr: str, sessions: int, count: int,
         p50_ms=result["p50_ms"],
         p99_ms=result["p99_ms"],
     )
-    if server_cpu:
-        m.server_cpu = server_cpu() - cpu0
-    else:  # peers: everything busy on the machine except the client
-        m.server_cpu = max(0.0, system_busy_cpu() - busy0 - m.client_cpu - own_cpu() + own0)
+    m.server_cpu = server_cpu() - cpu0 if server_cpu else 0.0
     m.rate = m.accepted_rate = m.ok / m.wall if m.wall else 0.0
     if result["failed"]:
         m.notes.append(f"{result['failed']} failed: {result['errors']}")
@@ -203,7 +186,9 @@ def pop3_message_count(host: str, port: int, users: list[str]) -> int:
     return total
 
 
-def bench_postroom(root: Path, profile: Profile, children: Children, log) -> dict:
+def bench_postroom(
+    root: Path, profile: Profile, children: Children, log, prof_dir: Path | None = None
+) -> dict:
     overrides = {
         "node": {"hostname": "mx.bench.test"},
         # The 50-session run comes from one address; the default (20) would refuse it.
@@ -212,7 +197,7 @@ def bench_postroom(root: Path, profile: Profile, children: Children, log) -> dic
     node = NodeProcess(root / "postroom", overrides)
     node.settings["storage"].pop("shards", None)  # the default a user gets
     node.config_path.write_text(_toml(node.settings))
-    results: dict = {"smtp": {}, "notes": []}
+    results: dict = {"smtp": {}, "notes": [], "profiles": {}}
     log("postroom: starting node")
     node.start()
     try:
@@ -237,12 +222,23 @@ def bench_postroom(root: Path, profile: Profile, children: Children, log) -> dic
         def cpu() -> float:
             return process_cpu(pid)
 
+        def profiled(label: str, *args: object) -> tuple[Measure, dict]:
+            if prof_dir is None:
+                return load(*args, cpu)
+            out = prof_dir / f"postroom-{label}.txt"
+            recorder = pyspy.Recorder(pid, out)
+            try:
+                return load(*args, cpu)
+            finally:
+                recorder.stop()
+                results["profiles"][label] = pyspy.summary(out)
+
         smtp = f"{node.host}:{node.ports['smtp']}"
         sent = 0
         for sessions in SMTP_LEVELS:
             log(f"postroom: SMTP {sessions} sessions")
-            m, _ = load(children, "smtp", smtp, sessions, profile.smtp_count,
-                        profile.smtp_duration, cpu)  # fmt: skip
+            m, _ = profiled(f"smtp-{sessions}", children, "smtp", smtp, sessions,
+                            profile.smtp_count, profile.smtp_duration)  # fmt: skip
             sent += m.ok
             results["smtp"][sessions] = m
         stored = pop3_message_count(node.host, node.ports["pop3"], USERS)
@@ -250,13 +246,13 @@ def bench_postroom(root: Path, profile: Profile, children: Children, log) -> dic
         if stored != sent:
             results["notes"].append(f"postroom: {sent} acknowledged but {stored} in mailboxes")
         log("postroom: POP3 RETR")
-        results["pop3"], _ = load(children, "pop3", f"{node.host}:{node.ports['pop3']}",
-                                  RETRIEVAL_SESSIONS, profile.fetch_count,
-                                  profile.fetch_duration, cpu)  # fmt: skip
+        results["pop3"], _ = profiled("pop3", children, "pop3",
+                                      f"{node.host}:{node.ports['pop3']}", RETRIEVAL_SESSIONS,
+                                      profile.fetch_count, profile.fetch_duration)  # fmt: skip
         log("postroom: IMAP UID FETCH")
-        results["imap"], _ = load(children, "imap", f"{node.host}:{node.ports['imap']}",
-                                  RETRIEVAL_SESSIONS, profile.fetch_count,
-                                  profile.fetch_duration, cpu)  # fmt: skip
+        results["imap"], _ = profiled("imap", children, "imap",
+                                      f"{node.host}:{node.ports['imap']}", RETRIEVAL_SESSIONS,
+                                      profile.fetch_count, profile.fetch_duration)  # fmt: skip
         results["rss_after"] = rss_mb(pid)
     finally:
         if node.stop() is None:
@@ -282,7 +278,7 @@ def bench_peers(root: Path, profile: Profile, children: Children, log) -> dict:
         delivered_before = 0
         for sessions in SMTP_LEVELS:
             log(f"peers: SMTP {sessions} sessions")
-            busy0, own0 = system_busy_cpu(), own_cpu()
+            cpu0 = peer.cpu()
             m, raw = load(children, "smtp", smtp, sessions, profile.smtp_count,
                           profile.smtp_duration)  # fmt: skip
             # 250 from Postfix means queued: wait until Dovecot has stored them.
@@ -296,16 +292,17 @@ def bench_peers(root: Path, profile: Profile, children: Children, log) -> dict:
                 m.notes.append(f"only {count - delivered_before} of {m.ok} reached Maildir")
             in_mailbox = max(newest - raw["start"], m.wall)
             m.rate = (count - delivered_before) / in_mailbox if in_mailbox else 0.0
-            busy = system_busy_cpu() - busy0 - (own_cpu() - own0)
-            m.server_cpu = max(0.0, busy - m.client_cpu)
+            m.server_cpu = peer.cpu() - cpu0  # queue drained into Maildir included
             delivered_before = count
             results["smtp"][sessions] = m
         log("peers: POP3 RETR")
         results["pop3"], _ = load(children, "pop3", f"127.0.0.1:{peer.ports['pop3']}",
-                                  RETRIEVAL_SESSIONS, profile.fetch_count, profile.fetch_duration)  # fmt: skip
+                                  RETRIEVAL_SESSIONS, profile.fetch_count, profile.fetch_duration,
+                                  peer.cpu)  # fmt: skip
         log("peers: IMAP UID FETCH")
         results["imap"], _ = load(children, "imap", f"127.0.0.1:{peer.ports['imap']}",
-                                  RETRIEVAL_SESSIONS, profile.fetch_count, profile.fetch_duration)  # fmt: skip
+                                  RETRIEVAL_SESSIONS, profile.fetch_count, profile.fetch_duration,
+                                  peer.cpu)  # fmt: skip
     finally:
         results["log_tail"] = peer.log_tail(5)
         peer.stop()
@@ -345,6 +342,8 @@ def report(pr: dict | None, peer: dict | None, command: str, profile_name: str) 
         f"- machine: {os.cpu_count()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}",
         f"- command: `{command}` ({profile_name} profile)",
+        "- load average before/after (other work on the machine skews figures): "
+        + ", ".join(f"{a:.1f}" for a in LOADAVG),
         "- workload: 5 KB messages, random recipient among user0..user99@bench.test, "
         "connections reused; POP3/IMAP sessions log in as user0..user9",
         "- peer: Postfix " + _version(["postconf", "-h", "mail_version"])
@@ -362,9 +361,9 @@ def report(pr: dict | None, peer: dict | None, command: str, profile_name: str) 
     out += [
         "",
         "Details. Server CPU for postroom is its process alone (etcd aside); for the "
-        "peer it is the whole machine's busy time minus the load generator and the "
-        "runner, so it includes every Postfix and Dovecot process and the kernel, "
-        "and for SMTP the time until the queue drained into Maildir. SMTP 250/s is "
+        "peer it is every process under the Postfix and Dovecot masters (reaped "
+        "children included), and for SMTP it runs until the queue drained into "
+        "Maildir. SMTP 250/s is "
         "the rate of acknowledgements; for Postfix a 250 means queued, so the "
         "durable rate counts messages in Maildir over the time until the last one "
         "arrived:",
@@ -412,12 +411,45 @@ def _version(cmd: list[str]) -> str:
 
 def write_docs(section: str) -> None:
     """Replace (or append) the Single node section of docs/benchmarks.md."""
-    header = (
-        "# Benchmarks\n\n"
-        "Run by hand, never by pytest: `python3 tests/bench/run.py [--quick] "
-        "[--no-peers] [--write-docs]`.\nSee tests/bench/run.py for what is measured "
-        "and how; figures are from the machine named in each section.\n\n"
-    )
+    header = """# Benchmarks
+
+Measured by hand, never by pytest (tests/bench/conftest.py keeps pytest out):
+
+    python3 tests/bench/run.py              # full: 2,000 messages or 20 s per SMTP run
+    python3 tests/bench/run.py --quick      # 300 messages or 5 s, for a smoke check
+    python3 tests/bench/run.py --no-peers   # postroom alone
+    python3 tests/bench/run.py --profile /tmp/prof   # also py-spy the node per load
+    python3 tests/bench/run.py --write-docs # replace the section below with the new run
+
+How it measures (tests/bench/run.py, loadgen.py, peers.py):
+
+- postroom runs as `python -m node serve` (tests/support/node.py) with its
+  embedded etcd, a temp data directory, default storage settings (16 shards,
+  fsync on) and loopback listeners; bench.test and user0..user99 are created
+  with the CLI (`user add`, in one process: tests/bench/provision.py).
+- The load generator is a separate gevent process with raw sockets (SMTP with
+  PIPELINING, connections reused for many transactions); its CPU share is
+  reported so a saturated client would show.
+- "Durable deliveries/s": for postroom a `250` to DATA means stored and
+  fsynced in the mailbox (promise 1), so it is the rate of 250s.  For Postfix
+  a 250 means queued (fsynced); the message is durable in the mailbox only
+  once Dovecot's LMTP has written it to Maildir (`mail_fsync = always`), so
+  the peer's figure is messages in Maildir / time until the last one arrived.
+  Both are listed.
+- After the SMTP runs, every postroom mailbox is counted with POP3 STAT and
+  compared with the number of 250s.
+- POP3 `RETR` and IMAP `UID FETCH n BODY.PEEK[]` run 10 sessions (user0..9),
+  one command in flight per session, cycling over each maildrop.
+- RSS is VmRSS of the postroom process (etcd aside), after provisioning with
+  no traffic ("idle") and after all the loads.
+- Postfix 3.7 and Dovecot 2.3 (Debian packages) run as private instances
+  with their own main.cf/master.cf and dovecot.conf under the same temp
+  directory, on free loopback ports (no chroot, plain-text passwd-file).
+
+The machine is shared: the load average before and after each run is
+recorded, and figures taken while other work ran are noisy.
+
+"""
     text = DOCS.read_text() if DOCS.exists() else header
     start = text.find(SECTION)
     if start < 0:
@@ -437,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peers", action="store_true", help="postroom alone")
     parser.add_argument("--no-postroom", action="store_true", help="the peers alone")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="sample the node with py-spy during each postroom load; raw stacks go to DIR",
+    )
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
     command = "python3 tests/bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -449,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    LOADAVG.append(os.getloadavg()[0])
     root = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
     os.chmod(root, 0o755)  # Postfix and Dovecot drop privileges and must traverse it
     children = Children()
@@ -457,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.no_postroom:
             try:
-                pr = bench_postroom(root, profile, children, log)
+                if args.profile:
+                    if not pyspy.available():
+                        parser.error("--profile needs py-spy (pip install py-spy)")
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                pr = bench_postroom(root, profile, children, log, args.profile)
             except Exception as exc:  # report it, and still measure the peers
                 log(f"postroom: FAILED: {exc}")
                 failures.append(f"postroom run failed: {str(exc).splitlines()[0]}")
@@ -477,10 +520,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         children.kill_all()
         peers.remove_tree(root)
+    LOADAVG.append(os.getloadavg()[0])
     section = report(pr, peer, command.strip(), "quick" if args.quick else "full")
     if failures:
         section += "\n" + "\n".join(f"- {f}" for f in failures) + "\n"
     print(section)
+    if pr and pr.get("profiles"):
+        for label, text in pr["profiles"].items():
+            print(f"### py-spy profile of postroom, {label}\n\n{text}")
     if args.write_docs:
         write_docs(section)
         log(f"wrote {DOCS.relative_to(REPO)}")
