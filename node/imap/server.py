@@ -53,7 +53,10 @@ def serve_connection(ctx: NodeContext, sock: Any, address: Any, *, implicit_tls:
     watcher = gevent.spawn(notifier)
     timeout = float(ctx.config.imap.idle_timeout)
     try:
-        sock.settimeout(timeout)
+        if implicit_tls and not isinstance(sock, ssl.SSLSocket):
+            # The listener normally handshakes; a bare socket is wrapped here.
+            conn[0] = starttls(sock, ctx.tls, TLS_HANDSHAKE_TIMEOUT)
+        conn[0].settimeout(timeout)
         with lock:
             session.greeting()
         while not session.closed:
