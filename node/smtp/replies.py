@@ -90,6 +90,8 @@ TOO_MANY_ERRORS = _r(421, "4.7.0", "too many errors, closing connection")  # §4
 TOO_MANY_RECIPIENTS = _r(452, "4.5.3", "too many recipients")  # §4.5.3.1.8, RFC 3463 X.5.3
 STORAGE_FAILED = _r(451, "4.3.0", "temporary failure, please try again later")  # RFC 3463 X.3.0
 TEMPORARY_FAILURE = _r(451, "4.3.0", "temporary failure, please try again later")  # §4.2.2
+# A known address (postmaster@) with no mailbox to deliver to yet: retry later.
+NO_MAILBOX_YET = _r(451, "4.3.0", "mailbox not available yet, please try again later")  # X.3.0
 TLS_NOT_AVAILABLE = _r(454, "4.7.0", "TLS not available")  # RFC 3207 §4
 
 # --- 5yz: permanent negative ---------------------------------------------------

@@ -287,8 +287,12 @@ class Session:
                 return refusal
             address = mbox.address
             accounts = local.resolve(self.ctx.directory, address)
-        if not accounts:
+        if accounts is None:
             return R.UNKNOWN_USER
+        if not accounts:
+            # postmaster@ a local domain with no account anywhere (RFC 5321
+            # §4.5.1 forbids refusing it): a temporary failure, never a loss.
+            return R.NO_MAILBOX_YET
         env.recipients.append(Recipient(address, tuple(accounts), notify, orcpt))
         return R.RECIPIENT_OK
 

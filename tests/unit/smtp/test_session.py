@@ -248,3 +248,14 @@ def test_directory_failure_is_temporary(env):
                    b"NOOP\r\n")
     assert replies[2] == R.TEMPORARY_FAILURE.encode() and b"etcd" not in replies[2]
     assert replies[3] == R.NOOP_OK.encode()
+
+
+def test_postmaster_without_any_mailbox_is_a_temporary_failure():  # RFC 5321 §4.5.1
+    # The directory knows postmaster@ but no account exists to receive it:
+    # refusing would break §4.5.1, accepting would lose the message.
+    ctx, directory, store = make_ctx()
+    directory.aliases["postmaster@example.test"] = []
+    session = Session(ctx, "192.0.2.7")
+    replies = talk(session, EHLO, b"MAIL FROM:<>\r\n", b"RCPT TO:<postmaster@example.test>\r\n")
+    assert replies[-1] == R.NO_MAILBOX_YET.encode()
+    assert R.NO_MAILBOX_YET.temporary
