@@ -273,28 +273,42 @@ class Session:
             self._write(tagged(cmd.tag, "BAD", f"{cmd.full_name} not allowed now"))
             return
         handler = getattr(self, "_cmd_" + cmd.name.lower())
-        try:
-            reply = handler(cmd)
-        except StorageUnavailable:
-            reply = no("try again later", "UNAVAILABLE")
-        except NoSuchMailbox:
-            reply = no("no such mailbox", "NONEXISTENT")
-        except MailboxExists:
-            reply = no("mailbox already exists", "ALREADYEXISTS")
-        except MailboxNotAllowed:
-            reply = no("not allowed for this mailbox", "CANNOT")
-        except StorageError:
-            log.exception("imap: storage error in %s", cmd.full_name)
-            reply = no("storage error", "SERVERBUG")
-        if reply is None:  # the command continues (IDLE, AUTHENTICATE)
+        reply = self._guarded(cmd.full_name, handler, cmd)
+        if reply is None:  # the command continues (IDLE, AUTHENTICATE) or ended the session
             return
         if self.state is State.SELECTED and self.view is not None and reply.status != "BAD":
             self._sync_safe(expunge=cmd.name not in ("FETCH", "STORE", "SEARCH"))
-        self._write(tagged(cmd.tag, reply.status, reply.text, reply.code))
+        if not self.closed:
+            self._write(tagged(cmd.tag, reply.status, reply.text, reply.code))
+
+    def _guarded(self, what: str, fn: Callable[..., Reply | None], *args: Any) -> Reply | None:
+        """Run fn, turning storage errors into typed NO replies (the reason is
+        logged, never sent) and any other failure into NO [SERVERBUG]."""
+        try:
+            return fn(*args)
+        except StorageUnavailable:
+            return no("try again later", "UNAVAILABLE")
+        except NoSuchMailbox:
+            return no("no such mailbox", "NONEXISTENT")
+        except MailboxExists:
+            return no("mailbox already exists", "ALREADYEXISTS")
+        except MailboxNotAllowed:
+            return no("not allowed for this mailbox", "CANNOT")
+        except StorageError:
+            log.exception("imap: storage error in %s", what)
+            return no("storage error", "SERVERBUG")
+        except Exception:
+            # A bug must not end the connection mid-stream (design promise 4).
+            log.exception("imap: internal error in %s", what)
+            return no("internal server error", "SERVERBUG")
 
     def _sync_safe(self, *, expunge: bool) -> None:
         try:
             self._sync(expunge=expunge)
+        except NoSuchMailbox:
+            # The selected mailbox was deleted or renamed by another session.
+            self._write(status_untagged("BYE", "selected mailbox no longer exists"))
+            self.close()
         except StorageError:
             log.warning("imap: could not refresh the mailbox view", exc_info=True)
 
@@ -398,13 +412,11 @@ class Session:
             self._write(tagged(tag, "BAD", "malformed PLAIN response"))
             return
         if authz and authz.lower() != user.lower():
-            reply = no("proxy authorization not supported", "AUTHORIZATIONFAILED")
+            reply: Reply | None = no("proxy authorization not supported", "AUTHORIZATIONFAILED")
         else:
-            try:
-                reply = self._login(user, password)
-            except StorageUnavailable:
-                reply = no("try again later", "UNAVAILABLE")
-        self._write(tagged(tag, reply.status, reply.text, reply.code))
+            reply = self._guarded("AUTHENTICATE", self._login, user, password)
+        if reply is not None:
+            self._write(tagged(tag, reply.status, reply.text, reply.code))
 
     # --------------------------------------------------- authenticated
 

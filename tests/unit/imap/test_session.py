@@ -442,3 +442,30 @@ def test_rfc3501_section8_sample_same_however_split() -> None:
     assert any(x.startswith(b"* 12 FETCH (BODY[HEADER] {") for x in lines)
     assert b"* 12 FETCH (FLAGS (\\Deleted \\Seen))" in lines  # body[header] set \Seen
     assert lines[-3:] == [b"* BYE logging out", b"a006 OK LOGOUT completed", b""]
+
+
+def test_selected_mailbox_deleted_by_another_session_says_bye() -> None:
+    store = FakeStore()
+    a, b = Client(store), Client(store)
+    a.login()
+    b.login()
+    a.cmd("c CREATE Doomed")
+    a.cmd("s SELECT Doomed")
+    b.cmd("d DELETE Doomed")
+    a.session._dirty = True  # the real store notifies; the fake only on message changes
+    assert a.cmd("n NOOP") == [b"* BYE selected mailbox no longer exists"]
+    assert a.session.closed
+
+
+def test_internal_error_is_no_serverbug_and_session_goes_on() -> None:
+    c = Client()
+    c.login()
+    c.deliver()
+    c.cmd("s SELECT INBOX")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    c.store.metadata = broken
+    assert c.cmd("f FETCH 1 ENVELOPE") == [b"f NO [SERVERBUG] internal server error"]
+    assert c.cmd("n NOOP") == [b"n OK NOOP completed"]
