@@ -117,10 +117,16 @@ class Config:
 def _check_value(name: str, annotation: Any, value: Any) -> Any:
     """Validate one value against its field type (bool/int/float/str/list[str])."""
     origin = typing.get_origin(annotation)
-    if origin in (list,):
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{name}: expected a list of strings")
-        return list(value)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list")
+        return [_check_value(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict) or key_type is not str:
+            raise ConfigError(f"{name}: expected a table")
+        return {k: _check_value(f"{name}.{k}", value_type, v) for k, v in value.items()}
     if origin in (types.UnionType, typing.Union):
         raise ConfigError(f"{name}: unsupported type")  # no optional fields exist
     if annotation is bool:

@@ -68,3 +68,21 @@ def test_every_setting_is_documented() -> None:
             f"{section}.{f.name}" for f in dataclasses.fields(cls) if f"| `{f.name}` |" not in part
         ]
     assert missing == []
+
+
+def test_list_and_table_values_are_checked_per_item() -> None:
+    from dataclasses import dataclass, field
+
+    from node.config import _build_section
+
+    @dataclass(frozen=True)
+    class Section:
+        numbers: list[int] = field(default_factory=list)
+        routes: dict[str, str] = field(default_factory=dict)
+
+    section = _build_section(Section, "s", {"numbers": [1, 2], "routes": {"a.example": "h:25"}})
+    assert section.numbers == [1, 2] and section.routes == {"a.example": "h:25"}
+    with pytest.raises(ConfigError, match=r"s\.numbers\[1\]"):
+        _build_section(Section, "s", {"numbers": [1, "x"]})
+    with pytest.raises(ConfigError, match=r"s\.routes\.a\.example"):
+        _build_section(Section, "s", {"routes": {"a.example": 25}})
