@@ -204,11 +204,7 @@ class Session:
 
     def greeting(self) -> None:
         """The server greeting (RFC 3501 §7.1.1) with capabilities (§7.2.1)."""
-        self._write(
-            status_untagged(
-                "OK", f"{self.ctx.hostname} postroom ready", f"CAPABILITY {self.capabilities()}"
-            )
-        )
+        self._write(status_untagged("OK", "postroom ready", f"CAPABILITY {self.capabilities()}"))
         self.flush()
 
     def timeout(self) -> None:

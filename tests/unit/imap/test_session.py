@@ -20,6 +20,7 @@ def client(request) -> Client:
 def test_greeting_lists_capabilities_and_loopback_allows_login() -> None:
     c = Client()
     assert c.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1 ")
+    assert c.greeting.endswith(b"] postroom ready\r\n")
     assert b"STARTTLS" in c.greeting and b"AUTH=PLAIN" in c.greeting
     assert b"LOGINDISABLED" not in c.greeting
 
