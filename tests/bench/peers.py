@@ -277,8 +277,12 @@ class PostfixDovecot:
         """
         return tree_cpu(self.master_pids())
 
-    def delivered(self) -> tuple[int, float]:
-        """(messages in every Maildir, newest delivery mtime)."""
+    def delivered(self, with_mtime: bool = False) -> tuple[int, float]:
+        """(messages in every Maildir, newest file mtime if with_mtime else 0).
+
+        Counting needs only directory listings; the mtimes cost a stat per
+        file, so they are read once, after the queue has drained.
+        """
         count = 0
         newest = 0.0
         if not self.mail_dir.exists():
@@ -292,7 +296,8 @@ class PostfixDovecot:
                 with entries:
                     for e in entries:
                         count += 1
-                        newest = max(newest, e.stat().st_mtime)
+                        if with_mtime:
+                            newest = max(newest, e.stat().st_mtime)
         return count, newest
 
     def log_tail(self, lines: int = 20) -> str:

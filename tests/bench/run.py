@@ -83,6 +83,8 @@ class Measure:
     accepted_rate: float = 0.0  # SMTP: 250 replies/s
     rate: float = 0.0  # durable, in-mailbox operations/s
     notes: list[str] = field(default_factory=list)
+    runs: list[float] = field(default_factory=list)  # every repetition's rate
+    total_ok: int = 0  # operations over every repetition
 
     @property
     def client_cpu_pct(self) -> float:
@@ -169,6 +171,18 @@ def load(children: Children, kind: str, addr: str, sessions: int, count: int,
     return m, result
 
 
+def median(measures: list[Measure]) -> Measure:
+    """The repetition with the median rate, carrying every repetition's rate."""
+    ordered = sorted(measures, key=lambda m: m.rate)
+    chosen = ordered[(len(ordered) - 1) // 2]
+    chosen.runs = [m.rate for m in measures]
+    chosen.total_ok = sum(m.ok for m in measures)
+    for m in measures:
+        if m is not chosen:
+            chosen.notes += m.notes
+    return chosen
+
+
 # ------------------------------------------------------------ the two systems
 
 
@@ -187,7 +201,12 @@ def pop3_message_count(host: str, port: int, users: list[str]) -> int:
 
 
 def bench_postroom(
-    root: Path, profile: Profile, children: Children, log, prof_dir: Path | None = None
+    root: Path,
+    profile: Profile,
+    children: Children,
+    log,
+    prof_dir: Path | None = None,
+    repeat: int = 1,
 ) -> dict:
     overrides = {
         "node": {"hostname": "mx.bench.test"},
@@ -222,35 +241,39 @@ def bench_postroom(
         def cpu() -> float:
             return process_cpu(pid)
 
-        def profiled(label: str, *args: object) -> tuple[Measure, dict]:
-            if prof_dir is None:
-                return load(*args, cpu)
+        def profiled(label: str, *args: object) -> Measure:
+            """Median of `repeat` loads; py-spy samples the first when asked."""
+            runs = [run_one(label if i == 0 else None, *args) for i in range(repeat)]
+            return median(runs)
+
+        def run_one(label: str | None, *args: object) -> Measure:
+            if prof_dir is None or label is None:
+                return load(*args, cpu)[0]
             out = prof_dir / f"postroom-{label}.txt"
             recorder = pyspy.Recorder(pid, out)
             try:
-                return load(*args, cpu)
+                return load(*args, cpu)[0]
             finally:
                 recorder.stop()
                 results["profiles"][label] = pyspy.summary(out)
 
         smtp = f"{node.host}:{node.ports['smtp']}"
-        sent = 0
         for sessions in SMTP_LEVELS:
             log(f"postroom: SMTP {sessions} sessions")
-            m, _ = profiled(f"smtp-{sessions}", children, "smtp", smtp, sessions,
-                            profile.smtp_count, profile.smtp_duration)  # fmt: skip
-            sent += m.ok
+            m = profiled(f"smtp-{sessions}", children, "smtp", smtp, sessions,
+                         profile.smtp_count, profile.smtp_duration)  # fmt: skip
             results["smtp"][sessions] = m
+        sent = sum(m.total_ok for m in results["smtp"].values())
         stored = pop3_message_count(node.host, node.ports["pop3"], USERS)
         results["stored"], results["sent"] = stored, sent
         if stored != sent:
             results["notes"].append(f"postroom: {sent} acknowledged but {stored} in mailboxes")
         log("postroom: POP3 RETR")
-        results["pop3"], _ = profiled("pop3", children, "pop3",
+        results["pop3"] = profiled("pop3", children, "pop3",
                                       f"{node.host}:{node.ports['pop3']}", RETRIEVAL_SESSIONS,
                                       profile.fetch_count, profile.fetch_duration)  # fmt: skip
         log("postroom: IMAP UID FETCH")
-        results["imap"], _ = profiled("imap", children, "imap",
+        results["imap"] = profiled("imap", children, "imap",
                                       f"{node.host}:{node.ports['imap']}", RETRIEVAL_SESSIONS,
                                       profile.fetch_count, profile.fetch_duration)  # fmt: skip
         results["rss_after"] = rss_mb(pid)
@@ -267,7 +290,7 @@ def _toml(settings: dict) -> str:
     return to_toml(settings)
 
 
-def bench_peers(root: Path, profile: Profile, children: Children, log) -> dict:
+def bench_peers(root: Path, profile: Profile, children: Children, log, repeat: int = 1) -> dict:
     peer = peers.PostfixDovecot(root / "peers", USERS, PASSWORD)
     (root / "peers").mkdir()
     results: dict = {"smtp": {}, "notes": []}
@@ -275,34 +298,41 @@ def bench_peers(root: Path, profile: Profile, children: Children, log) -> dict:
     try:
         peer.start()
         smtp = f"127.0.0.1:{peer.ports['smtp']}"
-        delivered_before = 0
-        for sessions in SMTP_LEVELS:
-            log(f"peers: SMTP {sessions} sessions")
+        delivered = [0]  # messages in Maildir so far
+
+        def smtp_run(sessions: int) -> Measure:
             cpu0 = peer.cpu()
             m, raw = load(children, "smtp", smtp, sessions, profile.smtp_count,
                           profile.smtp_duration)  # fmt: skip
             # 250 from Postfix means queued: wait until Dovecot has stored them.
-            expected = delivered_before + m.ok
+            before = delivered[0]
+            expected = before + m.ok
             deadline = time.monotonic() + DELIVERY_DEADLINE
-            count, newest = peer.delivered()
+            count, _ = peer.delivered()
             while count < expected and time.monotonic() < deadline:
                 time.sleep(0.1)
-                count, newest = peer.delivered()
+                count, _ = peer.delivered()
+            count, newest = peer.delivered(with_mtime=True)
             if count < expected:
-                m.notes.append(f"only {count - delivered_before} of {m.ok} reached Maildir")
+                m.notes.append(f"only {count - before} of {m.ok} reached Maildir")
             in_mailbox = max(newest - raw["start"], m.wall)
-            m.rate = (count - delivered_before) / in_mailbox if in_mailbox else 0.0
+            m.rate = (count - before) / in_mailbox if in_mailbox else 0.0
             m.server_cpu = peer.cpu() - cpu0  # queue drained into Maildir included
-            delivered_before = count
-            results["smtp"][sessions] = m
-        log("peers: POP3 RETR")
-        results["pop3"], _ = load(children, "pop3", f"127.0.0.1:{peer.ports['pop3']}",
-                                  RETRIEVAL_SESSIONS, profile.fetch_count, profile.fetch_duration,
-                                  peer.cpu)  # fmt: skip
-        log("peers: IMAP UID FETCH")
-        results["imap"], _ = load(children, "imap", f"127.0.0.1:{peer.ports['imap']}",
-                                  RETRIEVAL_SESSIONS, profile.fetch_count, profile.fetch_duration,
-                                  peer.cpu)  # fmt: skip
+            delivered[0] = count
+            return m
+
+        for sessions in SMTP_LEVELS:
+            log(f"peers: SMTP {sessions} sessions")
+            results["smtp"][sessions] = median([smtp_run(sessions) for _ in range(repeat)])
+        for kind, label in (("pop3", "POP3 RETR"), ("imap", "IMAP UID FETCH")):
+            log(f"peers: {label}")
+            results[kind] = median(
+                [
+                    load(children, kind, f"127.0.0.1:{peer.ports[kind]}", RETRIEVAL_SESSIONS,
+                         profile.fetch_count, profile.fetch_duration, peer.cpu)[0]
+                    for _ in range(repeat)
+                ]
+            )  # fmt: skip
     finally:
         results["log_tail"] = peer.log_tail(5)
         peer.stop()
@@ -341,7 +371,7 @@ def report(pr: dict | None, peer: dict | None, command: str, profile_name: str) 
         f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {os.cpu_count()} cores, {platform.platform()}, Python "
         f"{platform.python_version()}",
-        f"- command: `{command}` ({profile_name} profile)",
+        f"- command: `{command}` ({profile_name})",
         "- load average before/after (other work on the machine skews figures): "
         + ", ".join(f"{a:.1f}" for a in LOADAVG),
         "- workload: 5 KB messages, random recipient among user0..user99@bench.test, "
@@ -369,8 +399,8 @@ def report(pr: dict | None, peer: dict | None, command: str, profile_name: str) 
         "arrived:",
         "",
         "| system | load | ops | failed | wall s | rate/s | SMTP 250/s | p50 ms | p99 ms "
-        "| server CPU ms/op | client CPU % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU ms/op | client CPU % | every run/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for name, res in (("postroom", pr), ("Postfix+Dovecot", peer)):
         if not res:
@@ -383,7 +413,8 @@ def report(pr: dict | None, peer: dict | None, command: str, profile_name: str) 
             out.append(
                 f"| {name} | {label} | {m.ok} | {m.failed} | {m.wall:.1f} | {m.rate:,.0f} "
                 f"| {m.accepted_rate:,.0f} | {m.p50_ms:.1f} | {m.p99_ms:.1f} "
-                f"| {m.server_ms_per_op:.2f} | {m.client_cpu_pct:.0f} |"
+                f"| {m.server_ms_per_op:.2f} | {m.client_cpu_pct:.0f} "
+                f"| {', '.join(f'{r:.0f}' for r in m.runs)} |"
             )
     notes = []
     for name, res in (("postroom", pr), ("Postfix+Dovecot", peer)):
@@ -475,6 +506,13 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="sample the node with py-spy during each postroom load; raw stacks go to DIR",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run each load N times, report the median",
+    )
     args = parser.parse_args(argv)
     profile = QUICK if args.quick else FULL
     command = "python3 tests/bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -500,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not pyspy.available():
                         parser.error("--profile needs py-spy (pip install py-spy)")
                     args.profile.mkdir(parents=True, exist_ok=True)
-                pr = bench_postroom(root, profile, children, log, args.profile)
+                pr = bench_postroom(root, profile, children, log, args.profile, args.repeat)
             except Exception as exc:  # report it, and still measure the peers
                 log(f"postroom: FAILED: {exc}")
                 failures.append(f"postroom run failed: {str(exc).splitlines()[0]}")
@@ -510,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             log("peers: Postfix/Dovecot not installed; postroom alone")
         else:
             try:
-                peer = bench_peers(root, profile, children, log)
+                peer = bench_peers(root, profile, children, log, args.repeat)
             except Exception as exc:  # report it with whatever postroom measured
                 log(f"peers: FAILED: {exc}")
                 failures.append(f"peer run failed: {str(exc).splitlines()[0]}")
@@ -521,7 +559,13 @@ def main(argv: list[str] | None = None) -> int:
         children.kill_all()
         peers.remove_tree(root)
     LOADAVG.append(os.getloadavg()[0])
-    section = report(pr, peer, command.strip(), "quick" if args.quick else "full")
+    section = report(
+        pr,
+        peer,
+        command.strip(),
+        ("quick" if args.quick else "full")
+        + (f" profile, median of {args.repeat} runs" if args.repeat > 1 else " profile"),
+    )
     if failures:
         section += "\n" + "\n".join(f"- {f}" for f in failures) + "\n"
     print(section)
