@@ -493,6 +493,12 @@ class Session:
         if not new or not _valid_name(new) or new.upper() == "INBOX":
             return no("invalid new mailbox name", "CANNOT")
         self.ctx.store.rename_mailbox(self._acct, old, new)
+        if self.view is not None and old != "INBOX":
+            # Keep following the selected mailbox (and its inferiors) under
+            # the new name; UIDVALIDITY does not change on RENAME.
+            name = self.view.name
+            if name == old or name.startswith(old + DELIMITER):
+                self.view.name = new + name[len(old) :]
         return ok("RENAME completed")
 
     def _cmd_subscribe(self, cmd: Command) -> Reply:

@@ -470,3 +470,14 @@ def test_internal_error_is_no_serverbug_and_session_goes_on() -> None:
     c.store.metadata = broken
     assert c.cmd("f FETCH 1 ENVELOPE") == [b"f NO [SERVERBUG] internal server error"]
     assert c.cmd("n NOOP") == [b"n OK NOOP completed"]
+
+
+def test_renaming_the_selected_mailbox_keeps_it_selected() -> None:
+    c = Client()
+    c.login()
+    c.cmd("c CREATE Box")
+    c.store.append("alice@example.test", "Box", MESSAGE)
+    c.cmd("s SELECT Box")
+    assert c.cmd("r RENAME Box Renamed") == [b"r OK RENAME completed"]
+    c.store.append("alice@example.test", "Renamed", MESSAGE)
+    assert c.cmd("n NOOP") == [b"* 2 EXISTS", b"n OK NOOP completed"]
