@@ -74,6 +74,72 @@ class SmtpSettings:
 
 
 @dataclass(frozen=True)
+class SubmissionSettings:
+    # Port 587: STARTTLS required before AUTH (RFC 6409, RFC 8314 §3.3).
+    listen: list[str] = field(default_factory=lambda: ["0.0.0.0:587", "[::]:587"])
+    # Port 465: implicit TLS (RFC 8314 §3.3).
+    listen_tls: list[str] = field(default_factory=lambda: ["0.0.0.0:465", "[::]:465"])
+    max_message_size: int = 50 * 1024 * 1024  # bytes; 552 5.3.4
+    max_recipients: int = 100  # per transaction; 452 4.5.3
+    max_auth_failures: int = 3  # per session, then 421 4.7.0 and close
+    auth_failure_delay: float = 1.0  # seconds before each 535 (slows guessing)
+    max_connections_per_ip: int = 20
+    timeout: int = 300  # seconds of client silence before 421 4.4.2
+    # Accounts allowed to send as any address of their domains (e.g. a web app).
+    any_sender_accounts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    port: int = 25  # destination port for MX delivery (tests use another)
+    # DNS resolvers "IP" or "IP:PORT"; empty: /etc/resolv.conf.
+    resolvers: list[str] = field(default_factory=list)
+    # Trust the AD bit of these resolvers for DANE (RFC 7672 §1.3): only set
+    # this for a validating resolver on a trusted path (e.g. 127.0.0.1).
+    dnssec_trusted: bool = False
+    dns_timeout: float = 5.0  # seconds per DNS query
+    relay_host: str = ""  # global smart host "HOST:PORT"; empty: MX routing
+    relay_by_domain: dict[str, str] = field(default_factory=dict)  # domain -> "HOST:PORT"
+    # Seconds between consecutive attempts: the n-th retry waits
+    # retry_intervals[n] (the last one repeats) with +-10% jitter.
+    retry_intervals: list[int] = field(
+        default_factory=lambda: [60, 300, 900, 1800, 3600, 7200, 14400]
+    )
+    delay_dsn_after: int = 4 * 3600  # seconds before a delay DSN (RFC 3464)
+    max_lifetime: int = 5 * 86400  # seconds before giving up: failure DSN
+    max_connections: int = 100  # concurrent outbound SMTP connections in all
+    max_connections_per_domain: int = 10  # concurrent connections per destination
+    messages_per_connection: int = 100  # connection reuse limit
+    connect_timeout: float = 30.0  # seconds
+    # RFC 5321 §4.5.3.2 timeouts, seconds.
+    greeting_timeout: float = 300.0
+    command_timeout: float = 300.0  # MAIL, RCPT
+    data_init_timeout: float = 120.0
+    data_block_timeout: float = 180.0
+    data_end_timeout: float = 600.0
+    tls: str = "opportunistic"  # "opportunistic" | "required" (all destinations)
+    mta_sts: bool = True  # RFC 8461
+    mta_sts_cafile: str = ""  # CA bundle for policy fetches; empty: system CAs
+    mta_sts_port: int = 443  # HTTPS port of mta-sts.<domain> (tests use another)
+    dane: bool = True  # RFC 7672, only with dnssec_trusted resolvers
+
+
+@dataclass(frozen=True)
+class DkimSettings:
+    sign: bool = True  # sign outgoing mail of local domains with their keys
+    # Use cryptography for the RSA step (same output, ~6x faster than dkimpy's
+    # pure-Python RSA); canonicalization and hashing stay dkimpy's.
+    fast_rsa: bool = True
+    headers: list[str] = field(
+        default_factory=lambda: [
+            "from", "to", "cc", "subject", "date", "message-id", "reply-to",
+            "in-reply-to", "references", "mime-version", "content-type",
+            "content-transfer-encoding", "list-id", "list-unsubscribe",
+        ]
+    )
+
+
+@dataclass(frozen=True)
 class ImapSettings:
     listen: list[str] = field(default_factory=lambda: ["0.0.0.0:143", "[::]:143"])
     listen_tls: list[str] = field(default_factory=lambda: ["0.0.0.0:993", "[::]:993"])
@@ -104,6 +170,9 @@ class Config:
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     imap: ImapSettings = field(default_factory=ImapSettings)
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
+    submission: SubmissionSettings = field(default_factory=SubmissionSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    dkim: DkimSettings = field(default_factory=DkimSettings)
 
     @property
     def hostname(self) -> str:
@@ -184,7 +253,11 @@ def validate(config: Config) -> None:
         raise ConfigError("tls.cert and tls.key: set both or neither")
     if not 1 <= config.storage.shards <= 4096:
         raise ConfigError("storage.shards: expected 1..4096")
-    for section in ("smtp", "imap", "pop3"):
+    if config.outbound.tls not in ("opportunistic", "required"):
+        raise ConfigError('outbound.tls: expected "opportunistic" or "required"')
+    if not config.outbound.retry_intervals:
+        raise ConfigError("outbound.retry_intervals: expected at least one interval")
+    for section in ("smtp", "imap", "pop3", "submission"):
         settings = getattr(config, section)
         for key in ("listen", "listen_tls"):
             for addr in getattr(settings, key, []):

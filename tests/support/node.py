@@ -64,7 +64,10 @@ class NodeProcess:
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.config_path = self.base_dir / "postroom.toml"
-        self.ports = {name: free_port() for name in ("smtp", "imap", "imaps", "pop3", "pop3s")}
+        self.ports = {
+            name: free_port()
+            for name in ("smtp", "imap", "imaps", "pop3", "pop3s", "submission", "submissions")
+        }
         h = self.host
         settings: dict[str, Any] = {
             "node": {
@@ -87,6 +90,12 @@ class NodeProcess:
                 "listen": [f"{h}:{self.ports['pop3']}"],
                 "listen_tls": [f"{h}:{self.ports['pop3s']}"],
             },
+            "submission": {
+                "listen": [f"{h}:{self.ports['submission']}"],
+                "listen_tls": [f"{h}:{self.ports['submissions']}"],
+            },
+            # Nothing leaves loopback: no test reaches a real resolver.
+            "outbound": {"resolvers": ["127.0.0.1:9"], "dns_timeout": 1.0},
         }
         self.settings = merge(settings, overrides or {})
         self.base_dir.mkdir(parents=True, exist_ok=True)
