@@ -513,7 +513,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="run each load N times, report the median",
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run everything at this niceness (e.g. -5 on a shared machine; < 0 needs root)",
+    )
     args = parser.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)  # inherited by the node, etcd, the peers and the load generator
     profile = QUICK if args.quick else FULL
     command = "python3 tests/bench/run.py " + shlex.join(sys.argv[1:] if argv is None else argv)
 
@@ -525,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited as ignored
     LOADAVG.append(os.getloadavg()[0])
     root = Path(tempfile.mkdtemp(prefix="postroom-bench-"))
     os.chmod(root, 0o755)  # Postfix and Dovecot drop privileges and must traverse it
