@@ -98,3 +98,67 @@ class InvalidFlag(StorageError):
 
 class NoSuchBlob(StorageError):
     """No stored message body has that name."""
+
+
+# -- Outbound queue (storage/queue.py) ---------------------------------------
+
+# Recipient states in the queue.  "pending" is retried; the others are final.
+PENDING, DELIVERED, FAILED, RELAYED = "pending", "delivered", "failed", "relayed"
+
+
+class NoSuchQueueEntry(StorageError):
+    pass
+
+
+@dataclass(frozen=True)
+class QueuedRecipient:
+    """One recipient of a queued message and its delivery state."""
+
+    address: str
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY values upper-case; () = default
+    orcpt: str | None = None  # RFC 3461 ORCPT "type;xtext-decoded address"
+    state: str = PENDING
+    attempts: int = 0
+    code: int | None = None  # last SMTP reply code seen for it
+    enhanced: str | None = None  # last enhanced status code "x.y.z"
+    text: str = ""  # last reply text (or our own reason, e.g. DNS failure)
+    remote_mta: str = ""  # host that gave the last reply
+    updated: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome of one delivery attempt for one recipient."""
+
+    address: str
+    state: str  # DELIVERED | FAILED | RELAYED | PENDING (deferred)
+    code: int | None = None
+    enhanced: str | None = None
+    text: str = ""
+    remote_mta: str = ""
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """A message in the outbound queue with its per-recipient state."""
+
+    id: str
+    sender: str  # "" is the null reverse-path (DSNs)
+    recipients: tuple[QueuedRecipient, ...]
+    blob: str
+    size: int
+    created: float
+    next_attempt: float
+    attempts: int = 0
+    held: bool = False
+    envid: str | None = None  # RFC 3461 ENVID
+    ret: str | None = None  # "FULL" | "HDRS" | None (RFC 3461 RET)
+    requiretls: bool = False  # RFC 8689
+    smtputf8: bool = False  # RFC 6531
+    body: str = "7BIT"  # "7BIT" | "8BITMIME" | "BINARYMIME"
+    is_dsn: bool = False  # a report: never report about it
+    delay_dsn_sent: bool = False
+
+    @property
+    def pending(self) -> tuple[QueuedRecipient, ...]:
+        return tuple(r for r in self.recipients if r.state == PENDING)
