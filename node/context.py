@@ -19,6 +19,9 @@ from storage.model import (
     MailboxInfo,
     MailboxStatus,
     MessageRow,
+    QueuedRecipient,
+    QueueEntry,
+    RecipientResult,
 )
 
 
@@ -130,6 +133,55 @@ class MailStore(Protocol):
         ...
 
 
+class OutboundQueue(Protocol):
+    """The outbound queue (storage/queue.py), kept in the shard logs.
+
+    Every method that changes the queue returns only once the change is
+    committed (group commit, like the mailboxes) and raises
+    StorageUnavailable otherwise.
+    """
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: Iterable[QueuedRecipient],
+        raw: bytes,
+        *,
+        envid: str | None = None,
+        ret: str | None = None,
+        requiretls: bool = False,
+        smtputf8: bool = False,
+        body: str = "7BIT",
+        is_dsn: bool = False,
+    ) -> QueueEntry: ...
+
+    def get(self, queue_id: str) -> QueueEntry | None: ...
+
+    def due(self, now: float, limit: int) -> list[QueueEntry]:
+        """Entries not held, with pending recipients, next_attempt <= now."""
+        ...
+
+    def next_due(self) -> float | None: ...
+
+    def record_attempt(
+        self,
+        queue_id: str,
+        results: Iterable[RecipientResult],
+        next_attempt: float | None,
+        *,
+        delay_dsn_sent: bool | None = None,
+    ) -> QueueEntry | None:
+        """Apply results; an entry with no pending recipient left is removed
+        (None is returned)."""
+        ...
+
+    def read_message(self, blob: str) -> bytes: ...
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """callback() on the hub after each committed enqueue/retry/release."""
+        ...
+
+
 @dataclass
 class NodeContext:
     """The services one node process offers its protocol servers."""
@@ -139,3 +191,5 @@ class NodeContext:
     store: MailStore
     tls: ssl.SSLContext  # server context, TLS 1.2 minimum
     hostname: str
+    queue: OutboundQueue | None = None  # outbound queue (submission, DSNs)
+    dkim: object | None = None  # node/outbound/dkim.py Signer: .sign(raw, domain) -> bytes
