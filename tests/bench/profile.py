@@ -57,6 +57,7 @@ def _frame_name(frame: str) -> str:
 def summary(path: Path, top: int = 12) -> str:
     """Markdown: the top functions by self and inclusive share of samples."""
     self_counts: collections.Counter[str] = collections.Counter()
+    file_counts: collections.Counter[str] = collections.Counter()
     incl_counts: collections.Counter[str] = collections.Counter()
     total = 0
     try:
@@ -73,12 +74,15 @@ def summary(path: Path, top: int = 12) -> str:
             continue
         total += n
         self_counts[frames[-1]] += n
+        file_counts[frames[-1].rpartition(" (")[2].rstrip(")")] += n
         for name in set(frames):
             incl_counts[name] += n
     if not total:
         return "(no samples)\n"
     out = [f"{total} busy samples", "", "| self % | function |", "|---:|---|"]
     out += [f"| {100 * c / total:.1f} | `{f}` |" for f, c in self_counts.most_common(top)]
+    out += ["", "| self % | file |", "|---:|---|"]
+    out += [f"| {100 * c / total:.1f} | `{f}` |" for f, c in file_counts.most_common(top)]
     out += ["", "| inclusive % | function |", "|---:|---|"]
     skip = ("<module>", "run (gevent", "_run (gevent", "__run_task", "run_forever")
     shown = 0
