@@ -9,12 +9,16 @@ Sieve, ...) hook in here in later work.
 from __future__ import annotations
 
 import email.utils
+import logging
 import secrets
 import time
 
 from node.context import Directory, NodeContext
 from node.mailflow.envelope import Envelope
+from node.outbound import dsn
 from storage.model import AppendResult
+
+log = logging.getLogger(__name__)
 
 
 def resolve(directory: Directory, address: str) -> list[str] | None:
@@ -60,4 +64,10 @@ def deliver(ctx: NodeContext, envelope: Envelope, message: bytes) -> list[Append
     if not accounts:
         return []
     raw = return_path(envelope) + received_header(envelope, ctx.hostname) + message
-    return ctx.store.deliver(accounts, raw)
+    results = ctx.store.deliver(accounts, raw)
+    try:  # RFC 3461 NOTIFY=SUCCESS; the message is durable: never turn 250 into a failure
+        dsn.report_local_success(ctx, envelope, message)
+    except Exception as exc:
+        log.warning("dsn: success report to <%s> not sent (%s: %s)",
+                    envelope.sender, type(exc).__name__, exc)
+    return results
