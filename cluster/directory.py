@@ -6,6 +6,9 @@ Keys (relative to the etcd prefix), values JSON:
 * ``/accounts/<address>`` ``{"password": "<argon2id PHC string>", "created": ts}``
 * ``/aliases/<source>``   ``{"targets": [address, ...], "created": ts}``;
   source is an address or ``@<domain>`` (catch-all).
+* ``/dkim/<domain>/<selector>`` ``{"algorithm": "rsa-sha256"|"ed25519-sha256",
+  "private_key": PKCS8 PEM, "public_key": base64 for the TXT p=, "created": ts,
+  "active": bool}`` (docs/dkim.md).
 
 Addresses are stored canonical: local part lower-cased, domain lower-cased
 in its IDNA ASCII form (RFC 5321 §2.4 lets a server treat local parts
@@ -52,6 +55,8 @@ log = logging.getLogger(__name__)
 DOMAINS = "/domains/"
 ACCOUNTS = "/accounts/"
 ALIASES = "/aliases/"
+DKIM = "/dkim/"
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")  # RFC 8301, RFC 8463
 
 MAX_ALIAS_DEPTH = 8
 MAX_ALIAS_TARGETS = 100  # per alias record
@@ -115,6 +120,15 @@ def normalize_alias_source(source: str) -> str:
     return normalize_address(text)
 
 
+def normalize_selector(selector: str) -> str:
+    """A DKIM selector: dot-separated DNS labels (RFC 6376 §3.1), lower-cased."""
+    text = selector.strip().lower()
+    labels = text.split(".")
+    if not text or len(text) > 63 or not all(_LABEL.match(label) for label in labels):
+        raise DirectoryError(f"not a valid DKIM selector: {selector!r}")
+    return text
+
+
 def _domain_of(address: str) -> str:
     return address.rpartition("@")[2]
 
@@ -131,12 +145,18 @@ class EtcdDirectory:
         self._domains: dict[str, dict] = {}
         self._accounts: dict[str, dict] = {}
         self._aliases: dict[str, dict] = {}
+        self._dkim: dict[str, dict] = {}  # "<domain>/<selector>" -> record
         self._watches: list[Watch] = []
 
     # -- cache -------------------------------------------------------------
 
     def _table(self, prefix: str) -> dict[str, dict]:
-        return {DOMAINS: self._domains, ACCOUNTS: self._accounts, ALIASES: self._aliases}[prefix]
+        return {
+            DOMAINS: self._domains,
+            ACCOUNTS: self._accounts,
+            ALIASES: self._aliases,
+            DKIM: self._dkim,
+        }[prefix]
 
     def _load(self, prefix: str) -> int:
         """Replace the cached table from etcd; returns the revision to watch from."""
@@ -149,7 +169,7 @@ class EtcdDirectory:
     def start(self, watch: bool = True) -> None:
         """Load domains, accounts and aliases; with watch, follow every change."""
         dummy_hash()  # computed now, so the first unknown-user login is not faster
-        for prefix in (DOMAINS, ACCOUNTS, ALIASES):
+        for prefix in (DOMAINS, ACCOUNTS, ALIASES, DKIM):
             start_revision = self._load(prefix)
             if watch:
                 self._watches.append(
@@ -167,7 +187,7 @@ class EtcdDirectory:
         self._watches.clear()
 
     def _on_event(self, event: WatchEvent) -> None:
-        for prefix in (DOMAINS, ACCOUNTS, ALIASES):
+        for prefix in (DOMAINS, ACCOUNTS, ALIASES, DKIM):
             if event.key.startswith(prefix):
                 name = event.key[len(prefix) :]
                 table = self._table(prefix)
@@ -377,6 +397,75 @@ class EtcdDirectory:
             name: list(value.get("targets", [])) if isinstance(value, dict) else []
             for name, value in sorted(self._get_table(ALIASES).items())
         }
+
+    # -- DKIM keys (RFC 6376 §3.6; docs/dkim.md) --------------------------------
+
+    def dkim_keys(self, domain: str) -> list[dict]:
+        """Active keys of a local domain from the cache, each record with its
+        ``domain`` and ``selector`` added; RSA first, then by selector."""
+        try:
+            name = normalize_domain(domain)
+        except DirectoryError:
+            return []
+        if name not in self._domains:
+            return []
+        keys = [
+            {**record, "domain": name, "selector": key.partition("/")[2]}
+            for key, record in self._dkim.items()
+            if key.partition("/")[0] == name and record.get("active") is True
+        ]
+        return sorted(keys, key=lambda r: (r.get("algorithm") != "rsa-sha256", r["selector"]))
+
+    def add_dkim_key(self, domain: str, selector: str, record: dict) -> tuple[str, str]:
+        """Store a new key; the domain must be local and the selector unused."""
+        name = normalize_domain(domain)
+        sel = normalize_selector(selector)
+        if record.get("algorithm") not in DKIM_ALGORITHMS:
+            raise DirectoryError(f"unknown DKIM algorithm: {record.get('algorithm')!r}")
+        if not isinstance(record.get("private_key"), str) or not isinstance(
+            record.get("public_key"), str
+        ):
+            raise DirectoryError("a DKIM key record needs private_key and public_key")
+        value = {
+            "algorithm": record["algorithm"],
+            "private_key": record["private_key"],
+            "public_key": record["public_key"],
+            "created": record.get("created", _now()),
+            "active": bool(record.get("active", True)),
+        }
+        key = f"{DKIM}{name}/{sel}"
+        if not self.session.txn([key_exists(DOMAINS + name), key_absent(key)], [Put(key, value)]):
+            if self.session.get(DOMAINS + name) is None:
+                raise DirectoryError(f"unknown domain: {name} (DKIM keys need a local domain)")
+            raise DirectoryError(f"DKIM selector {sel} already exists for {name}")
+        return name, sel
+
+    def list_dkim_keys(self, domain: str | None = None) -> list[dict]:
+        """Every key (active or not) from etcd, with domain and selector, sorted."""
+        wanted = normalize_domain(domain) if domain is not None else None
+        out = []
+        for key, record in sorted(self._get_table(DKIM).items()):
+            name, _, sel = key.partition("/")
+            if isinstance(record, dict) and (wanted is None or name == wanted):
+                out.append({**record, "domain": name, "selector": sel})
+        return out
+
+    def set_dkim_active(self, domain: str, selector: str, active: bool) -> tuple[str, str]:
+        name, sel = normalize_domain(domain), normalize_selector(selector)
+        key = f"{DKIM}{name}/{sel}"
+        kv = self.session.get(key)
+        if kv is None or not isinstance(kv.value, dict):
+            raise DirectoryError(f"unknown DKIM selector {sel} for {name}")
+        record = {**kv.value, "active": bool(active)}
+        if not self.session.compare_and_swap(key, kv.mod_revision, record):
+            raise DirectoryError(f"DKIM key {sel} of {name} changed concurrently; try again")
+        return name, sel
+
+    def remove_dkim_key(self, domain: str, selector: str) -> tuple[str, str]:
+        name, sel = normalize_domain(domain), normalize_selector(selector)
+        if not self.session.delete(f"{DKIM}{name}/{sel}"):
+            raise DirectoryError(f"unknown DKIM selector {sel} for {name}")
+        return name, sel
 
     @staticmethod
     def _check_password(password: str) -> None:
