@@ -188,7 +188,7 @@ def _human(kind: str, reporting_mta: str, rows: list[tuple[QueuedRecipient, str,
         RELAY: "Your message was passed on to a mail system that cannot send delivery\n"
         "reports: no further notification about it will follow.",
     }[kind]
-    lines = [f"This is the mail system at host {reporting_mta}.", "", intro, ""]
+    lines = [f"This is the mail system at host {reporting_mta}.", "", *intro.split("\n"), ""]
     if kind == DELAY:
         if next_attempt:
             lines.append(f"Next attempt: {_date(next_attempt)}")
@@ -258,8 +258,8 @@ def build_report(
     if len(original) > MAX_RETURNED_ORIGINAL or (entry is not None and entry.body == "BINARYMIME"):
         full = False
     returned: bytes | None = _crlf(original) if full else header
-    if returned is not None and full and not _lines_fit(returned):
-        returned = header
+    if full and not _lines_fit(returned):
+        full, returned = False, header
     if returned is not None and not _lines_fit(returned):
         returned = None
     if full:
