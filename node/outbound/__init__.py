@@ -1,0 +1,1 @@
+"""Outbound delivery: routing, the SMTP client, the queue runner, DSNs, DKIM, TLS policy."""

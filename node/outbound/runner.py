@@ -1,0 +1,462 @@
+"""The queue runner: due entries out to the world, results back into the queue.
+
+Theory of operation.  One loop greenlet sleeps until ``queue.next_due()`` or
+a wakeup (``queue.watch``: enqueue, retry, release), then takes a bounded
+batch of due entries that are not already in flight.  Each entry's pending
+recipients are grouped by destination domain into *jobs*; each destination
+keeps a FIFO of jobs and at most ``max_connections_per_domain`` worker
+greenlets, and every worker holds one of ``max_connections`` slots while it
+works.  A worker routes its domain once, opens a connection (MX order,
+every address of each host, RFC 5321 §5.1) and sends job after job over it,
+up to ``messages_per_connection`` messages (RSET between them).
+
+When every job of an entry is done, the entry's results are recorded in one
+``record_attempt``: delivered/relayed/failed are final, pending recipients
+get the next attempt time from ``retry_intervals`` (the n-th retry waits
+``retry_intervals[min(n, len-1)]`` +-10%), capped at the entry's
+``max_lifetime``; past it they fail.  DSNs are handed to node/outbound/dsn.py
+*before* the attempt is recorded, so a crash in between repeats a report
+rather than losing it; if a report cannot be stored, its recipients stay
+pending and are tried (and reported) again.
+
+Mail for a local domain never leaves the cluster: the worker delivers it to
+the mail store, and ``_connect`` refuses to connect for a local route.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+
+from node.context import NodeContext
+from node.mailflow import local as localflow
+from node.outbound.client import Connection, ConnectionLost, open_connection
+from node.outbound.client_protocol import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
+from node.outbound.dnsresolver import make_resolver
+from node.outbound.routing import Route, Router
+from storage.model import RELAYED, QueuedRecipient, QueueEntry, RecipientResult, StorageError
+
+log = logging.getLogger("postroom.outbound")
+
+BATCH = 200  # entries taken per pass at most
+MAX_IN_FLIGHT = 1000  # entries being delivered at once at most
+IDLE_WAIT = 60.0  # seconds between passes when nothing is due (wakeups come sooner)
+BUSY_WAIT = 1.0  # seconds between passes while entries are in flight
+COOLDOWN = 30.0  # seconds before an entry whose result could not be stored is retried
+
+
+def retry_delay(attempts_done: int, intervals: Sequence[int], rng: random.Random) -> float:
+    """Seconds until the next attempt after ``attempts_done + 1`` attempts.
+
+    The n-th retry (n = 0 after the first attempt) waits
+    ``intervals[min(n, len - 1)]`` with +-10% jitter, so messages that
+    failed together do not all come back in the same second.
+    """
+    base = float(intervals[min(max(attempts_done, 0), len(intervals) - 1)])
+    return base * rng.uniform(0.9, 1.1)
+
+
+def next_attempt_time(
+    entry: QueueEntry, now: float, intervals: Sequence[int], max_lifetime: float, rng: random.Random
+) -> float:
+    """When to try again: the retry delay, but never past the entry's lifetime."""
+    return min(now + retry_delay(entry.attempts, intervals, rng), entry.created + max_lifetime)
+
+
+def envelope_of(entry: QueueEntry, recipients: Sequence[QueuedRecipient]) -> Envelope:
+    return Envelope(
+        sender=entry.sender,
+        recipients=tuple(Recipient(r.address, r.notify, r.orcpt) for r in recipients),
+        size=entry.size,
+        body=entry.body,
+        smtputf8=entry.smtputf8,
+        requiretls=entry.requiretls,
+        envid=entry.envid,
+        ret=entry.ret,
+    )
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass
+class _Attempt:
+    """One delivery attempt of one entry, possibly to several domains."""
+
+    entry: QueueEntry
+    remaining: int
+    results: list[RecipientResult] = field(default_factory=list)
+    local: set[str] = field(default_factory=set)  # delivered into the cluster
+
+
+@dataclass
+class _Job:
+    attempt: _Attempt
+    domain: str
+    recipients: tuple[QueuedRecipient, ...]
+
+
+@dataclass
+class _Destination:
+    domain: str
+    jobs: collections.deque = field(default_factory=collections.deque)
+    workers: int = 0
+
+
+class QueueRunner:
+    """Delivers the outbound queue of this node; ``start``/``stop``/``wake``.
+
+    ``engine`` is the TransportPolicy (node/outbound/policy.py); it is built
+    from the configuration when not given.
+    """
+
+    def __init__(self, ctx: NodeContext, *, engine: Any = None, router: Router | None = None,
+                 rng: random.Random | None = None) -> None:
+        assert ctx.queue is not None, "the queue runner needs ctx.queue"
+        self.ctx = ctx
+        self.queue = ctx.queue
+        self.settings = ctx.config.outbound
+        resolver = make_resolver(ctx.config)
+        self.router = router or Router(ctx.config, resolver, ctx.directory.is_local_domain)
+        if engine is None:
+            from node.outbound.policy import TransportPolicy
+
+            engine = TransportPolicy(ctx.config, resolver)
+        self.engine = engine
+        self.rng = rng or random.Random()
+        self._wakeup = gevent.event.Event()
+        self._slots = gevent.lock.BoundedSemaphore(max(1, self.settings.max_connections))
+        self._destinations: dict[str, _Destination] = {}
+        self._in_flight: set[str] = set()
+        self._cooldown: dict[str, float] = {}
+        self._workers: set[gevent.Greenlet] = set()
+        self._loop: gevent.Greenlet | None = None
+        self._unwatch: Any = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stopping = False
+        self._unwatch = self.queue.watch(self.wake)
+        self._loop = gevent.spawn(self._run)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking entries; give running deliveries ``timeout`` seconds.
+
+        A delivery cut short is simply attempted again later (at-least-once).
+        """
+        self._stopping = True
+        if self._unwatch is not None:
+            self._unwatch()
+        self.wake()
+        if self._loop is not None:
+            self._loop.join(timeout)
+            self._loop.kill()
+        gevent.joinall(list(self._workers), timeout=timeout)
+        gevent.killall(list(self._workers))
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    # -- the loop --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                taken = self._pass()
+            except Exception:
+                log.exception("queue runner pass failed")
+                taken = 0
+            if taken:
+                gevent.sleep(0)
+                continue
+            self._wakeup.wait(self._wait_time())
+
+    def _pass(self) -> int:
+        now = time.time()
+        room = MAX_IN_FLIGHT - len(self._in_flight)
+        if room <= 0:
+            return 0
+        entries = self.queue.due(now, len(self._in_flight) + len(self._cooldown) + min(BATCH, room))
+        taken = 0
+        for entry in entries:
+            if entry.id in self._in_flight or self._cooldown.get(entry.id, 0) > now:
+                continue
+            self._cooldown.pop(entry.id, None)
+            self._dispatch(entry)
+            taken += 1
+            if taken >= room:
+                break
+        return taken
+
+    def _wait_time(self) -> float:
+        now = time.time()
+        limit = BUSY_WAIT if self._in_flight or self._cooldown else IDLE_WAIT
+        nxt = self.queue.next_due()
+        if nxt is None:
+            return limit
+        return max(0.0, min(nxt - now, limit)) if nxt > now else limit
+
+    # -- dispatch --------------------------------------------------------------------
+
+    def _dispatch(self, entry: QueueEntry) -> None:
+        groups: dict[str, list[QueuedRecipient]] = {}
+        for rcpt in entry.pending:
+            groups.setdefault(domain_of(rcpt.address), []).append(rcpt)
+        if not groups:
+            return
+        self._in_flight.add(entry.id)
+        attempt = _Attempt(entry, len(groups))
+        for domain, rcpts in groups.items():
+            dest = self._destinations.get(domain)
+            if dest is None:
+                dest = self._destinations[domain] = _Destination(domain)
+            dest.jobs.append(_Job(attempt, domain, tuple(rcpts)))
+            self._kick(dest)
+
+    def _kick(self, dest: _Destination) -> None:
+        # One more connection while the backlog is longer than the number of
+        # workers, up to the per-destination limit; each worker drains the FIFO.
+        limit = max(1, self.settings.max_connections_per_domain)
+        while dest.jobs and dest.workers < limit and dest.workers < len(dest.jobs):
+            dest.workers += 1
+            worker = gevent.spawn(self._worker, dest)
+            self._workers.add(worker)
+            worker.link(self._workers.discard)
+
+    def _worker(self, dest: _Destination) -> None:
+        conn: Connection | None = None
+        try:
+            with self._slots:
+                if not dest.jobs:
+                    return
+                route = self.router.route(dest.domain)
+                while dest.jobs:
+                    job = dest.jobs.popleft()
+                    try:
+                        conn = self._deliver_job(route, job, conn)
+                    except Exception:
+                        log.exception("delivery of %s to %s failed", job.attempt.entry.id, dest.domain)
+                        self._finish(job, [RecipientResult(
+                            r.address, PENDING, 451, "4.3.0", "internal error during delivery")
+                            for r in job.recipients])
+        finally:
+            if conn is not None:
+                conn.close(quit=True)
+            dest.workers -= 1
+            if not dest.jobs and not dest.workers:
+                self._destinations.pop(dest.domain, None)
+            elif dest.jobs:
+                self._kick(dest)
+
+    # -- one job ---------------------------------------------------------------------
+
+    def _deliver_job(self, route: Route, job: _Job, conn: Connection | None) -> Connection | None:
+        entry = job.attempt.entry
+        if route.local:
+            self._deliver_local(job)
+            return conn
+        if route.failure is not None:
+            self._log(entry, job.recipients, "-", "-", route.failure, None, "none")
+            self._finish(job, self._results(job.recipients, [route.failure] * len(job.recipients), ""))
+            return conn
+        raw = self.queue.read_message(entry.blob)
+        env = envelope_of(entry, job.recipients)
+        if conn is not None and (not conn.usable
+                                 or conn.messages >= self.settings.messages_per_connection
+                                 or conn.requiretls != entry.requiretls):
+            conn.close(quit=True)
+            conn = None
+        n = len(job.recipients)
+        for fresh in (conn is None, True):
+            if conn is None:
+                conn, failure = self._connect(route, entry)
+                if conn is None:
+                    assert failure is not None
+                    self._finish(job, self._results(job.recipients, [failure] * n, ""))
+                    return None
+            try:
+                outcomes = conn.send(env, raw)
+            except ConnectionLost as exc:
+                self._log(entry, job.recipients, conn.mx_host, conn.address, exc.outcome,
+                          conn.tls, conn.policy_label)
+                conn = None
+                if exc.before_transaction and not fresh:
+                    continue  # an idle reused connection died: open a new one
+                self._finish(job, self._results(job.recipients, [exc.outcome] * n, ""))
+                return None
+            for rcpt, outcome in zip(job.recipients, outcomes, strict=True):
+                self._log(entry, (rcpt,), conn.mx_host, conn.address, outcome, conn.tls,
+                          conn.policy_label)
+            self._finish(job, self._results(job.recipients, outcomes, conn.mx_host,
+                                            next_hop_dsn=conn.ext.dsn))
+            return conn
+        raise AssertionError("unreachable: the second round always returns")
+
+    def _connect(self, route: Route, entry: QueueEntry) -> tuple[Connection | None, Outcome | None]:
+        """A session with the first host of the route that answers (RFC 5321 §5.1)."""
+        if route.local or self.router.local_domain(route.domain):
+            raise AssertionError(f"refusing to connect out for local domain {route.domain}")
+        from node.outbound.policy import MxNotAllowed
+
+        last: Outcome | None = None
+        for host in route.hosts:
+            try:
+                policy = self.engine.for_mx(route.domain, host.name, host.port,
+                                            requiretls=entry.requiretls)
+            except MxNotAllowed as exc:
+                last = Outcome(PENDING, 451, "4.7.5", f"MX {host.name} not allowed by policy: {exc}")
+                self._log(entry, entry.pending, host.name, "-", last, None, "mta-sts")
+                continue
+            label = policy.describe()  # e.g. "tls=required(dane,requiretls)"
+            conn, failures = open_connection(self.settings, self.ctx.hostname, host.name,
+                                             host.addresses, host.port, policy, self.engine)
+            for address, outcome in failures:
+                self._log(entry, entry.pending, host.name, address, outcome, None, label)
+                last = outcome
+            if conn is not None:
+                conn.policy_label = label
+                conn.requiretls = entry.requiretls
+                return conn, None
+        if last is not None and last.state == FAILED and len(route.hosts) > 1:
+            last = dataclasses.replace(last, state=PENDING)  # only the last host's refusal
+        return None, last or Outcome(PENDING, 451, "4.4.1", "no host to connect to")
+
+    def _deliver_local(self, job: _Job) -> None:
+        """Local domain: into the mail store, never over the network."""
+        entry = job.attempt.entry
+        raw = self.queue.read_message(entry.blob)
+        results = []
+        for rcpt in job.recipients:
+            accounts = localflow.resolve(self.ctx.directory, rcpt.address)
+            if accounts is None:
+                outcome = Outcome(FAILED, 550, "5.1.1", "no such user here")
+            elif not accounts:
+                outcome = Outcome(PENDING, 451, "4.3.0", "no mailbox to deliver to yet")
+            else:
+                try:
+                    header = f"Return-Path: <{entry.sender}>\r\n".encode()
+                    self.ctx.store.deliver(accounts, header + raw)
+                    outcome = Outcome(DELIVERED, 250, "2.0.0", "delivered locally")
+                except StorageError as exc:
+                    outcome = Outcome(PENDING, 451, "4.3.0", f"local delivery failed: {exc}")
+            self._log(entry, (rcpt,), self.ctx.hostname, "local", outcome, None, "local")
+            results.extend(self._results((rcpt,), [outcome], self.ctx.hostname))
+        self._finish(job, results, local=True)
+
+    @staticmethod
+    def _results(rcpts: Sequence[QueuedRecipient], outcomes: Sequence[Outcome], remote_mta: str,
+                 *, next_hop_dsn: bool = True) -> list[RecipientResult]:
+        out = []
+        for rcpt, outcome in zip(rcpts, outcomes, strict=True):
+            state = outcome.state
+            if state == DELIVERED and not next_hop_dsn and "SUCCESS" in rcpt.notify:
+                state = RELAYED  # RFC 3461 §5.2.2.3: the next hop cannot report success
+            out.append(RecipientResult(rcpt.address, state, outcome.code, outcome.enhanced,
+                                       outcome.text, remote_mta))
+        return out
+
+    # -- completion ------------------------------------------------------------------
+
+    def _finish(self, job: _Job, results: list[RecipientResult], *, local: bool = False) -> None:
+        attempt = job.attempt
+        attempt.results.extend(results)
+        if local:
+            attempt.local.update(r.address for r in results)
+        attempt.remaining -= 1
+        if attempt.remaining == 0:
+            try:
+                self._complete(attempt)
+            finally:
+                self._in_flight.discard(attempt.entry.id)
+                self.wake()
+
+    def _complete(self, attempt: _Attempt) -> None:
+        """DSNs first, then one record_attempt for the whole entry."""
+        from node.outbound import dsn
+
+        entry, now, s = attempt.entry, time.time(), self.settings
+        expired = now - entry.created >= s.max_lifetime
+        results = []
+        for r in attempt.results:
+            if r.state == PENDING and expired:
+                days = s.max_lifetime / 86400
+                r = dataclasses.replace(r, state=FAILED, enhanced=r.enhanced or "4.4.7",
+                                        text=f"delivery time expired after {days:g} days; "
+                                             f"last error: {r.text}")
+            results.append(r)
+        by_address = {q.address.lower(): q for q in entry.pending}
+
+        def queued(rs: list[RecipientResult]) -> list[QueuedRecipient]:
+            out = []
+            for r in rs:
+                q = by_address.get(r.address.lower())
+                if q is not None:
+                    out.append(dataclasses.replace(
+                        q, state=r.state, code=r.code, enhanced=r.enhanced, text=r.text,
+                        remote_mta=r.remote_mta, attempts=q.attempts + 1, updated=now))
+            return out
+
+        local = attempt.local
+        failed = [r for r in results if r.state == FAILED]
+        relayed = [r for r in results if r.state == RELAYED]
+        succeeded = [r for r in results if r.state == DELIVERED and r.address in local]
+        pending = [r for r in results if r.state == PENDING]
+        delay_sent: bool | None = None
+        reports = [("failure", failed), ("relayed", relayed), ("success", succeeded)]
+        if pending and not entry.delay_dsn_sent and now - entry.created >= s.delay_dsn_after:
+            reports.append(("delay", pending))
+            delay_sent = True
+        unreported: set[str] = set()
+        for kind, rs in reports:
+            if not rs:
+                continue
+            try:
+                dsn.send_report(self.ctx, entry, kind, queued(rs))
+            except StorageError as exc:
+                log.warning("queue %s: %s report not stored (%s); tried again later",
+                            entry.id, kind, exc)
+                if kind == "failure":
+                    unreported.update(r.address for r in rs)
+                if kind == "delay":
+                    delay_sent = None
+        if unreported:
+            # Keep them pending so the failure is seen, and reported, again.
+            results = [dataclasses.replace(r, state=PENDING) if r.address in unreported else r
+                       for r in results]
+            pending = [r for r in results if r.state == PENDING]
+        next_attempt = None
+        if pending:
+            next_attempt = next_attempt_time(entry, now, s.retry_intervals, s.max_lifetime, self.rng)
+            if unreported:
+                next_attempt = min(next_attempt, now + COOLDOWN)
+        try:
+            self.queue.record_attempt(entry.id, results, next_attempt, delay_dsn_sent=delay_sent)
+        except StorageError as exc:
+            log.warning("queue %s: attempt result not stored (%s); retried in %gs",
+                        entry.id, exc, COOLDOWN)
+            self._cooldown[entry.id] = now + COOLDOWN
+
+    # -- logging ---------------------------------------------------------------------
+
+    def _log(self, entry: QueueEntry, rcpts: Sequence[QueuedRecipient], mx: str, ip: str,
+             outcome: Outcome, tls: str | None, policy: str) -> None:
+        """One line per delivery attempt, with the TLS in use and the policy enforced."""
+        log.info(
+            "delivery queue=%s to=%s mx=%s ip=%s result=%s status=\"%s\" tls=%s policy=%s",
+            entry.id, ",".join(r.address for r in rcpts), mx, ip, outcome.state,
+            str(outcome)[:300], (tls or "none").replace(" ", "/"), policy,
+        )
