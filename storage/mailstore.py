@@ -213,6 +213,23 @@ class MailStore:
     def committer_for(self, account: str) -> GroupCommitter:
         return self._shard(_account(account)).committer
 
+    def shard_by_number(self, number: int) -> tuple[Shard, GroupCommitter]:
+        """Shard ``number`` and its committer, opened on first use (storage/queue.py)."""
+        entry = self._entry(number)
+        return entry.shard, entry.committer
+
+    def existing_shards(self) -> list[int]:
+        """Numbers of the shards that are open or have a database on disk."""
+        found = set(self._open)
+        for path in (self.data_dir / "shards").glob("shard-*.sqlite"):
+            try:
+                number = int(path.stem.removeprefix("shard-"))
+            except ValueError:
+                continue
+            if 0 <= number < self.shards:
+                found.add(number)
+        return sorted(found)
+
     def _submit(self, account: str, intent: Intent) -> Any:
         return self._shard(account).committer.submit(intent)
 

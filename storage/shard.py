@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 Every change to a shard is an *operation* appended to the ``oplog`` table
 ``(idx, epoch, ts, op, args)``; the state tables (``mailboxes``, ``messages``,
-``expunged``, ``shard_meta``) are exactly what applying the log in index
-order produces.  An operation is created by the writer *inside* the write
+``expunged``, ``shard_meta``, and the outbound queue's ``queue`` and
+``queue_rcpt``, see storage/queue.py) are exactly what applying the log in
+index order produces.  An operation is created by the writer *inside* the write
 transaction: an intent handler (``intent_*``) reads the current state,
 validates, decides every value (UID, MODSEQ, UIDVALIDITY, times) and records
 them in the op's JSON args; the matching ``_apply_*`` function then changes
@@ -36,6 +37,7 @@ from typing import Any
 from storage import names
 from storage.model import (
     DEFAULT_MAILBOXES,
+    PENDING,
     AppendResult,
     FlagChange,
     MailboxChanges,
@@ -89,9 +91,42 @@ CREATE TABLE IF NOT EXISTS expunged (
     modseq INTEGER NOT NULL,
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS queue (
+    id TEXT PRIMARY KEY,
+    sender TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    created REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    held INTEGER NOT NULL,
+    envid TEXT,
+    ret TEXT,
+    requiretls INTEGER NOT NULL,
+    smtputf8 INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    is_dsn INTEGER NOT NULL,
+    delay_dsn_sent INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS queue_due ON queue (held, next_attempt);
+CREATE TABLE IF NOT EXISTS queue_rcpt (
+    qid TEXT NOT NULL,
+    pos INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    notify TEXT NOT NULL,
+    orcpt TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    code INTEGER,
+    enhanced TEXT,
+    text TEXT NOT NULL,
+    remote_mta TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (qid, pos)
+) WITHOUT ROWID;
 """
 
-STATE_TABLES = ("shard_meta", "mailboxes", "messages", "expunged")
+STATE_TABLES = ("shard_meta", "mailboxes", "messages", "expunged", "queue", "queue_rcpt")
 MAX_UIDS_PER_OP = 1_000_000  # bounded op args
 
 
@@ -286,7 +321,73 @@ def _apply_delete_account(conn: sqlite3.Connection, a: dict) -> Changes:
     return [(a["account"], name) for _uv, name in rows]
 
 
-APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
+# -- outbound queue ops (storage/queue.py; docs/queue.md) ---------------------
+# Queue ops change no mailbox, so they report no (account, mailbox) changes;
+# storage/queue.py tells its own watchers after the commit.
+
+
+def _apply_enqueue(conn: sqlite3.Connection, a: dict) -> Changes:
+    conn.execute(
+        "INSERT INTO queue (id, sender, blob, size, created, next_attempt, attempts, held,"
+        " envid, ret, requiretls, smtputf8, body, is_dsn, delay_dsn_sent)"
+        " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, 0)",
+        (
+            a["id"], a["sender"], a["blob"], a["size"], a["created"], a["next_attempt"],
+            a["envid"], a["ret"], int(a["requiretls"]), int(a["smtputf8"]), a["body"],
+            int(a["is_dsn"]),
+        ),
+    )
+    for pos, r in enumerate(a["recipients"]):
+        conn.execute(
+            "INSERT INTO queue_rcpt (qid, pos, address, notify, orcpt, state, attempts, code,"
+            " enhanced, text, remote_mta, updated) VALUES (?, ?, ?, ?, ?, ?, 0, NULL, NULL,"
+            " '', '', ?)",
+            (a["id"], pos, r["address"], " ".join(r["notify"]), r["orcpt"], PENDING,
+             a["created"]),
+        )
+    return []
+
+
+def _apply_attempt_result(conn: sqlite3.Connection, a: dict) -> Changes:
+    for pos, state, attempts, code, enhanced, text, remote_mta, updated in a["recipients"]:
+        conn.execute(
+            "UPDATE queue_rcpt SET state = ?, attempts = ?, code = ?, enhanced = ?, text = ?,"
+            " remote_mta = ?, updated = ? WHERE qid = ? AND pos = ?",
+            (state, attempts, code, enhanced, text, remote_mta, updated, a["id"], pos),
+        )
+    conn.execute(
+        "UPDATE queue SET attempts = ?, next_attempt = ?, delay_dsn_sent = ? WHERE id = ?",
+        (a["attempts"], a["next_attempt"], int(a["delay_dsn_sent"]), a["id"]),
+    )
+    return []
+
+
+def _apply_dequeue(conn: sqlite3.Connection, a: dict) -> Changes:
+    conn.execute("DELETE FROM queue_rcpt WHERE qid = ?", (a["id"],))
+    conn.execute("DELETE FROM queue WHERE id = ?", (a["id"],))
+    return []
+
+
+def _apply_hold(conn: sqlite3.Connection, a: dict) -> Changes:
+    conn.execute("UPDATE queue SET held = 1 WHERE id = ?", (a["id"],))
+    return []
+
+
+def _apply_release(conn: sqlite3.Connection, a: dict) -> Changes:
+    conn.execute(
+        "UPDATE queue SET held = 0, next_attempt = ? WHERE id = ?", (a["next_attempt"], a["id"])
+    )
+    return []
+
+
+def _apply_retry(conn: sqlite3.Connection, a: dict) -> Changes:
+    for qid in a["ids"]:
+        conn.execute(
+            "UPDATE queue SET next_attempt = ? WHERE id = ?", (a["next_attempt"], qid)
+        )
+    return []
+
+MAILBOX_APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
     "create_mailbox": _apply_create_mailbox,
     "delete_mailbox": _apply_delete_mailbox,
     "rename_mailbox": _apply_rename_mailbox,
@@ -296,6 +397,17 @@ APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
     "expunge": _apply_expunge,
     "copy": _apply_copy,
     "delete_account": _apply_delete_account,
+}
+QUEUE_APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
+    "enqueue": _apply_enqueue,
+    "attempt_result": _apply_attempt_result,
+    "dequeue": _apply_dequeue,
+    "hold": _apply_hold,
+    "release": _apply_release,
+    "retry": _apply_retry,
+}
+APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
+    **MAILBOX_APPLY, **QUEUE_APPLY,
 }
 
 

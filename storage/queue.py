@@ -1,0 +1,491 @@
+"""The outbound queue (node/context.py ``OutboundQueue``), kept in the shard logs.
+
+Theory of operation
+-------------------
+A queued message is a row of table ``queue`` plus one ``queue_rcpt`` row per
+recipient, in the same shard databases and the same operation log as the
+mailboxes (storage/shard.py), so replication, hand-over and backup treat the
+queue like any mailbox.  The *queue shard* of an entry is
+``shard_of(queue_id, shards)`` (storage/mailstore.py), so any reader finds an
+entry from its id alone.
+
+Every change is an intent run by the shard's group committer in the write
+transaction; the intent decides every value -- the queue id (16 random hex
+digits drawn until one maps to this shard and is unused), times, attempt
+counters -- and records them in the op's args, so replaying the log rebuilds
+identical state.  Ops (docs/queue.md): ``enqueue``, ``attempt_result``,
+``dequeue``, ``hold``, ``release``, ``retry``.
+
+The body is written to the BlobStore (fsynced) *before* the ``enqueue`` op is
+committed, like a mailbox append.  Reads run on the hub on each shard's
+reader connection; ``due`` and ``next_due`` use the ``(held, next_attempt)``
+index.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from storage.mailstore import MailStore, shard_of
+from storage.model import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    RELAYED,
+    NoSuchQueueEntry,
+    QueuedRecipient,
+    QueueEntry,
+    RecipientResult,
+    StorageError,
+)
+from storage.shard import Shard, Tx
+
+log = logging.getLogger(__name__)
+
+ID_RE = re.compile(r"[0-9a-f]{16,64}")
+MAX_RECIPIENTS = 10_000  # per entry; SMTP sessions accept far fewer (smtp.max_recipients)
+MAX_ADDRESS = 998  # octets of one address, as a safe bound on the stored text
+MAX_REPLY_TEXT = 2_000  # characters of a remote reply kept per recipient
+MAX_ENVID = 100  # RFC 3461 §4.4
+MAX_IDS_PER_OP = 10_000  # bounded op args for retry/flush
+STATES = (PENDING, DELIVERED, FAILED, RELAYED)
+NOTIFY_VALUES = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
+BODIES = ("7BIT", "8BITMIME", "BINARYMIME")  # RFC 6152, RFC 3030
+RETS = (None, "FULL", "HDRS")  # RFC 3461 §4.3
+
+_ENTRY_COLUMNS = (
+    "id, sender, blob, size, created, next_attempt, attempts, held, envid, ret,"
+    " requiretls, smtputf8, body, is_dsn, delay_dsn_sent"
+)
+_RCPT_COLUMNS = "address, notify, orcpt, state, attempts, code, enhanced, text, remote_mta, updated"
+
+
+def is_queue_id(text: object) -> bool:
+    """16..64 lower-case hex digits."""
+    return isinstance(text, str) and ID_RE.fullmatch(text) is not None
+
+
+def queue_shard(queue_id: str, shards: int) -> int:
+    """The shard holding an entry: a stable hash of its id."""
+    return shard_of(queue_id, shards)
+
+
+def _text(value: str, limit: int, what: str) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise StorageError(f"bad {what}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise StorageError(f"bad {what}: control characters")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Reading state (reader connection on the hub, or the writer inside a Tx).
+
+
+def _entry(conn: Any, row: tuple) -> QueueEntry:
+    (qid, sender, blob, size, created, next_attempt, attempts, held, envid, ret,
+     requiretls, smtputf8, body, is_dsn, delay_dsn_sent) = row
+    rcpts = conn.execute(
+        f"SELECT {_RCPT_COLUMNS} FROM queue_rcpt WHERE qid = ? ORDER BY pos", (qid,)
+    ).fetchall()
+    return QueueEntry(
+        id=qid,
+        sender=sender,
+        recipients=tuple(
+            QueuedRecipient(
+                address=a, notify=tuple(n.split()), orcpt=o, state=st, attempts=at, code=c,
+                enhanced=e, text=t, remote_mta=m, updated=u,
+            )
+            for a, n, o, st, at, c, e, t, m, u in rcpts
+        ),
+        blob=blob,
+        size=size,
+        created=created,
+        next_attempt=next_attempt,
+        attempts=attempts,
+        held=bool(held),
+        envid=envid,
+        ret=ret,
+        requiretls=bool(requiretls),
+        smtputf8=bool(smtputf8),
+        body=body,
+        is_dsn=bool(is_dsn),
+        delay_dsn_sent=bool(delay_dsn_sent),
+    )
+
+
+def _read_entries(shard: Shard, where: str, params: tuple) -> list[QueueEntry]:
+    """Entries matching ``where``, read in one WAL snapshot."""
+    conn = shard.reader
+    conn.execute("BEGIN")
+    try:
+        rows = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM queue WHERE {where}", params).fetchall()
+        return [_entry(conn, row) for row in rows]
+    finally:
+        conn.execute("COMMIT")
+
+
+def _require(tx: Tx, queue_id: str) -> tuple:
+    row = tx.conn.execute(
+        "SELECT attempts, next_attempt, delay_dsn_sent, held FROM queue WHERE id = ?",
+        (queue_id,),
+    ).fetchone()
+    if row is None:
+        raise NoSuchQueueEntry(queue_id)
+    return row
+
+
+# ---------------------------------------------------------------------------
+# Intents (run by the group committer in the write transaction).
+
+
+def intent_enqueue(
+    tx: Tx, number: int, shards: int, sender: str, recipients: list[dict], blob: str,
+    size: int, options: dict,
+) -> QueueEntry:
+    """Draw a fresh id that maps to this shard, then log ``enqueue``."""
+    for _ in range(1000 * shards):
+        candidate = secrets.token_hex(8)
+        if queue_shard(candidate, shards) == number and tx.conn.execute(
+            "SELECT 1 FROM queue WHERE id = ?", (candidate,)
+        ).fetchone() is None:
+            break
+    else:  # pragma: no cover - probability ~ e^-1000
+        raise StorageError("could not draw a queue id")
+    now = time.time()
+    tx.log("enqueue", {
+        "id": candidate, "sender": sender, "recipients": recipients, "blob": blob,
+        "size": size, "created": now, "next_attempt": now, **options,
+    })
+    return _entry(tx.conn, tx.conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM queue WHERE id = ?", (candidate,)).fetchone())
+
+
+def intent_record_attempt(
+    tx: Tx, queue_id: str, results: list[RecipientResult], next_attempt: float | None,
+    delay_dsn_sent: bool | None,
+) -> QueueEntry | None:
+    """Log ``attempt_result`` (and ``dequeue`` once nothing is pending).
+
+    Each result applies to the first still-pending recipient with its address
+    (case-insensitive); results for other addresses are ignored.  An unknown
+    entry (deleted meanwhile) changes nothing and gives None.
+    """
+    row = tx.conn.execute(
+        "SELECT attempts, next_attempt, delay_dsn_sent FROM queue WHERE id = ?", (queue_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    attempts, current_next, current_dsn = row
+    rcpts = tx.conn.execute(
+        "SELECT pos, address, state, attempts FROM queue_rcpt WHERE qid = ? ORDER BY pos",
+        (queue_id,),
+    ).fetchall()
+    pending = {pos: (addr.lower(), n) for pos, addr, state, n in rcpts if state == PENDING}
+    now = time.time()
+    updates: list[list] = []
+    left = set(pending)
+    for result in results:
+        want = result.address.lower()
+        pos = next((p for p in sorted(left) if pending[p][0] == want), None)
+        if pos is None:
+            continue
+        if result.state != PENDING:
+            left.discard(pos)
+        updates.append([
+            pos, result.state, pending[pos][1] + 1, result.code, result.enhanced,
+            result.text[:MAX_REPLY_TEXT], result.remote_mta[:255], now,
+        ])
+        pending[pos] = ("", pending[pos][1])  # one result per recipient per attempt
+    tx.log("attempt_result", {
+        "id": queue_id,
+        "attempts": attempts + 1,
+        "next_attempt": current_next if next_attempt is None else float(next_attempt),
+        "delay_dsn_sent": bool(current_dsn) if delay_dsn_sent is None else bool(delay_dsn_sent),
+        "recipients": updates,
+    })
+    if not left:
+        tx.log("dequeue", {"id": queue_id, "reason": "done"})
+        return None
+    return _entry(tx.conn, tx.conn.execute(
+        f"SELECT {_ENTRY_COLUMNS} FROM queue WHERE id = ?", (queue_id,)).fetchone())
+
+
+def intent_hold(tx: Tx, queue_id: str) -> None:
+    if not _require(tx, queue_id)[3]:
+        tx.log("hold", {"id": queue_id})
+
+
+def intent_release(tx: Tx, queue_id: str) -> bool:
+    """Un-hold and make it due now; False if it was not held (nothing logged)."""
+    if not _require(tx, queue_id)[3]:
+        return False
+    tx.log("release", {"id": queue_id, "next_attempt": time.time()})
+    return True
+
+
+def intent_retry(tx: Tx, queue_id: str | None) -> int:
+    """Make one entry (held or not), or every non-held entry, due now."""
+    if queue_id is not None:
+        _require(tx, queue_id)
+        ids = [queue_id]
+    else:
+        ids = [r[0] for r in tx.conn.execute("SELECT id FROM queue WHERE held = 0 ORDER BY id")]
+    now = time.time()
+    for i in range(0, len(ids), MAX_IDS_PER_OP):
+        tx.log("retry", {"ids": ids[i:i + MAX_IDS_PER_OP], "next_attempt": now})
+    return len(ids)
+
+
+def intent_delete(tx: Tx, queue_id: str) -> None:
+    _require(tx, queue_id)
+    tx.log("dequeue", {"id": queue_id, "reason": "deleted"})
+
+
+# ---------------------------------------------------------------------------
+
+
+class OutboundQueue:
+    """node.context.OutboundQueue over a MailStore's shards.
+
+    Every change returns once committed and raises StorageUnavailable
+    otherwise; hold/release/retry/delete raise NoSuchQueueEntry for an
+    unknown id.  Watchers run on the hub after a committed enqueue, retry,
+    release or flush.
+    """
+
+    def __init__(self, store: MailStore) -> None:
+        self.store = store
+        self._watchers: list[Callable[[], None]] = []
+        self._known: set[int] | None = None  # shards that may hold entries
+
+    # -- shards ------------------------------------------------------------
+
+    def _shard_numbers(self) -> list[int]:
+        if self._known is None:
+            self._known = set(self.store.existing_shards())
+        return sorted(self._known)
+
+    def _shard_of_id(self, queue_id: str) -> int | None:
+        """The shard of an id, or None if it is malformed or that shard has no database."""
+        if not is_queue_id(queue_id):
+            return None
+        number = queue_shard(queue_id, self.store.shards)
+        return number if number in self._shard_numbers() else None
+
+    def _submit(self, number: int, intent: Callable[[Tx], Any]) -> Any:
+        _, committer = self.store.shard_by_number(number)
+        return committer.submit(intent)
+
+    def _submit_for(self, queue_id: str, intent: Callable[..., Any], **kwargs: Any) -> Any:
+        number = self._shard_of_id(queue_id)
+        if number is None:
+            raise NoSuchQueueEntry(queue_id)
+        return self._submit(number, functools.partial(intent, queue_id=queue_id, **kwargs))
+
+    # -- watchers ------------------------------------------------------------
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """callback() on the hub after each committed enqueue/retry/release/flush."""
+        self._watchers.append(callback)
+
+        def stop() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+
+        return stop
+
+    def _notify(self) -> None:
+        for callback in list(self._watchers):
+            try:
+                callback()
+            except Exception:
+                log.exception("queue watcher failed")
+
+    # -- writes ------------------------------------------------------------
+
+    def enqueue(
+        self,
+        sender: str,
+        recipients: Iterable[QueuedRecipient],
+        raw: bytes,
+        *,
+        envid: str | None = None,
+        ret: str | None = None,
+        requiretls: bool = False,
+        smtputf8: bool = False,
+        body: str = "7BIT",
+        is_dsn: bool = False,
+    ) -> QueueEntry:
+        """Queue one message; every recipient starts pending (their state
+        fields are ignored).  Raises StorageError for invalid arguments before
+        anything is written."""
+        rcpts = [
+            {
+                "address": _text(r.address, MAX_ADDRESS, "recipient"),
+                "notify": [n.upper() for n in r.notify],
+                "orcpt": None if r.orcpt is None else _text(r.orcpt, MAX_ADDRESS, "ORCPT"),
+            }
+            for r in recipients
+        ]
+        if not rcpts or len(rcpts) > MAX_RECIPIENTS:
+            raise StorageError(f"an entry needs 1..{MAX_RECIPIENTS} recipients")
+        if any(not r["address"] or any(n not in NOTIFY_VALUES for n in r["notify"])
+               for r in rcpts):
+            raise StorageError("bad recipient or NOTIFY value")
+        if ret not in RETS or body not in BODIES:
+            raise StorageError("bad RET or BODY value")
+        options = {
+            "envid": None if envid is None else _text(envid, MAX_ENVID, "ENVID"),
+            "ret": ret, "requiretls": bool(requiretls), "smtputf8": bool(smtputf8),
+            "body": body, "is_dsn": bool(is_dsn),
+        }
+        sender = _text(sender, MAX_ADDRESS, "sender")
+        blob = self.store.blobs.put(raw)  # durable before the op that names it
+        number = secrets.randbelow(self.store.shards)
+        entry = self._submit(number, functools.partial(
+            intent_enqueue, number=number, shards=self.store.shards, sender=sender,
+            recipients=rcpts, blob=blob, size=len(raw), options=options,
+        ))
+        self._shard_numbers()
+        assert self._known is not None
+        self._known.add(number)
+        self._notify()
+        return entry
+
+    def record_attempt(
+        self,
+        queue_id: str,
+        results: Iterable[RecipientResult],
+        next_attempt: float | None,
+        *,
+        delay_dsn_sent: bool | None = None,
+    ) -> QueueEntry | None:
+        """Apply one attempt's results (see ``intent_record_attempt``).
+
+        ``next_attempt`` None keeps the current time.  Returns the updated
+        entry, or None once no recipient is pending (the entry is removed in
+        the same transaction) or if the entry no longer exists.
+        """
+        items = list(results)
+        for r in items:
+            if r.state not in STATES:
+                raise StorageError(f"bad recipient state {r.state!r}")
+        number = self._shard_of_id(queue_id)
+        if number is None:
+            return None
+        return self._submit(number, functools.partial(
+            intent_record_attempt, queue_id=queue_id, results=items,
+            next_attempt=next_attempt, delay_dsn_sent=delay_dsn_sent,
+        ))
+
+    def hold(self, queue_id: str) -> None:
+        """Keep the entry out of ``due`` until released (Postfix ``postsuper -h``)."""
+        self._submit_for(queue_id, intent_hold)
+
+    def release(self, queue_id: str) -> None:
+        """Un-hold the entry and make it due now."""
+        if self._submit_for(queue_id, intent_release):
+            self._notify()
+
+    def retry_now(self, queue_id: str) -> None:
+        """Make the entry due now (its hold, if any, stays)."""
+        self._submit_for(queue_id, intent_retry)
+        self._notify()
+
+    def delete(self, queue_id: str) -> None:
+        """Remove the entry without any report (operator action)."""
+        self._submit_for(queue_id, intent_delete)
+
+    def flush(self) -> int:
+        """Make every non-held entry due now; returns how many."""
+        total = 0
+        for number in self._shard_numbers():
+            total += self._submit(number, functools.partial(intent_retry, queue_id=None))
+        self._notify()
+        return total
+
+    # -- reads -------------------------------------------------------------
+
+    def get(self, queue_id: str) -> QueueEntry | None:
+        number = self._shard_of_id(queue_id)
+        if number is None:
+            return None
+        shard, _ = self.store.shard_by_number(number)
+        found = _read_entries(shard, "id = ?", (queue_id,))
+        return found[0] if found else None
+
+    def due(self, now: float, limit: int) -> list[QueueEntry]:
+        """Entries not held with next_attempt <= now, earliest first, at most ``limit``."""
+        if limit <= 0:
+            return []
+        found: list[QueueEntry] = []
+        for number in self._shard_numbers():
+            shard, _ = self.store.shard_by_number(number)
+            found += _read_entries(
+                shard, "held = 0 AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+                (now, limit),
+            )
+        found.sort(key=lambda e: (e.next_attempt, e.id))
+        return found[:limit]
+
+    def next_due(self) -> float | None:
+        """The earliest next_attempt of a non-held entry, or None if there is none."""
+        best: float | None = None
+        for number in self._shard_numbers():
+            shard, _ = self.store.shard_by_number(number)
+            (value,) = shard.reader.execute(
+                "SELECT min(next_attempt) FROM queue WHERE held = 0"
+            ).fetchone()
+            if value is not None and (best is None or value < best):
+                best = value
+        return best
+
+    def list(
+        self,
+        domain: str | None = None,
+        sender: str | None = None,
+        older_than: float | None = None,
+        now: float | None = None,
+    ) -> list[QueueEntry]:
+        """Every entry, oldest first, filtered by recipient domain, sender
+        (an address, or ``@domain``), and age in seconds -- all case-insensitive."""
+        cutoff = None if older_than is None else (now or time.time()) - older_than
+        out: list[QueueEntry] = []
+        for number in self._shard_numbers():
+            shard, _ = self.store.shard_by_number(number)
+            out += _read_entries(shard, "1 ORDER BY created", ())
+        return sorted(
+            (e for e in out if _matches(e, domain, sender, cutoff)),
+            key=lambda e: (e.created, e.id),
+        )
+
+    def read_message(self, blob: str) -> bytes:
+        return self.store.read_message(blob)
+
+
+def _matches(
+    entry: QueueEntry, domain: str | None, sender: str | None, cutoff: float | None
+) -> bool:
+    if cutoff is not None and entry.created > cutoff:
+        return False
+    if sender is not None:
+        want = sender.lower()
+        have = entry.sender.lower()
+        if want.startswith("@"):
+            if not have.endswith(want):
+                return False
+        elif have != want:
+            return False
+    if domain is not None:
+        want = domain.lower().lstrip("@")
+        domains: Sequence[str] = [r.address.rpartition("@")[2].lower() for r in entry.recipients]
+        if want not in domains:
+            return False
+    return True
