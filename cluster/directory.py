@@ -3,7 +3,9 @@
 Keys (relative to the etcd prefix), values JSON:
 
 * ``/domains/<domain>``   ``{"created": ts}``
-* ``/accounts/<address>`` ``{"password": "<argon2id PHC string>", "created": ts}``
+* ``/accounts/<address>`` ``{"password": "<argon2id PHC string>", "created": ts,
+  "scram-sha-256": {"salt", "iterations", "stored_key", "server_key"}}`` (base64;
+  absent for accounts whose password was set before SCRAM existed)
 * ``/aliases/<source>``   ``{"targets": [address, ...], "created": ts}``;
   source is an address or ``@<domain>`` (catch-all).
 * ``/dkim/<domain>/<selector>`` ``{"algorithm": "rsa-sha256"|"ed25519-sha256",
@@ -48,7 +50,8 @@ from cluster.etcd import (
     key_absent,
     key_exists,
 )
-from node.auth.passwords import dummy_hash, hash_password, verify_password
+from node.auth.passwords import dummy_hash, hash_password, run_off_hub, verify_password
+from node.auth.sasl import ScramCredentials, derive_scram, scram_from_record, scram_to_record
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +130,17 @@ def normalize_selector(selector: str) -> str:
     if not text or len(text) > 63 or not all(_LABEL.match(label) for label in labels):
         raise DirectoryError(f"not a valid DKIM selector: {selector!r}")
     return text
+
+
+SCRAM_FIELD = "scram-sha-256"  # account record field: salt, iterations, keys (base64)
+
+
+def _scram_record(account: str, password: str) -> dict[str, object]:
+    """PBKDF2 for SCRAM runs off the hub like the argon2 hash."""
+    try:
+        return scram_to_record(run_off_hub(derive_scram, account, password))
+    except ValueError:
+        raise DirectoryError("password contains characters SASLprep prohibits") from None
 
 
 def _domain_of(address: str) -> str:
@@ -282,6 +296,36 @@ class EtcdDirectory:
             return None
         return account if verify_password(encoded, password) else None
 
+    def scram_credentials(self, username: str) -> ScramCredentials | None:
+        """SCRAM-SHA-256 keys of the account (RFC 5802 §3); None when unknown or
+        when the account predates SCRAM (its password was set before)."""
+        try:
+            account = normalize_address(username)
+        except DirectoryError:
+            return None
+        record = self._accounts.get(account)
+        return scram_from_record(account, record.get(SCRAM_FIELD)) if record else None
+
+    def sender_allowed(self, account: str, address: str) -> bool:
+        """May ``account`` use ``address`` as its sender (RFC 6409 §6.1)?
+
+        Yes for the account itself and for an alias whose expansion includes
+        it; a catch-all (``@domain``) does not count, or every user of a
+        catch-all would own every address of the domain.
+        """
+        try:
+            account = normalize_address(account)
+            address = normalize_address(address)
+        except DirectoryError:
+            return False
+        if address == account:
+            return account in self._accounts
+        if address not in self._aliases:
+            return False
+        found: list[str] = []
+        self._expand(address, 0, set(), found)
+        return account in found
+
     # -- admin (etcd reads and writes; used by the CLI) -----------------------
 
     def _get_table(self, prefix: str) -> dict[str, Any]:
@@ -319,6 +363,7 @@ class EtcdDirectory:
         self._check_password(password)
         domain = _domain_of(account)
         record = {"password": hash_password(password), "created": _now()}
+        record[SCRAM_FIELD] = _scram_record(account, password)
         ok = self.session.txn(
             [
                 key_exists(DOMAINS + domain),
@@ -343,6 +388,7 @@ class EtcdDirectory:
             raise DirectoryError(f"unknown account: {account}")
         record = dict(kv.value) if isinstance(kv.value, dict) else {}
         record["password"] = hash_password(password)
+        record[SCRAM_FIELD] = _scram_record(account, password)
         if not self.session.compare_and_swap(ACCOUNTS + account, kv.mod_revision, record):
             raise DirectoryError(f"account {account} changed concurrently; try again")
         return account

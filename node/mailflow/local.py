@@ -29,17 +29,22 @@ def resolve(directory: Directory, address: str) -> list[str] | None:
     return list(dict.fromkeys(accounts))
 
 
-def received_header(envelope: Envelope, hostname: str, now: float | None = None) -> bytes:
+def received_header(
+    envelope: Envelope, hostname: str, now: float | None = None, *, authenticated: bool = False
+) -> bytes:
     """RFC 5321 §4.4 Received trace field (with-protocol per RFC 3848).
 
     The TLS version and cipher are a comment; "for" names the recipient
     only when there is exactly one, so Bcc recipients are not disclosed.
+    A submitted message says only "(authenticated)": never who, never how.
     """
     when = email.utils.formatdate(now if now is not None else time.time(), localtime=True)
     ident = secrets.token_hex(8)
     ip = envelope.peer_ip
     literal = f"IPv6:{ip}" if ":" in ip else ip
     lines = [f"Received: from {envelope.helo or 'unknown'} ([{literal}])"]
+    if authenticated:
+        lines[0] += " (authenticated)"
     by = f"\tby {hostname} (postroom) with {envelope.protocol}"
     if envelope.tls:
         by += f" ({envelope.tls})"
@@ -58,12 +63,20 @@ def return_path(envelope: Envelope) -> bytes:
     return f"Return-Path: <{envelope.sender}>\r\n".encode()
 
 
-def deliver(ctx: NodeContext, envelope: Envelope, message: bytes) -> list[AppendResult]:
-    """Store ``message`` once for every distinct account of the envelope."""
+def deliver(
+    ctx: NodeContext, envelope: Envelope, message: bytes, *, trace: bytes | None = None
+) -> list[AppendResult]:
+    """Store ``message`` once for every distinct account of the envelope.
+
+    ``trace`` is the Received field to use (submission shares one between
+    the local and the queued copies); by default one is made here.
+    """
     accounts = envelope.accounts()
     if not accounts:
         return []
-    raw = return_path(envelope) + received_header(envelope, ctx.hostname) + message
+    if trace is None:
+        trace = received_header(envelope, ctx.hostname)
+    raw = return_path(envelope) + trace + message
     results = ctx.store.deliver(accounts, raw)
     try:  # RFC 3461 NOTIFY=SUCCESS; the message is durable: never turn 250 into a failure
         dsn.report_local_success(ctx, envelope, message)

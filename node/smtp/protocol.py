@@ -23,6 +23,11 @@ command is out of sequence, so the stream never desynchronises.  After a
 STARTTLS command (RFC 3207 §4.2) everything already buffered is discarded and
 reported on the event, so the server drops it before the handshake.
 
+AUTH (RFC 4954) exists only when the core is built with ``auth=True`` (the
+submission role); otherwise it is 502.  After a 334 reply the next line is a
+SASL response, framed as ``AuthResponse`` (cap ``MAX_AUTH_LINE``, §4), until
+the session answers with anything but 334.
+
 The message size cap is enforced while streaming: once the running size of a
 transaction exceeds ``max_message_size`` no more ``DataChunk`` events are
 produced; the end event carries the 552 5.3.4 hint.
@@ -49,6 +54,7 @@ class State(enum.Enum):
     DATA = "data"  # reading DATA text after 354
     BDAT = "bdat"  # reading the octets of one BDAT chunk
     TLS = "tls"  # 220 to STARTTLS sent; the server does the handshake now
+    AUTH = "auth"  # 334 sent: the next line is a SASL response (RFC 4954 §4)
     CLOSED = "closed"
 
 
@@ -76,6 +82,13 @@ class ProtocolViolation:
     reply: Reply
     reason: str  # for the log only
     fatal: bool = False
+
+
+@dataclass(frozen=True)
+class AuthResponse:
+    """One SASL response line (base64 or "*"), without its CRLF (RFC 4954 §4)."""
+
+    line: bytes
 
 
 @dataclass(frozen=True)
@@ -115,27 +128,30 @@ class _Sentinel:
 NEED_DATA = _Sentinel("NEED_DATA")  # feed more bytes
 PAUSED = _Sentinel("PAUSED")  # respond to the pending event first
 
-Event = Command | ProtocolViolation | DataChunk | DataEnd | BdatEnd
+Event = Command | ProtocolViolation | AuthResponse | DataChunk | DataEnd | BdatEnd
+
+MAX_AUTH_LINE = 12288  # octets an AUTH command or SASL response line may take (RFC 4954 §4)
 
 KNOWN_VERBS = frozenset(
     {"EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY",
-     "EXPN", "HELP", "STARTTLS"}
+     "EXPN", "HELP", "STARTTLS", "AUTH"}
 )
-# Verbs of RFC 5321 / extensions we know but do not offer on the MX role.
-UNIMPLEMENTED_VERBS = frozenset({"AUTH", "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "VERB"})
+# Verbs of RFC 5321 / extensions we know but do not offer (AUTH: not on the MX role).
+UNIMPLEMENTED_VERBS = frozenset({"TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "VERB"})
 
 _COMMON = frozenset({"EHLO", "HELO", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP"})
 
 # Which command is legal in which state (RFC 5321 §4.1.4, RFC 3030 §2, RFC 3207 §4).
 ALLOWED: dict[State, frozenset[str]] = {
     State.START: _COMMON | {"STARTTLS"},
-    State.READY: _COMMON | {"STARTTLS", "MAIL"},
+    State.READY: _COMMON | {"STARTTLS", "MAIL", "AUTH"},  # AUTH: RFC 4954 §4, not in a txn
     State.MAIL: _COMMON | {"RCPT"},
     State.RCPT: _COMMON | {"RCPT", "DATA", "BDAT"},
     State.CHUNKING: _COMMON | {"BDAT"},
     State.DATA: frozenset(),
     State.BDAT: frozenset(),
     State.TLS: frozenset(),
+    State.AUTH: frozenset(),
     State.CLOSED: frozenset(),
 }
 
@@ -189,6 +205,7 @@ class SmtpCore:
     max_command_length: int = 512
     max_line_length: int = 1000
     max_message_size: int = 50 * 1024 * 1024
+    auth: bool = False  # offer AUTH (RFC 4954): the submission role
     state: State = State.START
     _buf: bytearray = field(default_factory=bytearray)
     _pending: Event | None = None
@@ -223,11 +240,30 @@ class SmtpCore:
             return self._next_data()
         if self.state is State.BDAT:
             return self._next_bdat()
+        if self.state is State.AUTH:
+            return self._next_auth_line()
         return self._next_command()
+
+    def _next_auth_line(self) -> Event | _Sentinel:
+        nl = self._buf.find(b"\n", 0, MAX_AUTH_LINE)
+        if nl < 0:
+            if len(self._buf) >= MAX_AUTH_LINE:
+                # Cannot resynchronise cheaply with a client that sends this: close.
+                return self._pend(
+                    ProtocolViolation(R.LINE_TOO_LONG, "SASL response too long", fatal=True)
+                )
+            return NEED_DATA
+        line = bytes(self._buf[: nl + 1])
+        del self._buf[: nl + 1]
+        if not line.endswith(b"\r\n"):
+            return self._pend(ProtocolViolation(R.BARE_LF, "SASL response ended by bare LF"))
+        return self._pend(AuthResponse(line[:-2]))
 
     # -- commands -----------------------------------------------------------
     def _next_command(self) -> Event | _Sentinel:
         limit = self.max_command_length
+        if self.auth and bytes(self._buf[:5]).upper() == b"AUTH ":
+            limit = max(limit, MAX_AUTH_LINE)  # RFC 4954 §4: initial responses are long
         while True:
             if self._skipping_command:
                 nl = self._buf.find(b"\n")
@@ -265,8 +301,8 @@ class SmtpCore:
         args = args.lstrip(" ")
         if verb == "BDAT":
             return self._start_bdat(args)
-        if verb not in KNOWN_VERBS:
-            if verb in UNIMPLEMENTED_VERBS:
+        if verb not in KNOWN_VERBS or (verb == "AUTH" and not self.auth):
+            if verb in UNIMPLEMENTED_VERBS or verb == "AUTH":
                 return ProtocolViolation(R.NOT_IMPLEMENTED, f"unimplemented {verb}")
             return ProtocolViolation(R.SYNTAX_ERROR, "unknown command")
         if verb not in ALLOWED[self.state]:
@@ -424,7 +460,13 @@ class SmtpCore:
         if event is None:
             raise LocalProtocolError("respond() without a pending event")
         self._pending = None
-        if isinstance(event, Command):
+        if isinstance(event, Command | AuthResponse) and reply.code == 334:
+            self.state = State.AUTH  # RFC 4954 §4: a SASL response line comes next
+        elif isinstance(event, AuthResponse) or (
+            isinstance(event, ProtocolViolation) and not event.fatal and self.state is State.AUTH
+        ):
+            self.state = State.READY  # the exchange ended (235, 535, 501, ...)
+        elif isinstance(event, Command):
             if reply.positive:
                 new = _AFTER_POSITIVE.get(event.verb)
                 if event.verb == "RSET" and self.state is State.START:

@@ -79,6 +79,7 @@ HELP = Reply(
     ),
 )  # §4.1.1.8
 READY_TLS = _r(220, "2.0.0", "ready to start TLS")  # RFC 3207 §4
+AUTH_OK = _r(235, "2.7.0", "Authentication successful")  # RFC 4954 §6
 
 # --- 3yz: positive intermediate ------------------------------------------------
 START_DATA = _r(354, None, "end data with <CR><LF>.<CR><LF>")  # RFC 5321 §4.2.2
@@ -93,6 +94,7 @@ TEMPORARY_FAILURE = _r(451, "4.3.0", "temporary failure, please try again later"
 # A known address (postmaster@) with no mailbox to deliver to yet: retry later.
 NO_MAILBOX_YET = _r(451, "4.3.0", "mailbox not available yet, please try again later")  # X.3.0
 TLS_NOT_AVAILABLE = _r(454, "4.7.0", "TLS not available")  # RFC 3207 §4
+TOO_MANY_AUTH_FAILURES = _r(421, "4.7.0", "too many authentication failures, closing connection")
 
 # --- 5yz: permanent negative ---------------------------------------------------
 SYNTAX_ERROR = _r(500, "5.5.2", "syntax error, command unrecognized")  # §4.2.2, RFC 3463 X.5.2
@@ -117,3 +119,14 @@ RELAY_DENIED = _r(554, "5.7.1", "relay access denied")  # §3.6.2, RFC 3463 X.7.
 MESSAGE_TOO_BIG = _r(552, "5.3.4", "message size exceeds fixed limit")  # RFC 1870 §6, X.3.4
 NEEDS_SMTPUTF8 = _r(553, "5.6.7", "non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
 NO_VALID_RECIPIENTS = _r(554, "5.5.1", "no valid recipients")  # §3.3
+
+# --- submission: AUTH (RFC 4954 §4, §6) and sender rules (RFC 6409 §6.1) --------
+AUTH_CANCELLED = _r(501, "5.0.0", "Authentication cancelled")  # RFC 4954 §4 "*"
+AUTH_BAD_BASE64 = _r(501, "5.5.2", "Cannot decode base64 response")  # RFC 4954 §4
+ALREADY_AUTHENTICATED = _r(503, "5.5.1", "Already authenticated")  # RFC 4954 §4
+UNKNOWN_MECHANISM = _r(504, "5.5.4", "Unrecognized authentication type")  # RFC 4954 §4
+MUST_STARTTLS = _r(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 §4
+AUTH_REQUIRED = _r(530, "5.7.0", "Authentication required")  # RFC 4954 §6
+AUTH_FAILED = _r(535, "5.7.8", "Authentication credentials invalid")  # RFC 4954 §6
+SENDER_NOT_OWNED = _r(553, "5.7.1", "Sender address rejected: not owned by user")  # RFC 6409 §6.1
+NULL_SENDER_REFUSED = _r(553, "5.7.1", "Sender address rejected: null sender not allowed")

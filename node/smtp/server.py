@@ -3,7 +3,10 @@
 ``serve_connection`` sends the greeting, then reads, feeds the session and
 writes its replies until the session ends.  Replies to pipelined commands
 (RFC 2920) are written together once everything already read has been
-processed.  Silence longer than smtp.timeout gets 421 4.4.2 (RFC 5321
+processed.  ``serve_submission`` is the same loop for ports 587/465 (RFC 6409,
+RFC 8314) with the submission role and the [submission] timeout.  A delay the
+session asks for (after a failed AUTH) is a cooperative sleep: it holds up
+this connection only.  Silence longer than smtp.timeout gets 421 4.4.2 (RFC 5321
 §4.5.3.2.7).  No input ever escapes as an exception: peer errors are logged
 and the connection is closed.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+
+import gevent
 
 from node.context import NodeContext
 from node.net import tls as nettls
@@ -39,6 +44,23 @@ def serve_connection(
         log.exception("smtp %s: session failed", peer_ip)
 
 
+def serve_submission(
+    ctx: NodeContext, sock: socket.socket, address: tuple, *, implicit_tls: bool
+) -> None:
+    """Serve one submission connection (587 with STARTTLS, 465 implicit TLS)."""
+    peer_ip = str(address[0]) if address else "unknown"
+    timeout = float(ctx.config.submission.timeout)
+    try:
+        description = nettls.describe(sock) if implicit_tls else None
+        tls = (description or "TLS") if implicit_tls else None
+        session = Session(ctx, peer_ip, tls=tls, role="submission")
+        _run(session, sock, timeout, ctx)
+    except (OSError, ssl.SSLError) as exc:
+        log.debug("submission %s: connection ended: %s", peer_ip, exc)
+    except Exception:
+        log.exception("submission %s: session failed", peer_ip)
+
+
 def _run(
     session: Session, sock: socket.socket, timeout: float, ctx: NodeContext, *, greet: bool = True
 ) -> None:
@@ -54,6 +76,8 @@ def _run(
         if not data:
             return
         out = session.feed(data)
+        if out.delay:
+            gevent.sleep(out.delay)  # slows password guessing; other sessions go on
         if out.data:
             sock.sendall(out.data)
         if out.close:

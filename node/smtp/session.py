@@ -1,4 +1,4 @@
-"""SMTP session policy for the MX role (RFC 5321): decides every reply.
+"""SMTP session policy for the MX and submission roles (RFC 5321, RFC 6409).
 
 The session owns one ``SmtpCore`` and turns its events into replies.  It is
 still free of sockets: ``feed(bytes)`` returns what to send and whether to
@@ -13,15 +13,30 @@ Policy in brief:
 - ``250`` to DATA/BDAT LAST is sent only after the store returned; any
   failure gives 451 4.3.0 (promise 1), and exceptions never reach the peer;
 - after ``smtp.max_errors`` negative replies the session ends with 421.
+
+The submission role (ports 587/465, RFC 6409, RFC 8314) differs:
+- AUTH (RFC 4954) with PLAIN, LOGIN, SCRAM-SHA-256 is offered only once TLS
+  is up (530 5.7.0 before); MAIL needs AUTH first (530 5.7.0); failures get
+  535 5.7.8 after ``submission.auth_failure_delay`` (``Output.delay``: the
+  server sleeps cooperatively) and the session ends with 421 4.7.0 after
+  ``submission.max_auth_failures``;
+- the sender must be the account or an alias of it (553 5.7.1), or any
+  address of its domain for ``submission.any_sender_accounts``; <> is refused;
+- recipients may be anywhere: local ones are resolved as on the MX, remote
+  ones are queued (node/mailflow/submit.py); REQUIRETLS (RFC 8689) is offered
+  over TLS; limits and timeout come from [submission].
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from dataclasses import dataclass
 
+from node.auth import sasl
 from node.context import NodeContext
-from node.mailflow import local
+from node.mailflow import local, submit
 from node.mailflow.envelope import Envelope, Recipient
 from node.smtp import replies as R
 from node.smtp.address import (
@@ -36,6 +51,7 @@ from node.smtp.address import (
 from node.smtp.protocol import (
     NEED_DATA,
     PAUSED,
+    AuthResponse,
     BdatEnd,
     Command,
     DataChunk,
@@ -60,26 +76,43 @@ class Output:
     close: bool = False  # close after sending
     starttls: bool = False  # send data, then handshake (RFC 3207)
     discarded: int = 0  # plaintext octets dropped after STARTTLS
+    delay: float = 0.0  # seconds to wait (cooperatively) before sending data
 
 
 class Session:
     """Policy for one SMTP connection; see the module docstring."""
 
-    def __init__(self, ctx: NodeContext, peer_ip: str, *, tls: str | None = None) -> None:
+    def __init__(
+        self, ctx: NodeContext, peer_ip: str, *, tls: str | None = None, role: str = "mx"
+    ) -> None:
+        if role not in ("mx", "submission"):
+            raise ValueError(f"unknown SMTP role {role!r}")
         cfg = ctx.config.smtp
         self.ctx = ctx
         self.peer_ip = peer_ip
         self.tls = tls  # description of the TLS in use, or None
+        self.role = role
+        self.submission = role == "submission"
+        sub = ctx.config.submission
+        self.max_message_size = sub.max_message_size if self.submission else cfg.max_message_size
+        self.max_recipients = sub.max_recipients if self.submission else cfg.max_recipients
         self.core = SmtpCore(
             max_command_length=cfg.max_command_length,
             max_line_length=cfg.max_line_length,
-            max_message_size=cfg.max_message_size,
+            max_message_size=self.max_message_size,
+            auth=self.submission,
         )
         self.errors = 0
         self.helo = ""
         self.esmtp = False
         self.envelope: Envelope | None = None
         self._message = bytearray()
+        self.account: str | None = None  # authenticated account (submission)
+        self.auth_failures = 0
+        self._mechanism: sasl.Mechanism | None = None
+        self._auth_final: str | None = None  # account, once SCRAM's server-final is sent
+        self._requiretls = False  # RFC 8689 for the current transaction
+        self._delay = 0.0
 
     # -- server interface -------------------------------------------------
     def greeting(self) -> bytes:
@@ -109,6 +142,8 @@ class Session:
                             type(event).__name__, type(exc).__name__, exc)
                 if isinstance(event, DataEnd | BdatEnd):
                     self._reset()
+                if isinstance(event, AuthResponse):
+                    self._mechanism = self._auth_final = None
                 reply, fatal = R.TEMPORARY_FAILURE, False
             if not reply.positive and not fatal and not reply.closes:
                 self.errors += 1
@@ -128,6 +163,7 @@ class Session:
                 out.discarded = len(event.discarded)
                 break
         out.data = b"".join(chunks)
+        out.delay, self._delay = self._delay, 0.0
         return out
 
     def tls_established(self, description: str | None) -> None:
@@ -149,7 +185,11 @@ class Session:
             return self._end_data(event), False
         if isinstance(event, BdatEnd):
             return self._end_bdat(event), False
+        if isinstance(event, AuthResponse):
+            return self._auth_response(event.line)
         assert isinstance(event, Command)
+        if event.verb == "AUTH":  # only reaches us on the submission role (core auth=True)
+            return self._cmd_auth(event.args)
         handler = getattr(self, "_cmd_" + event.verb.lower())
         return handler(event.args), False
 
@@ -173,7 +213,7 @@ class Session:
         lines = [
             greeting,
             "PIPELINING",  # RFC 2920
-            f"SIZE {self.ctx.config.smtp.max_message_size}",  # RFC 1870
+            f"SIZE {self.max_message_size}",  # RFC 1870
             "8BITMIME",  # RFC 6152
             "BINARYMIME",  # RFC 3030 §3
             "SMTPUTF8",  # RFC 6531
@@ -181,6 +221,10 @@ class Session:
         ]
         if self.tls is None:
             lines.append("STARTTLS")  # RFC 3207 §4.2: not after TLS
+        elif self.submission:
+            # RFC 4954 §4 / RFC 8314 §3.3: credentials only over TLS.
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
+            lines.append("REQUIRETLS")  # RFC 8689 §4: only over TLS
         lines += ["CHUNKING", "DSN", "HELP"]  # RFC 3030, RFC 3461, RFC 5321 §4.1.1.8
         return Reply(250, None, tuple(lines))
 
@@ -207,7 +251,7 @@ class Session:
             if value is None or not value.isdigit() or len(value) > 20:
                 return R.ARG_SYNTAX
             env.size = int(value)
-            if env.size > self.ctx.config.smtp.max_message_size:
+            if env.size > self.max_message_size:
                 return R.MESSAGE_TOO_BIG  # RFC 1870 §6.1
         if "BODY" in params:
             value = (params.pop("BODY") or "").upper()
@@ -227,24 +271,35 @@ class Session:
                 return exc.reply
             if not value or len(value) > 100:
                 return R.ARG_SYNTAX  # RFC 3461 §4.4
-        params.pop("AUTH", None)  # RFC 4954 §5: ignored without AUTH
+        params.pop("AUTH", None)  # RFC 4954 §5: we never trust a client's AUTH= claim
+        requiretls = False
+        if self.submission and "REQUIRETLS" in params:
+            if params.pop("REQUIRETLS") is not None or self.tls is None:
+                return R.ARG_SYNTAX if self.tls else R.PARAM_NOT_RECOGNIZED  # RFC 8689 §4.1
+            requiretls = True
         if params:
             return R.PARAM_NOT_RECOGNIZED
+        if self.submission:
+            refusal = self._sender_check(parsed.sender)
+            if refusal is not None:
+                return refusal
         env.helo = self.helo
         env.peer_ip = self.peer_ip
         env.tls = self.tls
         env.protocol = self._with_protocol(smtputf8)
         self._reset()
         self.envelope = env
+        self._requiretls = requiretls
         return R.SENDER_OK
 
     def _with_protocol(self, smtputf8: bool) -> str:
         """RFC 3848 / RFC 6531 §3.7.3 with-protocol keyword."""
+        auth = "A" if self.account else ""  # RFC 3848 §2: ESMTPA / ESMTPSA
         if smtputf8:
-            return "UTF8SMTPS" if self.tls else "UTF8SMTP"
+            return ("UTF8SMTPS" if self.tls else "UTF8SMTP") + auth
         if not self.esmtp:
             return "SMTP"
-        return "ESMTPS" if self.tls else "ESMTP"
+        return ("ESMTPS" if self.tls else "ESMTP") + auth
 
     def _cmd_rcpt(self, args: str) -> Reply:
         env = self.envelope
@@ -254,7 +309,7 @@ class Session:
         except AddressError as exc:
             log.info("smtp %s: RCPT refused: %s", self.peer_ip, exc)
             return exc.reply
-        if len(env.recipients) >= self.ctx.config.smtp.max_recipients:
+        if len(env.recipients) >= self.max_recipients:
             return R.TOO_MANY_RECIPIENTS
         params = dict(parsed.params)
         notify: tuple[str, ...] | None = None
@@ -281,6 +336,8 @@ class Session:
             mbox = parsed.recipient
             if not mbox.ascii and not env.smtputf8:
                 return R.NEEDS_SMTPUTF8
+            if self.submission and not self.ctx.directory.is_local_domain(mbox.domain.lower()):
+                return self._remote_recipient(env, mbox, notify, orcpt)
             refusal = self._relay_check(mbox)
             if refusal is not None:
                 log.info("smtp %s: relay refused for %r", self.peer_ip, mbox.address)
@@ -355,8 +412,13 @@ class Session:
     def _deliver(self) -> Reply:
         env = self.envelope
         message = bytes(self._message)
+        requiretls = self._requiretls
         self._reset()
         assert env is not None
+        if self.submission:
+            assert self.account is not None
+            return submit.submit(self.ctx, env, message, account=self.account,
+                                 requiretls=requiretls)
         try:
             results = local.deliver(self.ctx, env, message)
         except Exception as exc:  # promise 1: never a silent loss, never str(exc) to the peer
@@ -401,3 +463,115 @@ class Session:
     def _reset(self) -> None:
         self.envelope = None
         self._message = bytearray()
+        self._requiretls = False
+
+    # -- submission (RFC 6409, RFC 4954) ------------------------------------------
+    def _sender_check(self, sender: Mailbox | None) -> Reply | None:
+        """AUTH first (RFC 4954 §6); then the sender must belong to the account."""
+        if self.account is None:
+            return R.AUTH_REQUIRED
+        if sender is None:
+            return R.NULL_SENDER_REFUSED  # a user never sends bounces
+        address = sender.address
+        if not sender.literal and self._may_send_as(address):
+            return None
+        log.info("submission %s: %s may not send as <%s>", self.peer_ip, self.account, address)
+        return R.SENDER_NOT_OWNED.with_text(
+            f"Sender address rejected: not owned by user {self.account}"
+        )
+
+    def _may_send_as(self, address: str) -> bool:
+        account = self.account
+        assert account is not None
+        if self.ctx.directory.sender_allowed(account, address):  # type: ignore[attr-defined]
+            return True
+        special = {a.lower() for a in self.ctx.config.submission.any_sender_accounts}
+        if account.lower() in special:
+            domain = address.rpartition("@")[2].lower()
+            return domain == account.rpartition("@")[2].lower()
+        return False
+
+    def _remote_recipient(
+        self, env: Envelope, mbox: Mailbox, notify: tuple[str, ...] | None, orcpt: str | None
+    ) -> Reply:
+        """An authenticated user may send anywhere (RFC 6409 §4); it is queued."""
+        if mbox.literal:
+            return R.RELAY_DENIED  # no delivery to address literals
+        if self.ctx.queue is None:
+            log.warning("submission %s: no outbound queue; remote RCPT deferred", self.peer_ip)
+            return R.TEMPORARY_FAILURE
+        env.recipients.append(Recipient(mbox.address, (), notify, orcpt))
+        return R.RECIPIENT_OK
+
+    def _cmd_auth(self, args: str) -> tuple[Reply, bool]:
+        """RFC 4954 §4: AUTH mechanism [initial-response]."""
+        if self.tls is None:
+            return R.MUST_STARTTLS, False
+        if self.account is not None:
+            return R.ALREADY_AUTHENTICATED, False
+        name, _, initial = args.partition(" ")
+        mechanism = sasl.make_mechanism(
+            name, self.ctx.directory.authenticate,
+            self.ctx.directory.scram_credentials,  # type: ignore[attr-defined]
+        )
+        if mechanism is None:
+            return R.UNKNOWN_MECHANISM, False
+        data: bytes | None = None
+        if initial:
+            data = _b64(initial.strip(" "))
+            if data is None:
+                return R.AUTH_BAD_BASE64, False
+        self._mechanism = mechanism
+        return self._auth_step(mechanism.start(data))
+
+    def _auth_response(self, line: bytes) -> tuple[Reply, bool]:
+        if self._auth_final is not None:  # answer to the server-final 334 (RFC 4954 §4)
+            account, self._auth_final = self._auth_final, None
+            if line.strip():
+                return self._auth_failed("data after the server's final message")
+            return self._auth_ok(account)
+        mechanism = self._mechanism
+        assert mechanism is not None  # the core sends lines only after our 334
+        if line.strip() == b"*":
+            self._mechanism = None
+            return R.AUTH_CANCELLED, False  # RFC 4954 §4
+        data = _b64(line.decode("ascii", "replace"))
+        if data is None:
+            self._mechanism = None
+            return R.AUTH_BAD_BASE64, False
+        return self._auth_step(mechanism.step(data))
+
+    def _auth_step(self, step: sasl.Step) -> tuple[Reply, bool]:
+        if isinstance(step, sasl.Challenge):
+            return Reply(334, None, (base64.b64encode(step.data).decode(),)), False
+        self._mechanism = None
+        if isinstance(step, sasl.Failure):
+            return self._auth_failed(step.reason)
+        if step.data is not None:  # RFC 4954 §4: additional data with success
+            self._auth_final = step.account
+            return Reply(334, None, (base64.b64encode(step.data).decode(),)), False
+        return self._auth_ok(step.account)
+
+    def _auth_ok(self, account: str) -> tuple[Reply, bool]:
+        self.account = account
+        log.info("submission %s: authenticated as %s", self.peer_ip, account)
+        return R.AUTH_OK, False
+
+    def _auth_failed(self, reason: str) -> tuple[Reply, bool]:
+        self.auth_failures += 1
+        self._delay += self.ctx.config.submission.auth_failure_delay
+        log.info("submission %s: authentication failed: %s", self.peer_ip, reason)
+        if self.auth_failures >= self.ctx.config.submission.max_auth_failures:
+            return R.TOO_MANY_AUTH_FAILURES, True
+        return R.AUTH_FAILED, False
+
+
+def _b64(text: str) -> bytes | None:
+    """RFC 4954 §4: base64 client data; "=" alone is an empty response."""
+    text = text.strip()
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
