@@ -75,7 +75,76 @@ def build_parser() -> argparse.ArgumentParser:
     alias_add.add_argument("targets", nargs="+", metavar="target")
     alias.add_parser("list", help="list aliases")
     alias.add_parser("remove", help="remove an alias").add_argument("source")
+    _add_queue_parser(sub)
+    _add_dkim_parser(sub)
     return parser
+
+
+def _add_dkim_parser(sub: argparse._SubParsersAction) -> None:
+    """``postroom dkim ...`` (docs/dkim.md)."""
+    dkim = sub.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    gen = dkim.add_parser("generate", help="make keys, store them, print the DNS TXT records")
+    gen.add_argument("domain")
+    gen.add_argument(
+        "--selector",
+        metavar="S",
+        help="selector (default <yyyymm>r / <yyyymm>e); with both algorithms, "
+        "S is suffixed with r and e",
+    )
+    gen.add_argument("--algorithm", choices=("rsa", "ed25519", "both"), default="both")
+    gen.add_argument(
+        "--inactive", action="store_true", help="store without signing (activate once published)"
+    )
+    dkim.add_parser("list", help="keys and their TXT records").add_argument("domain", nargs="?")
+    for name, text in (
+        ("activate", "sign with a key"),
+        ("deactivate", "stop signing with a key"),
+        ("remove", "delete a key"),
+    ):
+        action = dkim.add_parser(name, help=text)
+        action.add_argument("domain")
+        action.add_argument("selector")
+
+
+def _add_queue_parser(sub: argparse._SubParsersAction) -> None:
+    """``postroom queue ...`` (docs/queue.md)."""
+    queue = sub.add_parser("queue", help="the outbound queue of the running node").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    qlist = queue.add_parser("list", help="queued messages, oldest first")
+    qlist.add_argument("--domain", metavar="D", help="only with a recipient in this domain")
+    qlist.add_argument("--sender", metavar="S", help="only from this sender (or @domain)")
+    qlist.add_argument("--older-than", metavar="AGE", type=_duration,
+                       help="only queued longer than AGE (e.g. 30m, 1h, 2d)")
+    queue.add_parser("show", help="one message: recipients, last replies, headers"
+                     ).add_argument("id")
+    qretry = queue.add_parser("retry", help="attempt delivery now")
+    which = qretry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?")
+    which.add_argument("--all", action="store_true", help="every message not on hold")
+    queue.add_parser("hold", help="stop delivery attempts").add_argument("id")
+    queue.add_parser("release", help="undo hold, attempt now").add_argument("id")
+    queue.add_parser("delete", help="remove without a report").add_argument("id")
+    queue.add_parser("flush", help="attempt every message not on hold now")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    """"90", "30m", "1h", "2d", "1w" -> seconds (argparse type)."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit else text
+    try:
+        value = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad age {text!r} (e.g. 30m, 1h, 2d)") from None
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"bad age {text!r}")
+    return value * (unit or 1)
 
 
 def load_config(path: str | None) -> Config:
@@ -162,6 +231,39 @@ def cmd_status(config: Config) -> int:
     return 0
 
 
+def cmd_dkim(directory, args: argparse.Namespace) -> int:
+    """generate | list | activate | deactivate | remove (docs/dkim.md)."""
+    from node.outbound import dkim
+
+    if args.action == "generate":
+        algorithms = {"rsa": [dkim.RSA], "ed25519": [dkim.ED25519]}.get(
+            args.algorithm, [dkim.RSA, dkim.ED25519]
+        )
+        base = args.selector or time.strftime("%Y%m", time.gmtime())
+        for algorithm in algorithms:
+            suffix = "r" if algorithm == dkim.RSA else "e"
+            selector = base if args.selector and len(algorithms) == 1 else base + suffix
+            record = dkim.generate_key(algorithm, active=not args.inactive)
+            domain, selector = directory.add_dkim_key(args.domain, selector, record)
+            state = "inactive" if args.inactive else "active"
+            print(f"; {domain} selector {selector} ({algorithm}, {state}): publish")
+            print(dkim.zone_line(domain, selector, record))
+    elif args.action == "list":
+        for r in directory.list_dkim_keys(args.domain):
+            state = "active" if r.get("active") else "inactive"
+            created = time.strftime("%Y-%m-%d", time.gmtime(float(r.get("created", 0))))
+            print(f"; {r['domain']} {r['selector']} {r.get('algorithm')} {state} {created}")
+            print(dkim.zone_line(r["domain"], r["selector"], r))
+    elif args.action in ("activate", "deactivate"):
+        active = args.action == "activate"
+        domain, selector = directory.set_dkim_active(args.domain, args.selector, active)
+        print(f"{args.action}d DKIM key {selector} of {domain}")
+    else:
+        domain, selector = directory.remove_dkim_key(args.domain, args.selector)
+        print(f"removed DKIM key {selector} of {domain}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     command = args.command
@@ -176,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
         return int(quickstart(data_dir) or 0)
     if command == "status":
         return cmd_status(config)
+    if command == "queue":
+        return cmd_queue(config, args)
 
     action = args.action
     if command == "user" and action in ("add", "passwd"):
@@ -208,6 +312,82 @@ def run(args: argparse.Namespace) -> int:
         else:
             for name, targets in directory.list_aliases().items():
                 print(f"{name} -> {', '.join(targets)}")
+    elif command == "dkim":
+        return cmd_dkim(directory, args)
+    return 0
+
+
+def _when(ts: float, now: float) -> str:
+    """A time as "in 4m3s" / "2h5m ago" / "now"."""
+    if abs(ts - now) < 1:
+        return "now"
+    return f"in {_age(ts - now)}" if ts > now else f"{_age(now - ts)} ago"
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _rcpt_line(r: dict) -> str:
+    last = " ".join(str(x) for x in (r.get("code"), r.get("enhanced")) if x)
+    detail = f"{last} {' '.join(str(r.get('text') or '').split())}".strip()
+    if r.get("remote_mta"):
+        detail += f" ({r['remote_mta']})"
+    return (f"  {r['address']}  {r['state']}  attempts {r['attempts']}"
+            + (f"  last: {detail}" if detail else ""))
+
+
+def _show_entry(shown: dict, now: float) -> None:
+    e = shown["entry"]
+    yes = {True: "yes", False: "no"}
+    print(f"id: {e['id']}")
+    print(f"sender: <{e['sender']}>")
+    print(f"queued: {_iso(e['created'])} ({_age(now - e['created'])} ago)")
+    print(f"size: {e['size']}  attempts: {e['attempts']}  next attempt:"
+          f" {_iso(e['next_attempt'])} ({_when(e['next_attempt'], now)})"
+          f"  held: {yes[bool(e['held'])]}")
+    print(f"envid: {e['envid'] or '-'}  ret: {e['ret'] or '-'}  body: {e['body']}"
+          f"  smtputf8: {yes[bool(e['smtputf8'])]}  requiretls: {yes[bool(e['requiretls'])]}"
+          f"  dsn: {yes[bool(e['is_dsn'])]}  delay dsn sent: {yes[bool(e['delay_dsn_sent'])]}")
+    print("recipients:")
+    for r in e["recipients"]:
+        print(_rcpt_line(r))
+    print("headers:")
+    for line in shown["headers"].splitlines():
+        print(f"  {line}")
+
+
+def cmd_queue(config: Config, args: argparse.Namespace) -> int:
+    """``postroom queue ...`` through the running node's admin socket (node/admin.py)."""
+    from node.admin import AdminClient
+
+    client = AdminClient(config.data_dir / "admin.sock")
+    action, now = args.action, time.time()
+    if action == "list":
+        query = {k: v for k, v in (("domain", args.domain), ("sender", args.sender),
+                                   ("older_than", args.older_than)) if v is not None}
+        entries = client.call("queue.list", **query)["entries"]
+        if not entries:
+            print("no matching messages" if query else "queue is empty")
+            return 0
+        print(f"{'ID':<16}  {'AGE':>7}  {'SIZE':>8}  {'NEXT':>11}  HELD  SENDER -> RECIPIENTS")
+        for e in entries:
+            rcpts = ", ".join(f"{r['address']} ({r['state']})" for r in e["recipients"])
+            print(f"{e['id']:<16}  {_age(now - e['created']):>7}  {e['size']:>8}"
+                  f"  {_when(e['next_attempt'], now):>11}  {'yes' if e['held'] else '-':<4}"
+                  f"  <{e['sender']}> -> {rcpts}")
+        total = sum(len(e["recipients"]) for e in entries)
+        print(f"{len(entries)} message(s), {total} recipient(s)")
+    elif action == "show":
+        _show_entry(client.call("queue.show", id=args.id), now)
+    elif action == "flush" or (action == "retry" and args.all):
+        count = client.call("queue.flush")["count"]
+        print(f"{count} message(s) scheduled for delivery now")
+    else:
+        done = {"retry": "scheduled for delivery now", "hold": "on hold",
+                "release": "released", "delete": "deleted"}[action]
+        client.call(f"queue.{action}", id=args.id)
+        print(f"{args.id}: {done}")
     return 0
 
 
@@ -217,6 +397,8 @@ _USER_ERRORS = (
     ("cluster.directory", "DirectoryError"),
     ("cluster.etcd", "EtcdError"),
     ("cluster.embedded", "EmbeddedEtcdError"),
+    ("node.admin", "AdminError"),
+    ("node.outbound.dkim", "DkimError"),
 )
 
 
