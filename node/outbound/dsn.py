@@ -225,6 +225,7 @@ def build_report(
     ret: str | None = None,
     sender: str = "",
     will_retry_until: float | None = None,
+    smtputf8: bool = False,
 ) -> bytes:
     """One RFC 3464 report about ``recipients`` of ``original``.
 
@@ -235,7 +236,7 @@ def build_report(
     only its header; only the header when the original is larger than
     MAX_RETURNED_ORIGINAL or is binary, nothing when even that would break
     the 998-octet line limit.  Non-ASCII addresses or an SMTPUTF8 original
-    give the RFC 6533 ``message/global*`` types.  Raises ValueError for an
+    (``entry.smtputf8`` or ``smtputf8``) give the RFC 6533 ``message/global*`` types.  Raises ValueError for an
     unknown kind or no recipients.
     """
     if kind not in KINDS:
@@ -248,19 +249,25 @@ def build_report(
         sender = sender or entry.sender
     next_attempt = entry.next_attempt if entry is not None else None
     header, _ = _split_header(_crlf(original))
-    utf8 = bool(entry and entry.smtputf8) or not all(
+    # RFC 6533 types only for internationalized mail, not for a legacy
+    # message that merely carries raw 8-bit header bytes.
+    utf8 = smtputf8 or bool(entry and entry.smtputf8) or not all(
         _is_ascii(s) for s in [sender, envid or "", *(r.address for r in recipients),
                                *(r.orcpt or "" for r in recipients)]
-    ) or not header.isascii()
+    )
 
     # -- part 3: what of the original goes back -----------------------------
     full = kind == FAILURE and (ret or "FULL").upper() != "HDRS"
     if len(original) > MAX_RETURNED_ORIGINAL or (entry is not None and entry.body == "BINARYMIME"):
         full = False
-    returned: bytes | None = _crlf(original) if full else header
-    if full and not _lines_fit(returned):
-        full, returned = False, header
-    if returned is not None and not _lines_fit(returned):
+    returned: bytes | None = header
+    if full:
+        whole = _crlf(original)
+        if _lines_fit(whole):
+            returned = whole
+        else:
+            full = False
+    if not full and not _lines_fit(header):
         returned = None
     if full:
         ctype3 = "message/global" if utf8 else "message/rfc822"
@@ -450,6 +457,7 @@ def report_local_success(ctx: NodeContext, envelope: Envelope, message: bytes) -
     report = build_report(
         SUCCESS, None, chosen, message, reporting_mta=ctx.hostname, arrival=now, now=now,
         envid=envelope.envid, ret=envelope.ret, sender=envelope.sender,
+        smtputf8=envelope.smtputf8,
     )
     deliver_report(ctx, envelope.sender, report)
 

@@ -199,6 +199,26 @@ def test_utf8_original_uses_rfc6533_types() -> None:  # RFC 6533 §3, §6
     assert msg["Content-Transfer-Encoding"] == "8bit"
 
 
+def test_legacy_8bit_header_keeps_rfc3464_types() -> None:  # RFC 6533 only for SMTPUTF8
+    original = b"From: bob@example.test\r\nSubject: caf\xe9\r\n\r\nx\r\n"
+    msg = build("failure", entry(), original)
+    parts = msg.get_payload()
+    assert parts[1].get_content_type() == "message/delivery-status"
+    assert parts[2].get_content_type() == "message/rfc822"
+    assert parts[2]["Content-Transfer-Encoding"] == "8bit"
+
+
+def test_local_success_for_smtputf8_message_uses_global_headers(ctx) -> None:
+    original = "From: José <bob@example.test>\r\nSubject: café\r\n\r\nhé\r\n".encode()
+    env = envelope(Recipient("alice@example.test", ("alice@example.test",), ("SUCCESS",)),
+                   smtputf8=True)
+    local.deliver(ctx, env, original)
+    msg = email.message_from_bytes(ctx.store.delivered[1][1], policy=email.policy.default)
+    parts = msg.get_payload()
+    assert parts[1].get_content_type() == "message/global-delivery-status"
+    assert parts[2].get_content_type() == "message/global-headers"
+
+
 def test_header_injection_in_remote_text_is_neutralised() -> None:
     r = rcpt(text="bad\r\nAction: delivered\r\n")
     per = status_blocks(build("failure", entry(r)))[1]
