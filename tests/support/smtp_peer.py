@@ -219,6 +219,10 @@ class SmtpPeer:
                     reader = sock.makefile("rb")
                     tls = conn.tls = True
                     mail, rcpts, helo = None, [], ""
+            elif verb == "STARTTLS":
+                # Not offered (or already active), or scripted to break the
+                # handshake: a "220" here followed by plaintext replies.
+                send(self._reply("STARTTLS", "502 5.5.1 STARTTLS not available"))
             elif verb == "MAIL":
                 reply = self._reply("MAIL", "250 2.1.0 ok")
                 if reply.startswith("2"):
