@@ -57,7 +57,10 @@ class Node:
         from cluster.embedded import EmbeddedEtcd
         from cluster.etcd import EtcdSession
         from cluster.membership import Membership
+        from node.outbound.dkim import Signer
+        from node.outbound.runner import QueueRunner
         from storage.mailstore import MailStore
+        from storage.queue import OutboundQueue
 
         cfg = self.config
         data_dir = cfg.data_dir
@@ -85,13 +88,18 @@ class Node:
             group_commit_max=cfg.storage.group_commit_max,
         )
         self.store.open()
+        self.queue = OutboundQueue(self.store)
         self.context = NodeContext(
             config=cfg,
             directory=self.directory,
             store=self.store,
             tls=server_context(cfg),
             hostname=cfg.hostname,
+            queue=self.queue,
+            dkim=Signer(self.directory, cfg.dkim),
         )
+        self.runner = QueueRunner(self.context)
+        self.runner.start()
         self._start_listeners()
         self.membership = Membership(
             self.etcd,
@@ -109,6 +117,7 @@ class Node:
         from node.imap.server import serve_connection as imap
         from node.pop3.server import serve_connection as pop3
         from node.smtp.server import serve_connection as smtp
+        from node.smtp.server import serve_submission as submission
 
         cfg, ctx = self.config, self.context
 
@@ -124,6 +133,11 @@ class Node:
             ("pop3", pop3, cfg.pop3.listen, False, cfg.pop3.max_connections_per_ip,
              b"-ERR [SYS/TEMP] Too many connections from your address\r\n"),
             ("pop3s", pop3, cfg.pop3.listen_tls, True, cfg.pop3.max_connections_per_ip, b""),
+            ("submission", submission, cfg.submission.listen, False,
+             cfg.submission.max_connections_per_ip,
+             b"421 4.7.0 Too many connections from your address\r\n"),
+            ("submissions", submission, cfg.submission.listen_tls, True,
+             cfg.submission.max_connections_per_ip, b""),
         ]
         for name, fn, addresses, implicit, per_ip, refusal in table:
             if not addresses:
@@ -147,6 +161,8 @@ class Node:
                 server.close()
         for service in self.services:
             service.stop()
+        if getattr(self, "runner", None) is not None:
+            self.runner.stop()
         for name in ("membership", "directory"):
             part = getattr(self, name, None)
             if part is not None:
@@ -253,7 +269,8 @@ def quickstart(data_dir: str | Path) -> int:
             f"  password:    {password}",
         ]
         labels = {"smtp": "SMTP (STARTTLS)", "imap": "IMAP (STARTTLS)", "imaps": "IMAPS",
-                  "pop3": "POP3 (STLS)", "pop3s": "POP3S"}
+                  "pop3": "POP3 (STLS)", "pop3s": "POP3S",
+                  "submission": "Submission", "submissions": "Submission TLS"}
         for name, addrs in ports.items():
             lines.append(f"  {labels.get(name, name) + ':':<17}{', '.join(addrs)}")
         lines += [
