@@ -205,7 +205,8 @@ class MtaSts:
                     str(item["id"]), str(item["mode"]), tuple(item["mx"]),
                     int(item["max_age"]), float(item["fetched_at"]),
                 )
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._policies.clear()
             log.warning("mta-sts: ignoring unreadable cache %s: %s", self.cache_path, exc)
 
     def _save(self) -> None:
