@@ -283,7 +283,7 @@ class QueueRunner:
         n = len(job.recipients)
         for fresh in (conn is None, True):
             if conn is None:
-                conn, failure = self._connect(route, entry)
+                conn, failure = self._connect(route, entry, job.recipients)
                 if conn is None:
                     assert failure is not None
                     self._finish(job, self._results(job.recipients, [failure] * n, ""))
@@ -306,7 +306,8 @@ class QueueRunner:
             return conn
         raise AssertionError("unreachable: the second round always returns")
 
-    def _connect(self, route: Route, entry: QueueEntry) -> tuple[Connection | None, Outcome | None]:
+    def _connect(self, route: Route, entry: QueueEntry, rcpts: Sequence[QueuedRecipient] = ()
+                 ) -> tuple[Connection | None, Outcome | None]:
         """A session with the first host of the route that answers (RFC 5321 §5.1)."""
         if route.local or self.router.local_domain(route.domain):
             raise AssertionError(f"refusing to connect out for local domain {route.domain}")
@@ -319,13 +320,13 @@ class QueueRunner:
                                             requiretls=entry.requiretls)
             except MxNotAllowed as exc:
                 last = Outcome(PENDING, 451, "4.7.5", f"MX {host.name} not allowed by policy: {exc}")
-                self._log(entry, entry.pending, host.name, "-", last, None, "mta-sts")
+                self._log(entry, rcpts, host.name, "-", last, None, "mta-sts")
                 continue
             label = policy.describe()  # e.g. "tls=required(dane,requiretls)"
             conn, failures = open_connection(self.settings, self.ctx.hostname, host.name,
                                              host.addresses, host.port, policy, self.engine)
             for address, outcome in failures:
-                self._log(entry, entry.pending, host.name, address, outcome, None, label)
+                self._log(entry, rcpts, host.name, address, outcome, None, label)
                 last = outcome
             if conn is not None:
                 conn.policy_label = label
