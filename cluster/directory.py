@@ -181,7 +181,7 @@ class EtcdDirectory:
         return revision + 1
 
     def start(self, watch: bool = True) -> None:
-        """Load domains, accounts and aliases; with watch, follow every change."""
+        """Load domains, accounts, aliases and DKIM keys; with watch, follow every change."""
         dummy_hash()  # computed now, so the first unknown-user login is not faster
         for prefix in (DOMAINS, ACCOUNTS, ALIASES, DKIM):
             start_revision = self._load(prefix)
