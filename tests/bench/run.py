@@ -450,7 +450,9 @@ Measured by hand, never by pytest (tests/bench/conftest.py keeps pytest out):
     python3 tests/bench/run.py --quick      # 300 messages or 5 s, for a smoke check
     python3 tests/bench/run.py --no-peers   # postroom alone
     python3 tests/bench/run.py --profile /tmp/prof   # also py-spy the node per load
-    python3 tests/bench/run.py --write-docs # replace the section below with the new run
+    python3 tests/bench/run.py --repeat 3   # each load 3 times, the median reported
+    python3 tests/bench/run.py --nice -5    # ahead of other work on a shared machine
+    python3 tests/bench/run.py --write-docs # replace the "Single node" section below
 
 How it measures (tests/bench/run.py, loadgen.py, peers.py):
 
