@@ -142,8 +142,7 @@ class Session:
                             type(event).__name__, type(exc).__name__, exc)
                 if isinstance(event, DataEnd | BdatEnd):
                     self._reset()
-                if isinstance(event, AuthResponse):
-                    self._mechanism = self._auth_final = None
+                self._mechanism = self._auth_final = None  # any SASL exchange is over
                 reply, fatal = R.TEMPORARY_FAILURE, False
             if not reply.positive and not fatal and not reply.closes:
                 self.errors += 1

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.auth import sasl
 from node.config import Config, SubmissionSettings
@@ -349,3 +351,70 @@ def test_auth_bytewise_same_as_whole():
     split_replies = b"".join(split.session.feed(data[i:i + 1]).data for i in range(len(data)))
     assert whole_replies[0] == split_replies
     assert split.session.core.state.value == "auth"
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_directory_failure_during_auth_is_451_and_exchange_ends():
+    env = make()
+
+    def broken(username: str, password: str) -> str | None:
+        raise _Boom("etcd unreachable")
+
+    env.directory.authenticate = broken  # type: ignore[method-assign]
+    env.feed(EHLO)
+    assert env.feed(b"AUTH LOGIN\r\n", base64.b64encode(b"alice@example.test") + b"\r\n",
+                    base64.b64encode(b"alice-pw") + b"\r\n")[2] == R.TEMPORARY_FAILURE.encode()
+    assert env.session.core.state.value == "ready"
+    assert env.feed(b"NOOP\r\n")[0] == R.NOOP_OK.encode()
+
+
+TRANSCRIPT = (EHLO + b"AUTH LOGIN\r\n" + base64.b64encode(b"alice@example.test") + b"\r\n"
+              + base64.b64encode(b"alice-pw") + b"\r\nMAIL FROM:<alice@example.test>\r\n"
+              + b"RCPT TO:<x@remote.example>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+              + b"Subject: s\r\n\r\n.. dot\r\nbody\r\n.\r\nQUIT\r\n")
+
+
+def _replies_without_ids(data: bytes) -> bytes:
+    import re
+
+    return re.sub(rb"queued as \S+", b"queued as ID", data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=len(TRANSCRIPT)), max_size=20))
+def test_transcript_split_anywhere_gives_the_same_replies(cuts):  # whole/bytewise/random
+    whole = make()
+    expected = _replies_without_ids(whole.session.feed(TRANSCRIPT).data)
+    assert expected.endswith(b"221 2.0.0 closing connection\r\n")
+    assert b"250 2.0.0 message accepted for delivery, queued as ID\r\n" in expected
+    split = make()
+    got = b""
+    points = sorted(set(cuts)) + [len(TRANSCRIPT)]
+    start = 0
+    for point in points:
+        got += split.session.feed(TRANSCRIPT[start:point]).data
+        start = point
+    assert _replies_without_ids(got) == expected
+    assert len(split.queue.entries) == 1 and len(split.store.delivered) == 1
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=400))
+def test_any_input_after_auth_never_raises(data):  # promise 4
+    env = make()
+    env.feed(EHLO)
+    env.feed(b"AUTH PLAIN\r\n")
+    out = env.session.feed(data)
+    assert isinstance(out.data, bytes)
+    out = env.session.feed(b"\r\nNOOP\r\n")
+    assert isinstance(out.data, bytes)
+
+
+def test_transcript_bytewise_gives_the_same_replies():
+    whole, split = make(), make()
+    expected = _replies_without_ids(whole.session.feed(TRANSCRIPT).data)
+    got = b"".join(split.session.feed(TRANSCRIPT[i:i + 1]).data for i in range(len(TRANSCRIPT)))
+    assert _replies_without_ids(got) == expected
