@@ -63,6 +63,7 @@ from node.imap.protocol import (
     tagged,
     untagged,
 )
+from node.imap.wildcard import Pattern
 from storage.model import (
     MailboxExists,
     MailboxNotAllowed,
@@ -524,7 +525,7 @@ class Session:
             root = ref.split(DELIMITER, 1)[0] + DELIMITER if DELIMITER in ref else ""
             self._write(untagged(word, "(\\Noselect)", f'"{DELIMITER}"', _mbox(root)))
             return ok(f"{word} completed")
-        matcher = _pattern_regex(ref + pattern)
+        matcher = Pattern.compile(ref + pattern, DELIMITER)
         boxes = self.ctx.store.list_mailboxes(self._acct)
         by_name = {m.name: m for m in boxes}
         chosen = {m.name for m in boxes if m.subscribed or not subscribed_only}
@@ -536,7 +537,7 @@ class Session:
                 all_names.add(DELIMITER.join(parts[:i]))
         has_children = {n.rsplit(DELIMITER, 1)[0] for n in by_name if DELIMITER in n}
         for name in sorted(all_names, key=lambda n: (n != "INBOX", n)):
-            if not _match(matcher, name):
+            if not matcher.matches(name):
                 continue
             attrs = []
             if name not in chosen:
@@ -924,23 +925,3 @@ def _valid_name(name: str) -> bool:
     )
 
 
-def _pattern_regex(pattern: str) -> re.Pattern[str]:
-    """RFC 3501 §6.3.8 wildcards: "*" matches anything, "%" no delimiter."""
-    out = []
-    for ch in pattern:
-        if ch == "*":
-            out.append(".*")
-        elif ch == "%":
-            out.append(f"[^{re.escape(DELIMITER)}]*")
-        else:
-            out.append(re.escape(ch))
-    return re.compile("".join(out), re.DOTALL)
-
-
-def _match(regex: re.Pattern[str], name: str) -> bool:
-    if regex.fullmatch(name):
-        return True
-    # INBOX is case-insensitive (RFC 3501 §5.1), also as a prefix of a pattern.
-    if name == "INBOX" or name.startswith("INBOX" + DELIMITER):
-        return bool(re.compile(regex.pattern, re.DOTALL | re.IGNORECASE).fullmatch(name))
-    return False

@@ -522,12 +522,6 @@ def test_connection_closed_mid_command(node, name) -> None:
     node_alive(node)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, TimeoutError),
-    reason="IMAP LIST wildcards become a backtracking regex (node/imap/session.py "
-    "_pattern_regex): '*%' * 8 blocks the hub for minutes; reported to the IMAP owner",
-)
 def test_imap_list_wildcards_do_not_block_the_hub(node_factory) -> None:
     """RFC 3501 §6.3.8 wildcards from a client must not stall other clients:
     while one LIST with many wildcards runs, SMTP still greets and answers."""
