@@ -26,7 +26,8 @@ reported on the event, so the server drops it before the handshake.
 AUTH (RFC 4954) exists only when the core is built with ``auth=True`` (the
 submission role); otherwise it is 502.  After a 334 reply the next line is a
 SASL response, framed as ``AuthResponse`` (cap ``MAX_AUTH_LINE``, §4), until
-the session answers with anything but 334.
+the session answers with anything but 334.  The exchange is a sub-mode of
+READY (``in_sasl``), not a state of its own: no command is legal inside it.
 
 The message size cap is enforced while streaming: once the running size of a
 transaction exceeds ``max_message_size`` no more ``DataChunk`` events are
@@ -54,7 +55,6 @@ class State(enum.Enum):
     DATA = "data"  # reading DATA text after 354
     BDAT = "bdat"  # reading the octets of one BDAT chunk
     TLS = "tls"  # 220 to STARTTLS sent; the server does the handshake now
-    AUTH = "auth"  # 334 sent: the next line is a SASL response (RFC 4954 §4)
     CLOSED = "closed"
 
 
@@ -151,7 +151,6 @@ ALLOWED: dict[State, frozenset[str]] = {
     State.DATA: frozenset(),
     State.BDAT: frozenset(),
     State.TLS: frozenset(),
-    State.AUTH: frozenset(),
     State.CLOSED: frozenset(),
 }
 
@@ -207,6 +206,7 @@ class SmtpCore:
     max_message_size: int = 50 * 1024 * 1024
     auth: bool = False  # offer AUTH (RFC 4954): the submission role
     state: State = State.START
+    in_sasl: bool = False  # READY, 334 sent: the next line is a SASL response
     _buf: bytearray = field(default_factory=bytearray)
     _pending: Event | None = None
     _skipping_command: bool = False
@@ -240,7 +240,7 @@ class SmtpCore:
             return self._next_data()
         if self.state is State.BDAT:
             return self._next_bdat()
-        if self.state is State.AUTH:
+        if self.in_sasl:
             return self._next_auth_line()
         return self._next_command()
 
@@ -461,11 +461,13 @@ class SmtpCore:
             raise LocalProtocolError("respond() without a pending event")
         self._pending = None
         if isinstance(event, Command | AuthResponse) and reply.code == 334:
-            self.state = State.AUTH  # RFC 4954 §4: a SASL response line comes next
+            self.in_sasl = True  # RFC 4954 §4: a SASL response line comes next
         elif isinstance(event, AuthResponse) or (
-            isinstance(event, ProtocolViolation) and not event.fatal and self.state is State.AUTH
+            isinstance(event, ProtocolViolation) and self.in_sasl
         ):
-            self.state = State.READY  # the exchange ended (235, 535, 501, ...)
+            self.in_sasl = False  # the exchange ended (235, 535, 501, ...)
+            if isinstance(event, ProtocolViolation) and event.fatal:
+                self.state = State.CLOSED
         elif isinstance(event, Command):
             if reply.positive:
                 new = _AFTER_POSITIVE.get(event.verb)
@@ -503,6 +505,7 @@ class SmtpCore:
         """The session decided to end (e.g. too many errors): ignore further input."""
         self._pending = None
         self._buf.clear()
+        self.in_sasl = False
         self.state = State.CLOSED
 
     def tls_established(self) -> None:

@@ -350,7 +350,7 @@ def test_auth_bytewise_same_as_whole():
     data = EHLO + b"AUTH LOGIN\r\n"
     split_replies = b"".join(split.session.feed(data[i:i + 1]).data for i in range(len(data)))
     assert whole_replies[0] == split_replies
-    assert split.session.core.state.value == "auth"
+    assert split.session.core.in_sasl
 
 
 class _Boom(Exception):
@@ -367,7 +367,7 @@ def test_directory_failure_during_auth_is_451_and_exchange_ends():
     env.feed(EHLO)
     assert env.feed(b"AUTH LOGIN\r\n", base64.b64encode(b"alice@example.test") + b"\r\n",
                     base64.b64encode(b"alice-pw") + b"\r\n")[2] == R.TEMPORARY_FAILURE.encode()
-    assert env.session.core.state.value == "ready"
+    assert not env.session.core.in_sasl and env.session.core.state.value == "ready"
     assert env.feed(b"NOOP\r\n")[0] == R.NOOP_OK.encode()
 
 
@@ -418,3 +418,12 @@ def test_transcript_bytewise_gives_the_same_replies():
     expected = _replies_without_ids(whole.session.feed(TRANSCRIPT).data)
     got = b"".join(split.session.feed(TRANSCRIPT[i:i + 1]).data for i in range(len(TRANSCRIPT)))
     assert _replies_without_ids(got) == expected
+
+
+def test_sasl_response_over_the_cap_closes():  # RFC 4954 §4: 12288 octets at most
+    env = make()
+    env.feed(EHLO)
+    env.feed(b"AUTH PLAIN\r\n")
+    out = env.session.feed(b"A" * 13000)
+    assert out.data == R.LINE_TOO_LONG.encode() and out.close
+    assert env.session.account is None
