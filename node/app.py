@@ -57,6 +57,7 @@ class Node:
         from cluster.embedded import EmbeddedEtcd
         from cluster.etcd import EtcdSession
         from cluster.membership import Membership
+        from node.admin import AdminServer
         from node.outbound.dkim import Signer
         from node.outbound.runner import QueueRunner
         from storage.mailstore import MailStore
@@ -100,6 +101,8 @@ class Node:
         )
         self.runner = QueueRunner(self.context)
         self.runner.start()
+        self.admin = AdminServer(data_dir / "admin.sock", self.queue, self.runner.wake)
+        self.admin.start()
         self._start_listeners()
         self.membership = Membership(
             self.etcd,
@@ -161,8 +164,10 @@ class Node:
                 server.close()
         for service in self.services:
             service.stop()
-        if getattr(self, "runner", None) is not None:
-            self.runner.stop()
+        for name in ("admin", "runner"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.stop()
         for name in ("membership", "directory"):
             part = getattr(self, name, None)
             if part is not None:
