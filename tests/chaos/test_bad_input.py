@@ -26,6 +26,7 @@ import select
 import smtplib
 import socket
 import ssl
+import struct
 import threading
 import time
 import uuid
@@ -499,6 +500,54 @@ def test_plaintext_on_a_tls_port_is_closed(node, name, payload) -> None:
     node_alive(node)
 
 
+STARTTLS_COMMANDS = {
+    "smtp": (b"EHLO c\r\nSTARTTLS\r\n", b"220 2.0.0"),  # RFC 3207 §4
+    "imap": (b"s1 STARTTLS\r\n", b"s1 OK"),  # RFC 3501 §6.2.1
+    "pop3": (b"STLS\r\n", b"+OK"),  # RFC 2595 §4
+}
+
+
+@pytest.mark.parametrize("name", PLAIN_LISTENERS)
+def test_plaintext_after_starttls_is_closed(node, name) -> None:
+    """After the go-ahead for TLS, plaintext is a failed handshake: the
+    connection closes and nothing more is answered in the clear."""
+    command, ok = STARTTLS_COMMANDS[name]
+    conn = greeted(node, name)
+    start = len(conn.received)
+    conn.send(command)
+    conn.read_until(lambda b: ok in b[start:] and b[start:].endswith(b"\r\n"))
+    after = len(conn.received)
+    conn.send(b"QUIT\r\nEHLO again\r\na1 LOGIN carol x\r\nUSER carol\r\n")
+    rest = conn.finish()[after:]
+    assert not rest or rest[:1] == b"\x15", rest  # at most a TLS alert record
+    node_alive(node)
+
+
+@pytest.mark.parametrize("name", LISTENERS)
+def test_connection_storm_with_resets(node, name) -> None:
+    """Hundreds of connections reset (RST) at once, some before the greeting,
+    some mid-handshake: every slot is released and the listener serves on."""
+    linger = struct.pack("ii", 1, 0)  # close() sends RST
+    hello = client_hello()
+    for i in range(200):
+        s = socket.create_connection((node.host, node.ports[name]), timeout=DEADLINE)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        if i % 3 == 1:
+            s.sendall(hello[:40] if name in TLS_LISTENERS else b"NOOP\r\n")
+        s.close()
+    # Slots are released as each server notices its reset; poll until the
+    # listener greets again (its per-IP limit is far below 200).
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        try:
+            greeted(node, name).close()
+            break
+        except (AssertionError, OSError):
+            assert time.monotonic() < deadline, f"{name}: not serving after the storm"
+            time.sleep(0.05)
+    node_alive(node)
+
+
 MID_COMMAND = {
     "smtp": [b"EH", b"EHLO x\r\nMAIL FROM:<a@exam", b"EHLO x\r\nBDAT 100 LAST\r\nabc",
              b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\nSubject: cut"],
@@ -650,11 +699,7 @@ def half_done_handshakes(node: NodeProcess) -> list[socket.socket]:
             s = socket.create_connection((node.host, node.ports[name]), timeout=DEADLINE)
             s.sendall(payload)
             socks.append(s)
-    for name, command, ok in (
-        ("smtp", b"EHLO c\r\nSTARTTLS\r\n", b"220 "),
-        ("imap", b"s1 STARTTLS\r\n", b"s1 OK"),
-        ("pop3", b"STLS\r\n", b"+OK"),
-    ):
+    for name, (command, ok) in STARTTLS_COMMANDS.items():
         conn = greeted(node, name)
         start = len(conn.received)
         conn.send(command)
