@@ -257,3 +257,27 @@ def test_swaks_auth_without_tls_refused(node):
     # No AUTH keyword before STARTTLS (RFC 4954 §4), so swaks gives up before MAIL.
     assert "did not advertise authentication" in result.stderr
     assert "235" not in result.stdout and "MAIL FROM" not in result.stdout
+
+
+def test_queued_copy_is_dkim_signed(node):  # issue 4 §6: signed once, at submission
+    generated = node.cli("dkim", "generate", "example.test", "--selector", "sub1")
+    assert generated.returncode == 0, generated.stderr
+    deadline = time.monotonic() + 15
+    while True:  # the node's key cache follows etcd by watch
+        with submission(node) as s:
+            s.login(*ALICE)
+            s.mail(ALICE[0])
+            s.rcpt("dave@remote.example")
+            code, text = s.data(message(token(), to="dave@remote.example"))
+        assert code == 250
+        queue_id = text.decode().rsplit(" ", 1)[1]
+        shown = node.cli("queue", "show", queue_id)
+        assert shown.returncode == 0, shown.stderr
+        if "DKIM-Signature" in shown.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    headers = shown.stdout
+    assert headers.count("DKIM-Signature:") == 2, headers  # RSA and Ed25519
+    assert "a=rsa-sha256" in headers and "a=ed25519-sha256" in headers
+    assert "d=example.test" in headers and "s=sub1" in headers
+    assert "Return-Path" not in headers and "(authenticated)" in headers
