@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from node.auth.sasl import ScramCredentials
 from node.config import Config
 from storage.model import (
     AppendResult,
@@ -43,6 +44,28 @@ class Directory(Protocol):
 
     def authenticate(self, username: str, password: str) -> str | None:
         """The canonical account name, or None.  Hashing runs off the hub."""
+        ...
+
+    def scram_credentials(self, username: str) -> ScramCredentials | None:
+        """Stored SCRAM-SHA-256 keys (RFC 5802 §3), None for unknown users or
+        accounts whose password predates SCRAM."""
+        ...
+
+    def sender_allowed(self, account: str, address: str) -> bool:
+        """May the account use this address as its envelope sender (its own
+        address or an alias that delivers to it)?"""
+        ...
+
+    def dkim_keys(self, domain: str) -> list[dict]:
+        """Active DKIM key records of a local domain, RSA first."""
+        ...
+
+
+class DkimSigner(Protocol):
+    """node/outbound/dkim.py Signer."""
+
+    def sign(self, raw: bytes, domain: str) -> bytes:
+        """raw with DKIM-Signature fields prepended (unchanged without keys)."""
         ...
 
 
@@ -192,4 +215,4 @@ class NodeContext:
     tls: ssl.SSLContext  # server context, TLS 1.2 minimum
     hostname: str
     queue: OutboundQueue | None = None  # outbound queue (submission, DSNs)
-    dkim: object | None = None  # node/outbound/dkim.py Signer: .sign(raw, domain) -> bytes
+    dkim: DkimSigner | None = None  # signs remote-bound mail of local domains

@@ -78,7 +78,7 @@ def submit(
             raw = trace + fixed
             domain = envelope.sender.rpartition("@")[2].lower()
             if ctx.dkim is not None:
-                raw = ctx.dkim.sign(raw, domain)  # type: ignore[attr-defined]
+                raw = ctx.dkim.sign(raw, domain)
             entry = ctx.queue.enqueue(
                 envelope.sender,
                 [QueuedRecipient(r.address, r.notify or (), r.orcpt) for r in remote],

@@ -389,7 +389,7 @@ def deliver_report(ctx: NodeContext, recipient: str, report: bytes) -> None:
     signer, domain = ctx.dkim, _dkim_domain(ctx)
     if signer is not None and domain and ctx.config.dkim.sign:
         try:
-            report = signer.sign(report, domain)  # type: ignore[attr-defined]
+            report = signer.sign(report, domain)
         except Exception as exc:  # an unsigned report beats no report
             log.warning("dsn: DKIM signing failed (%s: %s); sent unsigned",
                         type(exc).__name__, exc)

@@ -482,7 +482,7 @@ class Session:
     def _may_send_as(self, address: str) -> bool:
         account = self.account
         assert account is not None
-        if self.ctx.directory.sender_allowed(account, address):  # type: ignore[attr-defined]
+        if self.ctx.directory.sender_allowed(account, address):
             return True
         special = {a.lower() for a in self.ctx.config.submission.any_sender_accounts}
         if account.lower() in special:
@@ -511,7 +511,7 @@ class Session:
         name, _, initial = args.partition(" ")
         mechanism = sasl.make_mechanism(
             name, self.ctx.directory.authenticate,
-            self.ctx.directory.scram_credentials,  # type: ignore[attr-defined]
+            self.ctx.directory.scram_credentials,
         )
         if mechanism is None:
             return R.UNKNOWN_MECHANISM, False
