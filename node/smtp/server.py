@@ -82,6 +82,9 @@ def _run(
             sock.sendall(out.data)
         if out.close:
             return
+        # gevent's recv returns at once while bytes are buffered, so a client
+        # streaming faster than we parse would keep the hub to itself: yield.
+        gevent.sleep(0)
         if out.starttls:
             if out.discarded:
                 log.info("smtp %s: dropped %d octets pipelined after STARTTLS",

@@ -774,6 +774,66 @@ def well_behaved_round(node: NodeProcess) -> None:
         pops.quit()
 
 
+class NoopProber(threading.Thread):
+    """Another SMTP client: NOOP after NOOP (bounded), noting when each is answered."""
+
+    def __init__(self, node: NodeProcess) -> None:
+        super().__init__(daemon=True)
+        self.conn = greeted(node, "smtp")
+        self.stop = threading.Event()
+        self.answered: list[float] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for _ in range(100_000):
+                if self.stop.is_set():
+                    break
+                start = len(self.conn.received)
+                self.conn.raw.sendall(b"NOOP\r\n")
+                self.conn.read_until(lambda b, start=start: b[start:].endswith(b"\r\n"))
+                self.answered.append(time.monotonic())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.conn.close()
+
+
+def test_smtp_fast_data_stream_does_not_starve_others(node) -> None:
+    """A client streaming 40 MB of DATA as fast as loopback allows must not
+    keep the hub to itself: gevent's recv returns at once while bytes are
+    buffered, so a read loop that never has to wait never yields.  Another
+    client's NOOPs must be answered while the stream is still being read
+    (an ordering check, not a benchmark).  Over the size cap, nothing is
+    stored (RFC 1870 §6)."""
+    before = mailbox_state(node, BOB, BOB_PW)
+    prober = NoopProber(node)
+    conn = greeted(node, "smtp")
+    conn.send(b"EHLO c\r\nMAIL FROM:<x@example.org>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+    conn.read_until(lambda b: b"354 " in b)
+    prober.start()
+    deadline = time.monotonic() + DEADLINE
+    while len(prober.answered) < 3:  # the prober is running
+        assert prober.is_alive() and time.monotonic() < deadline, prober.error
+        time.sleep(0.01)
+    start = len(conn.received)
+    began = time.monotonic()
+    conn.send(b"Subject: flood\r\n\r\n" + (b"f" * 76 + b"\r\n") * (40 * 1024 * 1024 // 78))
+    conn.send(b".\r\n")
+    reply = conn.read_until(lambda b: b[start:].endswith(b"\r\n"), time.monotonic() + 60)[start:]
+    ended = time.monotonic()
+    prober.stop.set()
+    prober.join(DEADLINE)
+    conn.close()
+    assert prober.error is None, prober.error
+    assert reply.startswith(b"552 5.3.4"), reply
+    during = [t for t in prober.answered if began < t < ended]
+    assert len(during) >= 10, (
+        f"{len(during)} NOOPs answered during {ended - began:.2f} s of streaming"
+    )
+    assert mailbox_state(node, BOB, BOB_PW) == before
+
+
 def test_trickling_and_hanging_clients_do_not_block_others(node) -> None:
     """While clients trickle commands byte by byte and TLS handshakes hang,
     other clients are served: a whole SMTP → IMAP → POP3 round finishes well
