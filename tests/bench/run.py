@@ -278,10 +278,12 @@ def bench_postroom(
                                       f"{node.host}:{node.ports['imap']}", RETRIEVAL_SESSIONS,
                                       profile.fetch_count, profile.fetch_duration)  # fmt: skip
         results["rss_after"] = rss_mb(pid)
+    except Exception:
+        log("postroom: node log tail:\n" + node.log_tail(30))
+        raise
     finally:
         if node.stop() is None:
             node.kill()
-        results["log_tail"] = node.log_tail(15)
     return results
 
 
@@ -334,8 +336,10 @@ def bench_peers(root: Path, profile: Profile, children: Children, log, repeat: i
                     for _ in range(repeat)
                 ]
             )  # fmt: skip
+    except Exception:
+        log("peers: log tails:\n" + peer.log_tail(15))
+        raise
     finally:
-        results["log_tail"] = peer.log_tail(5)
         peer.stop()
     return results
 
