@@ -94,6 +94,11 @@ def _run(ctx: NodeContext, sock: socket.socket, session: Pop3Session, greet: boo
         if not data:
             return
         session.receive_data(data)
+        # recv returns at once while bytes are buffered: a client pipelining
+        # faster than we answer would keep the hub to itself.  idle(), not
+        # sleep(0): other sockets are polled first (gevent runs up to 50
+        # sleep(0) callbacks back to back before it polls again).
+        gevent.idle()
 
 
 def _flush(sock: socket.socket, out: bytearray) -> None:
