@@ -82,9 +82,11 @@ def _run(
             sock.sendall(out.data)
         if out.close:
             return
-        # gevent's recv returns at once while bytes are buffered, so a client
-        # streaming faster than we parse would keep the hub to itself: yield.
-        gevent.sleep(0)
+        # recv returns at once while bytes are buffered: a client streaming
+        # faster than we parse would keep the hub to itself.  idle(), not
+        # sleep(0): other sockets are polled first (gevent runs up to 50
+        # sleep(0) callbacks back to back before it polls again).
+        gevent.idle()
         if out.starttls:
             if out.discarded:
                 log.info("smtp %s: dropped %d octets pipelined after STARTTLS",
