@@ -834,6 +834,35 @@ def test_smtp_fast_data_stream_does_not_starve_others(node) -> None:
     assert mailbox_state(node, BOB, BOB_PW) == before
 
 
+def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
+    """A logged-in POP3 client pipelining 150,000 NOOPs (RFC 2449 §6.6) and
+    reading the answers as fast as they come: every one is answered, and
+    another client is served meanwhile (an ordering check, not a benchmark)."""
+    count = 150_000
+    prober = NoopProber(node)
+    conn = greeted(node, "pop3")
+    login(conn, CAROL, CAROL_PW)
+    prober.start()
+    deadline = time.monotonic() + DEADLINE
+    while len(prober.answered) < 3:  # the prober is running
+        assert prober.is_alive() and time.monotonic() < deadline, prober.error
+        time.sleep(0.01)
+    start = len(conn.received)
+    began = time.monotonic()
+    conn.send(b"NOOP\r\n" * count + b"QUIT\r\n")
+    data = conn.read_until(lambda b: b"signing off" in b[start:], time.monotonic() + 60)
+    ended = time.monotonic()
+    prober.stop.set()
+    prober.join(DEADLINE)
+    conn.close()
+    assert prober.error is None, prober.error
+    assert data[start:].count(b"+OK\r\n") == count
+    during = [t for t in prober.answered if began < t < ended]
+    assert len(during) >= 10, (
+        f"{len(during)} NOOPs answered during {ended - began:.2f} s of the flood"
+    )
+
+
 def test_trickling_and_hanging_clients_do_not_block_others(node) -> None:
     """While clients trickle commands byte by byte and TLS handshakes hang,
     other clients are served: a whole SMTP → IMAP → POP3 round finishes well
