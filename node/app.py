@@ -23,6 +23,7 @@ import gevent
 import gevent.event
 
 from node import log as nodelog
+from node import memory
 from node.config import Config
 from node.context import NodeContext
 from node.net.listener import Service
@@ -184,10 +185,12 @@ class Node:
 def _run(node: Node, on_ready=None) -> int:
     gevent.signal_handler(signal.SIGTERM, node.request_stop)
     gevent.signal_handler(signal.SIGINT, node.request_stop)
+    memory.fix_mmap_threshold()
     try:
         node.start()
         if on_ready is not None:
             on_ready(node)
+        memory.trim()
         # Machine-readable line for supervisors and tests: the bound ports.
         print("postroom ready " + " ".join(
             f"{name}={','.join(addrs)}" for name, addrs in node.ports().items()

@@ -28,14 +28,16 @@ def self_signed_paths(data_dir: Path) -> tuple[Path, Path]:
 
 def ensure_self_signed(data_dir: Path, hostname: str) -> tuple[Path, Path]:
     """Create (once) an ECDSA P-256 self-signed certificate for hostname."""
+    cert_path, key_path = self_signed_paths(data_dir)
+    if cert_path.exists() and key_path.exists():
+        return cert_path, key_path
+    # Imported only when a certificate is made: an idle node does not keep
+    # cryptography's x509 modules in memory.
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    cert_path, key_path = self_signed_paths(data_dir)
-    if cert_path.exists() and key_path.exists():
-        return cert_path, key_path
     cert_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname[:64] or "localhost")])

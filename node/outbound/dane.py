@@ -20,16 +20,29 @@ import datetime
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import dns.exception
 import dns.flags
 import dns.message
 import dns.resolver
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509 import verification
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger("postroom.outbound.dane")
+
+
+def _crypto(*names: str) -> Any:
+    """cryptography's x509 pieces, imported on first use: an idle node that
+    never meets a TLSA record does not carry them (~8 MB, docs/benchmarks.md)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509 import verification
+
+    found = {"x509": x509, "serialization": serialization, "verification": verification}
+    values = tuple(found[n] for n in names)
+    return values if len(values) > 1 else values[0]
 
 DANE_TA, DANE_EE = 2, 3
 USABLE_USAGES = (DANE_TA, DANE_EE)
@@ -132,6 +145,7 @@ def _address_secure(resolver: dns.resolver.Resolver, host: str) -> bool:
 
 
 def _selected(cert: x509.Certificate, selector: int) -> bytes:
+    serialization = _crypto("serialization")
     if selector == 0:
         return cert.public_bytes(serialization.Encoding.DER)
     return cert.public_key().public_bytes(
@@ -156,6 +170,7 @@ def record_matches(record: Tlsa, cert: x509.Certificate) -> bool:
 
 def authenticate(records: tuple[Tlsa, ...], chain_der: list[bytes], mx_host: str) -> str | None:
     """Check the peer chain (leaf first) against TLSA records: None if ok, else why not."""
+    x509 = _crypto("x509")
     if not chain_der:
         return "dane: the server sent no certificate"
     try:
@@ -178,6 +193,7 @@ def authenticate(records: tuple[Tlsa, ...], chain_der: list[bytes], mx_host: str
 def _chain_ok(leaf: x509.Certificate, intermediates: list[x509.Certificate],
               anchor: x509.Certificate, mx_host: str) -> bool:
     """DANE-TA (RFC 7672 §3.1.2): the leaf chains to ``anchor`` and names ``mx_host``."""
+    verification = _crypto("verification")
     try:
         verifier = (
             verification.PolicyBuilder()
@@ -194,6 +210,7 @@ def _chain_ok(leaf: x509.Certificate, intermediates: list[x509.Certificate],
 
 def name_matches(cert_der: bytes, host: str) -> bool:
     """Whether the certificate names ``host`` (RFC 6125 §6.4: SAN dNSName, "*." one label)."""
+    x509 = _crypto("x509")
     host = host.rstrip(".").lower()
     try:
         cert = x509.load_der_x509_certificate(cert_der)

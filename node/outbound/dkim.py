@@ -37,19 +37,18 @@ published as the base64 raw 32-octet public key (RFC 8463 §4.2).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import dkim
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import CanonicalizationPolicy
+from typing import TYPE_CHECKING, Any, Protocol
 
 from node.config import DkimSettings
+
+if TYPE_CHECKING:
+    import dkim
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +61,30 @@ CANONICALIZATION = (b"relaxed", b"relaxed")
 MAX_TXT_STRING = 255  # octets per character-string (RFC 1035 §3.3.14)
 _HEADER_NAME = b"DKIM-Signature"
 _LINESEP = b"\r\n"
-# RFC 6376 §5.4.1 recommends against signing these (dkimpy refuses them too).
-_NEVER_SIGN = frozenset(h.decode() for h in dkim.DKIM.SHOULD_NOT)
+
+
+def _lib(*wanted: str) -> Any:
+    """dkimpy and cryptography, imported on first use: a node that signs
+    nothing does not carry them (~8 MB of RSS, docs/benchmarks.md)."""
+    import dkim
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+    from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+    from dkim.canonicalization import CanonicalizationPolicy
+
+    found = {
+        "dkim": dkim, "hashes": hashes, "serialization": serialization, "ed25519": ed25519,
+        "padding": padding, "rsa": rsa, "Prehashed": Prehashed,
+        "CanonicalizationPolicy": CanonicalizationPolicy,
+    }
+    values = tuple(found[n] for n in wanted)
+    return values if len(values) > 1 else values[0]
+
+
+@functools.cache
+def _never_sign() -> frozenset[str]:
+    """RFC 6376 §5.4.1 recommends against signing these (dkimpy refuses them too)."""
+    return frozenset(h.decode() for h in _lib("dkim").DKIM.SHOULD_NOT)
 
 
 class KeySource(Protocol):
@@ -81,6 +102,7 @@ class DkimError(Exception):
 
 def generate_key(algorithm: str, active: bool = True) -> dict[str, Any]:
     """A new key record for ``/dkim/<domain>/<selector>`` (see module docstring)."""
+    rsa, ed25519, serialization = _lib("rsa", "ed25519", "serialization")
     private: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
     if algorithm == RSA:
         private = rsa.generate_private_key(public_exponent=RSA_EXPONENT, key_size=RSA_BITS)
@@ -143,7 +165,7 @@ def sign_headers_list(headers: list[tuple[bytes, bytes]], wanted: list[str]) -> 
     out: list[bytes] = []
     seen: set[str] = set()
     for name in order:
-        if not name or name in seen or name in _NEVER_SIGN:
+        if not name or name in seen or name in _never_sign():
             continue
         seen.add(name)
         times = counts.get(name, 0) + (1 if name == "from" else 0)
@@ -164,6 +186,7 @@ class _LoadedKey:
 
 def load_key(domain: str, selector: str, record: dict) -> _LoadedKey:
     """Parse a stored record; raises DkimError when it is unusable."""
+    serialization, rsa, ed25519 = _lib("serialization", "rsa", "ed25519")
     algorithm = record.get("algorithm")
     pem = str(record.get("private_key", "")).encode("ascii", "replace")
     try:
@@ -208,6 +231,7 @@ def fast_rsa_signature(
     """The same bytes as ``dkimpy_signature`` for an RSA key, with the RSA step
     done by cryptography: this mirrors dkimpy's ``DKIM.sign``/``gen_header``
     (same tag order, same folding, its canonicalization and header hashing)."""
+    CanonicalizationPolicy, dkim, Prehashed, padding, hashes = _lib("CanonicalizationPolicy", "dkim", "Prehashed", "padding", "hashes")
     policy = CanonicalizationPolicy.from_c_value(b"/".join(CANONICALIZATION))
     bodyhash = base64.b64encode(hashlib.sha256(policy.canonicalize_body(body)).digest())
     fields = [
@@ -255,6 +279,7 @@ class Signer:
         """raw with one DKIM-Signature per active key prepended; raw unchanged
         when signing is off or the domain has no usable active key.  A key that
         fails is logged and skipped: mail is never held back for a signature."""
+        dkim = _lib("dkim")
         if not self.settings.sign:
             return raw
         records = self.directory.dkim_keys(domain)
@@ -306,6 +331,7 @@ class Signer:
     def _fast_agrees(self, key: _LoadedKey) -> bool:
         """Once per key: does the fast path give dkimpy's exact bytes?  (It relies
         on dkimpy internals; a dkimpy upgrade could change them.)"""
+        dkim = _lib("dkim")
         cache_key = (key.domain.decode(), key.selector.decode(), _fingerprint(key.pem.decode()))
         if cache_key not in self._fast_ok:
             probe = dkim.DKIM(_PROBE, linesep=_LINESEP)
