@@ -834,13 +834,12 @@ def test_smtp_fast_data_stream_does_not_starve_others(node) -> None:
     assert mailbox_state(node, BOB, BOB_PW) == before
 
 
-def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
-    """A logged-in POP3 client pipelining 150,000 NOOPs (RFC 2449 §6.6) and
-    reading the answers as fast as they come: every one is answered, and
-    another client is served meanwhile (an ordering check, not a benchmark)."""
-    count = 150_000
+def flood_while_probing(node: NodeProcess, name: str, flood: bytes, last: bytes) -> bytes:
+    """Send `flood` on a logged-in session and read until `last` arrives, while
+    a NoopProber keeps asking; fails unless the prober was answered at least
+    10 times during the flood (an ordering check, not a benchmark)."""
     prober = NoopProber(node)
-    conn = greeted(node, "pop3")
+    conn = greeted(node, name)
     login(conn, CAROL, CAROL_PW)
     prober.start()
     deadline = time.monotonic() + DEADLINE
@@ -849,18 +848,42 @@ def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
         time.sleep(0.01)
     start = len(conn.received)
     began = time.monotonic()
-    conn.send(b"NOOP\r\n" * count + b"QUIT\r\n")
-    data = conn.read_until(lambda b: b"signing off" in b[start:], time.monotonic() + 60)
+    conn.send(flood)
+    data = conn.read_until(lambda b: last in b[start:], time.monotonic() + 60)[start:]
     ended = time.monotonic()
     prober.stop.set()
     prober.join(DEADLINE)
     conn.close()
     assert prober.error is None, prober.error
-    assert data[start:].count(b"+OK\r\n") == count
     during = [t for t in prober.answered if began < t < ended]
     assert len(during) >= 10, (
         f"{len(during)} NOOPs answered during {ended - began:.2f} s of the flood"
     )
+    return data
+
+
+def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
+    """A logged-in POP3 client pipelining 150,000 NOOPs (RFC 2449 §6.6) and
+    reading the answers as fast as they come: every one is answered, and
+    another client is served meanwhile."""
+    count = 150_000
+    data = flood_while_probing(node, "pop3", b"NOOP\r\n" * count + b"QUIT\r\n", b"signing off")
+    assert data.count(b"+OK\r\n") == count
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="node/imap/server.py reads and answers while bytes are buffered without "
+    "yielding: 100,000 pipelined commands keep the hub ~1.7 s; reported to the IMAP owner",
+)
+def test_imap_pipelined_flood_does_not_starve_others(node) -> None:
+    """The same for IMAP (RFC 3501 §5.5): 100,000 pipelined NOOPs, all answered
+    in order, and another client served meanwhile."""
+    count = 100_000
+    flood = b"".join(b"f%d NOOP\r\n" % i for i in range(count))
+    data = flood_while_probing(node, "imap", flood, b"f%d " % (count - 1))
+    assert len(re.findall(rb"^f[0-9]+ OK", data, re.M)) == count
 
 
 def test_trickling_and_hanging_clients_do_not_block_others(node) -> None:
