@@ -3,7 +3,7 @@
 # Extra arguments go to pytest (e.g. tests/run.sh tests/unit -x).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-POSTROOM_APT="etcd-server swaks isync fetchmail curl ca-certificates postfix opendkim-tools" \
+POSTROOM_APT="etcd-server swaks isync fetchmail curl ca-certificates postfix opendkim-tools dovecot-imapd" \
 POSTROOM_EXTRAS="[test]" bash "$here/setup-env.sh"
 cd "$here/.."
 .venv/bin/ruff check .
