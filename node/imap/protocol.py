@@ -110,6 +110,13 @@ def allowed(state: State, name: str) -> bool:
     return state in COMMAND_STATES.get(name, frozenset())
 
 
+def register_command(name: str, parser: Any, states: frozenset[State]) -> None:
+    """Add (or extend) a command of an extension family (node/imap/commands/*):
+    its parser ``parser(reader) -> args`` and its row in COMMAND_STATES."""
+    _PARSERS[name] = parser
+    COMMAND_STATES[name] = states
+
+
 # --------------------------------------------------------------------------
 # Typed values
 

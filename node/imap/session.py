@@ -23,12 +23,13 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import functools
 import importlib
 import ipaddress
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from node.context import NodeContext
@@ -63,6 +64,7 @@ from node.imap.protocol import (
     tagged,
     untagged,
 )
+from node.imap.view import View
 from node.imap.wildcard import Pattern
 from storage.model import (
     MailboxExists,
@@ -80,6 +82,11 @@ FLUSH_AT = 256 * 1024  # octets of queued output before handing it to send()
 FETCH_BATCH = 128  # messages whose metadata/body are loaded at once
 PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
 DELIMITER = "/"
+
+
+# Handlers of extension command families (node/imap/commands/*), by command
+# name: handler(session, cmd) -> Reply | None.  Filled at the end of this module.
+COMMAND_HANDLERS: dict[str, Callable[..., Any]] = {}
 
 
 @dataclass
@@ -101,23 +108,6 @@ def no(text: str, code: str | None = None) -> Reply:
 
 def bad(text: str, code: str | None = None) -> Reply:
     return Reply("BAD", text, code)
-
-
-@dataclass
-class View:
-    """The selected mailbox as this session has reported it."""
-
-    name: str
-    readonly: bool
-    uidvalidity: int
-    uids: list[int]  # ascending; index + 1 is the sequence number
-    flags: dict[int, frozenset[str]]
-    modseq: int
-    keywords: set[str] = field(default_factory=set)  # announced in FLAGS
-    gone: set[int] = field(default_factory=set)  # expunged, not yet reported
-
-    def seq_of(self, uid: int) -> int:
-        return bisect.bisect_left(self.uids, uid) + 1
 
 
 def _mime() -> Any:
@@ -269,7 +259,11 @@ class Session:
         if not allowed(self.state, cmd.full_name):
             self._write(tagged(cmd.tag, "BAD", f"{cmd.full_name} not allowed now"))
             return
-        handler = getattr(self, "_cmd_" + cmd.name.lower())
+        # An extension family (node/imap/commands/*) may add or extend a command.
+        ext = COMMAND_HANDLERS.get(cmd.name)
+        handler = (
+            functools.partial(ext, self) if ext else getattr(self, "_cmd_" + cmd.name.lower())
+        )
         reply = self._guarded(cmd.full_name, handler, cmd)
         if reply is None:  # the command continues (IDLE, AUTHENTICATE) or ended the session
             return
@@ -434,25 +428,19 @@ class Session:
         self.state = State.AUTHENTICATED
         store = self.ctx.store
         status = store.status(self._acct, name)
-        rows = store.messages(self._acct, name)
-        uids = [r.uid for r in rows]
-        view = View(
-            name=name,
-            readonly=readonly,
-            uidvalidity=status.uidvalidity,
-            uids=uids,
-            flags={r.uid: r.flags for r in rows},
-            modseq=status.highestmodseq,
+        # UIDs and flags only (node/imap/view.py): no row per message.
+        view = View.build(
+            name, readonly, status.uidvalidity, status.highestmodseq,
+            store.uid_flags(self._acct, name),
         )
-        for r in rows:
-            view.keywords.update(f for f in r.flags if not f.startswith("\\"))
+        uids = view.uids
         self.view = view
         self._dirty = False
         self.state = State.SELECTED
         self._write(untagged("FLAGS", self._flags_atom()))
         self._write(untagged(len(uids), "EXISTS"))
         self._write(untagged(0, "RECENT"))
-        unseen = next((i + 1 for i, r in enumerate(rows) if "\\Seen" not in r.flags), None)
+        unseen = view.first_unseen()
         if unseen is not None:
             self._write(status_untagged("OK", "first unseen", f"UNSEEN {unseen}"))
         self._write(status_untagged("OK", "UIDs valid", f"UIDVALIDITY {status.uidvalidity}"))
@@ -925,3 +913,8 @@ def _valid_name(name: str) -> bool:
     )
 
 
+# Extension command families register their handlers (and, through
+# protocol.register_command, their parsers and state-table rows).
+from node.imap.commands import register_all as _register_commands  # noqa: E402
+
+_register_commands(COMMAND_HANDLERS)
