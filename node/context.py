@@ -126,6 +126,15 @@ class MailStore(Protocol):
         """Parsed metadata stored at delivery (storage/mime.py), per uid."""
         ...
 
+    def rows(self, account: str, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
+        """The rows of those UIDs that exist, by UID (at most 1,000,000 UIDs)."""
+        ...
+
+    def uid_flags(self, account: str, name: str) -> list[tuple[int, frozenset[str]]]:
+        """(uid, flags) of every message, ascending UID; equal flag sets may
+        be one shared object."""
+        ...
+
     def read_message(self, blob: str) -> bytes: ...
 
     def store_flags(
@@ -146,6 +155,13 @@ class MailStore(Protocol):
         self, account: str, src: str, uids: Iterable[int], dst: str
     ) -> tuple[int, list[tuple[int, int]]]:
         """(destination uidvalidity, [(source uid, new uid)])."""
+        ...
+
+    def move(
+        self, account: str, src: str, uids: Iterable[int], dst: str
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """RFC 6851: copy and expunge atomically (one op);
+        (destination uidvalidity, [(source uid, new uid)])."""
         ...
 
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges: ...

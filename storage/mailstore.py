@@ -31,7 +31,7 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from storage import names
+from storage import fts, names
 from storage import shard as ops
 from storage.blobs import BlobStore
 from storage.groupcommit import GroupCommitter
@@ -44,6 +44,7 @@ from storage.model import (
     MessageRow,
     StorageError,
     StorageUnavailable,
+    TextHits,
 )
 from storage.shard import Changes, Intent, Op, Shard
 
@@ -113,6 +114,7 @@ class MailStore:
         self._open: dict[int, _OpenShard] = {}
         self._opening: dict[int, AsyncResult] = {}
         self._watchers: dict[str, list[Callable[[str], None]]] = {}
+        self._indexing: set[_OpenShard] = set()  # shards with a running indexer
         self._is_open = False
 
     # -- lifecycle ---------------------------------------------------------
@@ -292,6 +294,12 @@ class MailStore:
             return gevent.get_hub().threadpool.apply(parse_metadata, (raw,))
         return parse_metadata(raw)
 
+    def _search_doc(self, raw: bytes, metadata: dict) -> tuple[fts.Doc | None]:
+        """The full-text index entry (storage/fts.py), computed once at delivery."""
+        if len(raw) > _PARSE_INLINE_MAX:
+            return (gevent.get_hub().threadpool.apply(fts.extract, (raw, metadata)),)
+        return (fts.extract(raw, metadata),)
+
     def deliver(
         self,
         accounts: Iterable[str],
@@ -316,12 +324,13 @@ class MailStore:
         canon = names.canonical_flags(flags)
         when = _when(internaldate)
         metadata = self._meta(raw, meta)
+        doc = self._search_doc(raw, metadata)
         blob = self.blobs.put(raw)
         pending = []
         for acct in targets:
             intent = functools.partial(
                 ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
-                flags=canon, internaldate=when, meta=metadata,
+                flags=canon, internaldate=when, meta=metadata, search_doc=doc,
             )
             pending.append(self._shard(acct).committer.submit_nowait(intent))
         results: list[AppendResult] = []
@@ -351,10 +360,11 @@ class MailStore:
         canon = names.canonical_flags(flags)
         when = _when(internaldate)
         metadata = self._meta(raw, meta)
+        doc = self._search_doc(raw, metadata)
         blob = self.blobs.put(raw)
         return self._submit(acct, functools.partial(
             ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
-            flags=canon, internaldate=when, meta=metadata,
+            flags=canon, internaldate=when, meta=metadata, search_doc=doc,
         ))
 
     def create_mailbox(
@@ -420,6 +430,16 @@ class MailStore:
             ops.intent_copy, account=acct, src=names.mailbox_name(src), uids=_uids(uids),
             dst=names.mailbox_name(dst)))
 
+    def move(
+        self, account: str, src: str, uids: Iterable[int], dst: str
+    ) -> tuple[int, list[tuple[int, int]]]:
+        """RFC 6851 MOVE in one op: (dst uidvalidity, [(src uid, new uid)]);
+        the source messages are expunged in the same commit."""
+        acct = _account(account)
+        return self._submit(acct, functools.partial(
+            ops.intent_move, account=acct, src=names.mailbox_name(src), uids=_uids(uids),
+            dst=names.mailbox_name(dst)))
+
     # -- reads (hub, reader connection) ----------------------------------------
 
     def list_mailboxes(self, account: str) -> list[MailboxInfo]:
@@ -437,6 +457,52 @@ class MailStore:
     def metadata(self, account: str, name: str, uids: Iterable[int]) -> dict[int, dict]:
         acct = _account(account)
         return self._shard(acct).shard.metadata(acct, names.mailbox_name(name), _uids(uids))
+
+    def rows(self, account: str, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
+        """The rows of those UIDs that exist, by UID (FETCH reads only these)."""
+        acct = _account(account)
+        return self._shard(acct).shard.rows(acct, names.mailbox_name(name), _uids(uids))
+
+    def uid_flags(self, account: str, name: str) -> list[tuple[int, frozenset[str]]]:
+        """(uid, flags) of every message, ascending UID (an IMAP view at SELECT)."""
+        acct = _account(account)
+        return self._shard(acct).shard.uid_flags(acct, names.mailbox_name(name))
+
+    def search_text(self, account: str, name: str, field: str, needle: str) -> TextHits | None:
+        """Messages whose SEARCH text for field ("text", "body", "hdr", "subject",
+        "from", "to", "cc", "bcc") contains needle, case-insensitively (RFC 3501
+        §6.4.4), from the full-text index; None if the index cannot answer
+        that needle (see storage/fts.py)."""
+        if field not in ("text", *fts.FIELDS) or not fts.usable(needle):
+            return None
+        acct = _account(account)
+        entry = self._shard(acct)
+        found, pending = entry.shard.search_text(
+            acct, names.mailbox_name(name), fts.Query(field, needle))
+        if pending:
+            self._index_later(entry)
+        return TextHits(frozenset(found - pending), frozenset(pending))
+
+    def _index_later(self, entry: _OpenShard) -> None:
+        """Index queued messages (replayed ops, copies) in the background, a
+        batch per write transaction, so SEARCH soon needs no slow path."""
+        if entry in self._indexing:
+            return
+        self._indexing.add(entry)
+
+        def read(sha: str) -> bytes:  # writer thread: plain file I/O
+            return self.blobs.path(sha).read_bytes()
+
+        def run() -> None:
+            try:
+                while self._is_open and fts.has_work(entry.shard.reader):
+                    entry.committer.submit(lambda tx: fts.index_pending(tx.conn, read))
+            except StorageError:
+                log.warning("full-text indexing stopped", exc_info=True)
+            finally:
+                self._indexing.discard(entry)
+
+        gevent.spawn(run)
 
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
         acct = _account(account)

@@ -26,6 +26,8 @@ writer and always see the last committed state.
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
 import sqlite3
 import time
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage import names
+from storage import fts, names
 from storage.model import (
     DEFAULT_MAILBOXES,
     PENDING,
@@ -46,7 +48,9 @@ from storage.model import (
     MailboxNotAllowed,
     MailboxStatus,
     MessageRow,
+    MetadataTooMany,
     NoSuchMailbox,
+    SpecialUseInUse,
     StorageError,
     StorageUnavailable,
 )
@@ -91,6 +95,7 @@ CREATE TABLE IF NOT EXISTS expunged (
     modseq INTEGER NOT NULL,
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged (mailbox, modseq);
 CREATE TABLE IF NOT EXISTS queue (
     id TEXT PRIMARY KEY,
     sender TEXT NOT NULL,
@@ -126,7 +131,65 @@ CREATE TABLE IF NOT EXISTS queue_rcpt (
 ) WITHOUT ROWID;
 """
 
-STATE_TABLES = ("shard_meta", "mailboxes", "messages", "expunged", "queue", "queue_rcpt")
+# Quota usage, save dates and METADATA (RFC 9208, RFC 8514, RFC 5464); see
+# docs/storage.md.  Triggers keep derived state in step with every op that
+# inserts or deletes messages (append, copy, move, expunge, delete, ...):
+# ``usage`` counts each account's octets and messages, and a new message's
+# ``savedate`` is the timestamp of the op that inserted it (the op being
+# applied is always the newest log row), so replay and replicas agree.
+MAILBOX_EXT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    account TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL,
+    messages INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS metadata (
+    account TEXT NOT NULL,
+    mailbox INTEGER NOT NULL,
+    entry TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (account, mailbox, entry)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS usage_add AFTER INSERT ON messages BEGIN
+    INSERT INTO usage (account, bytes, messages)
+        SELECT account, NEW.size, 1 FROM mailboxes WHERE uidvalidity = NEW.mailbox
+        ON CONFLICT (account) DO UPDATE SET
+            bytes = bytes + excluded.bytes, messages = messages + 1;
+    UPDATE messages SET savedate = (SELECT ts FROM oplog ORDER BY idx DESC LIMIT 1)
+        WHERE mailbox = NEW.mailbox AND uid = NEW.uid;
+END;
+CREATE TRIGGER IF NOT EXISTS usage_sub AFTER DELETE ON messages BEGIN
+    UPDATE usage SET bytes = bytes - OLD.size, messages = messages - 1
+        WHERE account = (SELECT account FROM mailboxes WHERE uidvalidity = OLD.mailbox);
+END;
+CREATE TRIGGER IF NOT EXISTS metadata_drop AFTER DELETE ON mailboxes BEGIN
+    DELETE FROM metadata WHERE account = OLD.account AND mailbox = OLD.uidvalidity;
+END;
+"""
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the MAILBOX_EXT_SCHEMA state to a database (idempotent).
+
+    A database from before it gets NULL save dates (FETCH SAVEDATE NIL,
+    RFC 8514 §4.3) and its usage counted once from the messages.
+    """
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
+    if "savedate" not in columns:
+        conn.execute("ALTER TABLE messages ADD COLUMN savedate REAL")
+    had_usage = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
+    ).fetchone()
+    backfill = "" if had_usage else (
+        "INSERT INTO usage (account, bytes, messages)"
+        " SELECT b.account, sum(m.size), count(*) FROM messages m"
+        " JOIN mailboxes b ON b.uidvalidity = m.mailbox GROUP BY b.account;"
+    )
+    conn.executescript(f"BEGIN IMMEDIATE; {MAILBOX_EXT_SCHEMA} {backfill} COMMIT;")
+
+
+STATE_TABLES = ("shard_meta", "mailboxes", "messages", "expunged", "queue", "queue_rcpt",
+                "usage", "metadata")
 MAX_UIDS_PER_OP = 1_000_000  # bounded op args
 
 
@@ -146,7 +209,11 @@ def _flags_text(flags: Iterable[str]) -> str:
     return " ".join(flags)
 
 
+@functools.lru_cache(maxsize=4096)
 def _flags_set(text: str) -> frozenset[str]:
+    # Interned: a mailbox has few distinct flag lists, so every row and every
+    # IMAP session view shares one frozenset per list (memory and time on
+    # 100,000-message mailboxes; frozensets are immutable, so sharing is safe).
     return frozenset(text.split()) if text else frozenset()
 
 
@@ -312,13 +379,49 @@ def _apply_copy(conn: sqlite3.Connection, a: dict) -> Changes:
     return [(a["account"], a["dst"])]
 
 
+def _apply_move(conn: sqlite3.Connection, a: dict) -> Changes:
+    # RFC 6851 §3.3: copy (flags and internal date kept) and expunge the
+    # source messages, in one op so a crash never leaves both or neither.
+    src, gone = a["src_uidvalidity"], a["src_modseq"]
+    _apply_copy(conn, a)
+    for src_uid, _dst_uid, _modseq in a["pairs"]:
+        conn.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (src, src_uid))
+        conn.execute(
+            "INSERT OR REPLACE INTO expunged (mailbox, uid, modseq) VALUES (?, ?, ?)",
+            (src, src_uid, gone),
+        )
+    conn.execute(
+        "UPDATE mailboxes SET highestmodseq = max(highestmodseq, ?) WHERE uidvalidity = ?",
+        (gone, src),
+    )
+    return [(a["account"], a["src"]), (a["account"], a["dst"])]
+
+
 def _apply_delete_account(conn: sqlite3.Connection, a: dict) -> Changes:
     rows = conn.execute(
         "SELECT uidvalidity, name FROM mailboxes WHERE account = ? ORDER BY name", (a["account"],)
     ).fetchall()
     for uv, _name in rows:
         _drop_mailbox(conn, uv)
+    conn.execute("DELETE FROM metadata WHERE account = ?", (a["account"],))  # server entries
     return [(a["account"], name) for _uv, name in rows]
+
+
+def _apply_set_metadata(conn: sqlite3.Connection, a: dict) -> Changes:
+    # RFC 5464 §4.3: a NIL value removes the entry.  mailbox 0 = the server.
+    for entry, value in a["entries"]:
+        if value is None:
+            conn.execute(
+                "DELETE FROM metadata WHERE account = ? AND mailbox = ? AND entry = ?",
+                (a["account"], a["uidvalidity"], entry),
+            )
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO metadata (account, mailbox, entry, value)"
+                " VALUES (?, ?, ?, ?)",
+                (a["account"], a["uidvalidity"], entry, base64.b64decode(value)),
+            )
+    return []
 
 
 # -- outbound queue ops (storage/queue.py; docs/queue.md) ---------------------
@@ -396,6 +499,8 @@ MAILBOX_APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
     "store_flags": _apply_store_flags,
     "expunge": _apply_expunge,
     "copy": _apply_copy,
+    "move": _apply_move,
+    "set_metadata": _apply_set_metadata,
     "delete_account": _apply_delete_account,
 }
 QUEUE_APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
@@ -495,6 +600,10 @@ def intent_create_mailbox(
         "SELECT name FROM mailboxes WHERE account = ?", (account,))}
     if name in existing:
         raise MailboxExists(name)
+    if special_use is not None and tx.conn.execute(
+        "SELECT 1 FROM mailboxes WHERE account = ? AND special_use = ?", (account, special_use)
+    ).fetchone():
+        raise SpecialUseInUse(special_use)  # RFC 6154 §3: one mailbox per use
     # RFC 3501 §6.3.3: create superior hierarchical names that do not exist.
     parts = name.split(names.DELIMITER)
     todo = [names.DELIMITER.join(parts[:i]) for i in range(1, len(parts))]
@@ -509,6 +618,31 @@ def intent_create_mailbox(
         ],
     })
     return MailboxInfo(name, uvs[-1], special_use, False)
+
+
+METADATA_MAX_ENTRIES = 1000  # RFC 5464 §4.3 TOOMANY: entries per account, all mailboxes
+
+
+def intent_set_metadata(
+    tx: Tx, account: str, mailbox: str | None, entries: list[tuple[str, bytes | None]]
+) -> None:
+    """RFC 5464 §4.3 SETMETADATA: all entries or none; mailbox None = server."""
+    uv = 0 if mailbox is None else tx.mailbox(account, mailbox)[0]
+    count = tx.conn.execute(
+        "SELECT count(*) FROM metadata WHERE account = ?", (account,)).fetchone()[0]
+    for entry, value in entries:
+        present = tx.conn.execute(
+            "SELECT 1 FROM metadata WHERE account = ? AND mailbox = ? AND entry = ?",
+            (account, uv, entry),
+        ).fetchone()
+        count += (value is not None and not present) - (value is None and bool(present))
+    if count > METADATA_MAX_ENTRIES:
+        raise MetadataTooMany(account)
+    tx.log("set_metadata", {
+        "account": account, "mailbox": mailbox, "uidvalidity": uv,
+        "entries": [[e, None if v is None else base64.b64encode(v).decode("ascii")]
+                    for e, v in entries],
+    })
 
 
 def intent_delete_mailbox(tx: Tx, account: str, name: str) -> None:
@@ -560,7 +694,7 @@ def intent_subscribe(tx: Tx, account: str, name: str, subscribed: bool) -> None:
 
 def intent_append(
     tx: Tx, account: str, mailbox: str, blob: str, size: int, flags: list[str],
-    internaldate: float, meta: dict,
+    internaldate: float, meta: dict, search_doc: tuple[fts.Doc | None] | None = None,
 ) -> AppendResult:
     _ensure_defaults(tx, account)
     uv, uidnext, hms = tx.mailbox(account, mailbox)
@@ -569,6 +703,9 @@ def intent_append(
         "modseq": hms + 1, "blob": blob, "size": size, "internaldate": internaldate,
         "flags": flags, "meta": meta,
     })
+    if search_doc is not None:
+        # Text extracted at delivery; a derived index, not logged (storage/fts.py).
+        fts.index_doc(tx.conn, uv, uidnext, search_doc[0])
     return AppendResult(account, mailbox, uv, uidnext, hms + 1, blob)
 
 
@@ -639,6 +776,29 @@ def intent_copy(
     return dst_uv, [(s, d) for s, d, _ in pairs]
 
 
+def intent_move(
+    tx: Tx, account: str, src: str, uids: list[int], dst: str
+) -> tuple[int, list[tuple[int, int]]]:
+    """RFC 6851 MOVE as one op: new UIDs in dst, then the sources expunged."""
+    src_uv, _, src_hms = tx.mailbox(account, src)
+    dst_uv, uidnext, hms = tx.mailbox(account, dst)
+    pairs: list[list[int]] = []
+    for uid in uids:
+        if tx.conn.execute(
+            "SELECT 1 FROM messages WHERE mailbox = ? AND uid = ?", (src_uv, uid)
+        ).fetchone():
+            hms += 1
+            pairs.append([uid, uidnext, hms])
+            uidnext += 1
+    if pairs:
+        # The expunge's MODSEQ follows every copy when src is dst (one counter).
+        gone = (hms if src_uv == dst_uv else src_hms) + 1
+        tx.log("move", {"account": account, "src": src, "src_uidvalidity": src_uv,
+                        "dst": dst, "dst_uidvalidity": dst_uv, "pairs": pairs,
+                        "src_modseq": gone})
+    return dst_uv, [(s, d) for s, d, _ in pairs]
+
+
 def intent_delete_account(tx: Tx, account: str) -> None:
     if tx.conn.execute("SELECT 1 FROM mailboxes WHERE account = ?", (account,)).fetchone():
         tx.log("delete_account", {"account": account})
@@ -690,6 +850,10 @@ class Shard:
         conn.execute(f"PRAGMA synchronous={'FULL' if self.fsync else 'OFF'}")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")
+        _migrate(conn)
+        conn.execute("BEGIN IMMEDIATE")  # the full-text index (storage/fts.py)
+        fts.create(conn)
+        conn.execute("COMMIT")
         self._writer = conn
 
     def open_reader(self) -> None:
@@ -791,6 +955,35 @@ class Shard:
         ).fetchall()
         return [MailboxInfo(n, uv, su, bool(s)) for n, uv, su, s in rows]
 
+    def usage(self, account: str) -> tuple[int, int]:
+        """(octets, messages) stored for the account (RFC 9208 STORAGE, MESSAGE)."""
+        row = self.reader.execute(
+            "SELECT bytes, messages FROM usage WHERE account = ?", (account,)
+        ).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def savedates(self, account: str, name: str, uids: Iterable[int]) -> dict[int, float | None]:
+        """RFC 8514 save dates of the given messages (None: saved before they were kept)."""
+        uv = self._mailbox_row(account, name)[0]
+        out: dict[int, float | None] = {}
+        wanted = list(uids)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            for uid, saved in self.reader.execute(
+                "SELECT uid, savedate FROM messages WHERE mailbox = ? AND uid IN"
+                f" ({','.join('?' * len(chunk))})",
+                (uv, *chunk),
+            ):
+                out[uid] = saved
+        return out
+
+    def get_metadata(self, account: str, mailbox: str | None) -> dict[str, bytes]:
+        """RFC 5464 entries of a mailbox (None: the server), by entry name."""
+        uv = 0 if mailbox is None else self._mailbox_row(account, mailbox)[0]
+        return dict(self.reader.execute(
+            "SELECT entry, value FROM metadata WHERE account = ? AND mailbox = ?", (account, uv)
+        ).fetchall())
+
     def status(self, account: str, name: str) -> MailboxStatus:
         row = self.reader.execute(
             "SELECT m.uidvalidity, m.uidnext, m.highestmodseq, count(x.uid),"
@@ -817,13 +1010,43 @@ class Shard:
     def metadata(self, account: str, name: str, uids: Iterable[int]) -> dict[int, dict]:
         uv = self._mailbox_row(account, name)[0]
         out: dict[int, dict] = {}
-        for uid in uids:
-            row = self.reader.execute(
-                "SELECT meta FROM messages WHERE mailbox = ? AND uid = ?", (uv, uid)
-            ).fetchone()
-            if row is not None:
-                out[uid] = json.loads(row[0])
+        for chunk in _chunks(list(uids)):
+            for uid, meta in self.reader.execute(
+                "SELECT uid, meta FROM messages WHERE mailbox = ? AND uid IN"
+                f" ({','.join('?' * len(chunk))})",
+                (uv, *chunk),
+            ):
+                out[uid] = json.loads(meta)
         return out
+
+    def rows(self, account: str, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
+        """The rows of the given UIDs that exist (one indexed query per 500)."""
+        uv = self._mailbox_row(account, name)[0]
+        out: dict[int, MessageRow] = {}
+        for chunk in _chunks(list(uids)):
+            for u, f, m, s, d, b in self.reader.execute(
+                "SELECT uid, flags, modseq, size, internaldate, blob FROM messages"
+                f" WHERE mailbox = ? AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid",
+                (uv, *chunk),
+            ):
+                out[u] = MessageRow(u, _flags_set(f), m, s, d, b)
+        return out
+
+    def uid_flags(self, account: str, name: str) -> list[tuple[int, frozenset[str]]]:
+        """(uid, flags) of every message, ascending UID: what a session view
+        needs at SELECT, without building a MessageRow per message."""
+        uv = self._mailbox_row(account, name)[0]
+        cur = self.reader.execute(
+            "SELECT uid, flags FROM messages WHERE mailbox = ? ORDER BY uid", (uv,)
+        )
+        return [(u, _flags_set(f)) for u, f in cur]
+
+    def search_text(
+        self, account: str, name: str, query: fts.Query
+    ) -> tuple[set[int], set[int]]:
+        """(UIDs whose indexed text matches, UIDs not indexed): storage/fts.py."""
+        uv = self._mailbox_row(account, name)[0]
+        return fts.search(self.reader, uv, query)
 
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
         conn = self.reader
@@ -846,3 +1069,9 @@ class Shard:
             [MessageRow(u, _flags_set(f), m, s, d, b) for u, f, m, s, d, b in rows],
             [u for (u,) in gone],
         )
+
+
+def _chunks(items: list[int], size: int = 500) -> Iterable[list[int]]:
+    # Below SQLite's host-parameter limit (999 before 3.32).
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

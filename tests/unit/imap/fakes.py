@@ -59,6 +59,7 @@ class _Box:
     uidnext: int = 1
     rows: dict[int, MessageRow] = field(default_factory=dict)
     expunged: list[tuple[int, int]] = field(default_factory=list)  # (modseq, uid)
+    highestmodseq: int = 1  # per mailbox, like storage/shard.py (RFC 7162 §3.1.1)
 
 
 class FakeStore:
@@ -84,9 +85,11 @@ class FakeStore:
         except KeyError:
             raise NoSuchMailbox(name) from None
 
-    def _next_modseq(self) -> int:
+    def _next_modseq(self, box: _Box) -> int:
+        # Per mailbox, as the shard decides them (HIGHESTMODSEQ + 1).
         self.modseq += 1
-        return self.modseq
+        box.highestmodseq += 1
+        return box.highestmodseq
 
     def _notify(self, account: str, name: str) -> None:
         for cb in list(self.watchers.get(account, [])):
@@ -119,7 +122,7 @@ class FakeStore:
         self.meta[blob] = parse_metadata(raw)
         uid = box.uidnext
         box.uidnext += 1
-        modseq = self._next_modseq()
+        modseq = self._next_modseq(box)
         box.rows[uid] = MessageRow(uid, frozenset(flags), modseq, len(raw),
                                    time.time() if internaldate is None else internaldate, blob)
         self._notify(account, mailbox)
@@ -173,13 +176,21 @@ class FakeStore:
         rows = box.rows.values()
         return MailboxStatus(
             box.info.uidvalidity, box.uidnext, len(box.rows),
-            sum(1 for r in rows if "\\Seen" not in r.flags), self.modseq,
+            sum(1 for r in rows if "\\Seen" not in r.flags), box.highestmodseq,
             sum(r.size for r in rows),
         )
 
     def messages(self, account: str, name: str) -> list[MessageRow]:
         box = self._box(account, name)
         return [box.rows[u] for u in sorted(box.rows)]
+
+    def rows(self, account: str, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
+        box = self._box(account, name)
+        return {u: box.rows[u] for u in sorted(set(uids)) if u in box.rows}
+
+    def uid_flags(self, account: str, name: str) -> list[tuple[int, frozenset[str]]]:
+        box = self._box(account, name)
+        return [(u, box.rows[u].flags) for u in sorted(box.rows)]
 
     def metadata(self, account: str, name: str, uids: Iterable[int]) -> dict[int, dict]:
         box = self._box(account, name)
@@ -199,9 +210,12 @@ class FakeStore:
             row = box.rows.get(u)
             if row is None:
                 continue
+            # RFC 7162 §3.1.3: UNCHANGEDSINCE fails for messages modified after it.
+            if unchanged_since is not None and row.modseq > unchanged_since:
+                continue
             new = {"set": flags, "add": row.flags | flags, "remove": row.flags - flags}[mode]
             if new != row.flags:
-                m = self._next_modseq()
+                m = self._next_modseq(box)
                 box.rows[u] = MessageRow(u, frozenset(new), m, row.size, row.internaldate,
                                          row.blob)
                 out.append(FlagChange(u, frozenset(new), m))
@@ -213,9 +227,10 @@ class FakeStore:
         self._write()
         box = self._box(account, name)
         gone = sorted(u for u in set(uids) if u in box.rows)
+        modseq = self._next_modseq(box) if gone else 0  # one MODSEQ per expunge, as the shard
         for u in gone:
             del box.rows[u]
-            box.expunged.append((self._next_modseq(), u))
+            box.expunged.append((modseq, u))
         if gone:
             self._notify(account, name)
         return gone
@@ -231,18 +246,42 @@ class FakeStore:
                 continue
             new = dbox.uidnext
             dbox.uidnext += 1
-            dbox.rows[new] = MessageRow(new, row.flags, self._next_modseq(), row.size,
+            dbox.rows[new] = MessageRow(new, row.flags, self._next_modseq(dbox), row.size,
                                         row.internaldate, row.blob)
             pairs.append((u, new))
         if pairs:
             self._notify(account, dst)
         return dbox.info.uidvalidity, pairs
 
+    def move(self, account: str, src: str, uids: Iterable[int], dst: str
+             ) -> tuple[int, list[tuple[int, int]]]:
+        self._write()
+        sbox, dbox = self._box(account, src), self._box(account, dst)
+        pairs = []
+        for u in sorted(set(uids)):
+            row = sbox.rows.get(u)
+            if row is None:
+                continue
+            new = dbox.uidnext
+            dbox.uidnext += 1
+            dbox.rows[new] = MessageRow(new, row.flags, self._next_modseq(dbox), row.size,
+                                        row.internaldate, row.blob)
+            pairs.append((u, new))
+        if pairs:
+            gone = self._next_modseq(sbox)
+            for u, _ in pairs:
+                del sbox.rows[u]
+                sbox.expunged.append((gone, u))
+            self._notify(account, src)
+            if dst != src:
+                self._notify(account, dst)
+        return dbox.info.uidvalidity, pairs
+
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
         box = self._box(account, name)
         changed = [box.rows[u] for u in sorted(box.rows) if box.rows[u].modseq > modseq]
         expunged = [u for m, u in box.expunged if m > modseq]
-        return MailboxChanges(self.modseq, changed, expunged)
+        return MailboxChanges(box.highestmodseq, changed, expunged)
 
     def watch(self, account: str, callback: Callable[[str], None]) -> Callable[[], None]:
         self.watchers.setdefault(account, []).append(callback)

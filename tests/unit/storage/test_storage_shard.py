@@ -41,6 +41,9 @@ def busy_workload(store, seed: int = 7) -> None:
         else:
             store.set_subscribed(a, box, rnd.random() < 0.5)
     store.deliver(ACCOUNTS, msg(1000), meta=META)
+    for a in ACCOUNTS:  # RFC 6851 MOVE, to another mailbox and within one
+        store.move(a, "INBOX", [m.uid for m in store.messages(a, "INBOX")][:2], "Archive")
+        store.move(a, "Archive", [m.uid for m in store.messages(a, "Archive")][:1], "Archive")
     store.rename_mailbox("a@x", "INBOX", "Old")
     store.rename_mailbox("b@x", "Work", "Play")
     store.delete_mailbox("c@x", "Work/Projects")
