@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import secrets
+from collections import OrderedDict
 from pathlib import Path
 
 import gevent
@@ -47,10 +48,24 @@ class BlobStore:
     ``fsync=False`` skips every fsync; use it only for throwaway tests.
     """
 
-    def __init__(self, root: Path, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fsync: bool = True,
+        cache_bytes: int = 32 * 1024 * 1024,
+        cache_max_blob: int = 256 * 1024,
+    ) -> None:
         self.root = Path(root)
         self.fsync = fsync
         self._tmp = self.root / "tmp"
+        # Bounded LRU of small bodies read or written recently.  Blobs are
+        # immutable, so a cached copy is never stale; a hit skips the
+        # threadpool round trip (the top cost of IMAP FETCH BODY[] on hot
+        # mail).  At most cache_bytes in total, none larger than cache_max_blob.
+        self.cache_bytes = cache_bytes
+        self.cache_max_blob = cache_max_blob
+        self._cache: OrderedDict[str, bytes] = OrderedDict()
+        self._cached = 0
 
     def open(self) -> None:
         """Create the directories and remove temp files left by a crash.
@@ -74,13 +89,32 @@ class BlobStore:
 
     def put(self, data: bytes) -> str:
         """Store ``data`` durably and return its SHA-256 hex; idempotent."""
-        return gevent.get_hub().threadpool.apply(self._put_sync, (bytes(data),))
+        data = bytes(data)
+        sha = gevent.get_hub().threadpool.apply(self._put_sync, (data,))
+        self._remember(sha, data)
+        return sha
 
     def read(self, sha: str) -> bytes:
         """The bytes of a blob; raises NoSuchBlob for a bad or unknown name."""
         if not is_blob_name(sha):
             raise NoSuchBlob(sha)
-        return gevent.get_hub().threadpool.apply(self._read_sync, (sha,))
+        data = self._cache.get(sha)
+        if data is not None:
+            self._cache.move_to_end(sha)
+            return data
+        data = gevent.get_hub().threadpool.apply(self._read_sync, (sha,))
+        self._remember(sha, data)
+        return data
+
+    def _remember(self, sha: str, data: bytes) -> None:
+        """Keep a small body in the LRU (hub only: no lock needed)."""
+        if len(data) > self.cache_max_blob or sha in self._cache:
+            return
+        self._cache[sha] = data
+        self._cached += len(data)
+        while self._cached > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= len(old)
 
     # -- threadpool side -------------------------------------------------
 
