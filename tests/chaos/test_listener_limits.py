@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import imaplib
 import poplib
+import resource
 import smtplib
 import socket
 import ssl
@@ -263,3 +264,53 @@ def test_ipv6_limit_is_counted_per_address(node) -> None:
         assert wait_closed(extra, time.monotonic() + DEADLINE).startswith(REFUSALS["smtp"])
     finally:
         close_all(v4 + v6)
+
+
+def test_descriptor_exhaustion_keeps_node_serving(node_factory) -> None:
+    """Connections from many addresses (each under its per-IP limit) must not
+    use up the node's file descriptors: past its capacity (RLIMIT_NOFILE minus
+    a reserve) the node stops accepting, an open session still delivers (a
+    blob file and the shard database need descriptors), nothing is logged as
+    a traceback, and once clients leave, new ones are served."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))  # inherited by the node
+    try:
+        victim = node_factory()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    first = open_session(victim, "smtp")
+    flood: list[socket.socket] = []
+    try:
+        first.sendall(b"EHLO client.example.org\r\n")
+        read_line(first, time.monotonic() + DEADLINE)
+        for src in range(2, 32):  # 30 addresses x 20 = 600 connections > 512 descriptors
+            for _ in range(20):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                flood.append(s)
+                s.settimeout(DEADLINE)
+                s.bind((f"127.0.0.{src}", 0))
+                s.connect((victim.host, victim.ports["smtp"]))
+        deadline = time.monotonic() + DEADLINE
+        while "new connections wait" not in victim.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, victim.log_tail()
+            time.sleep(0.05)
+        # At capacity, the open session still delivers (RFC 5321 §4.1.1.4).
+        first.sendall(b"MAIL FROM:<x@example.org>\r\nRCPT TO:<alice@example.test>\r\n"
+                      b"DATA\r\n")
+        buf = b""
+        deadline = time.monotonic() + DEADLINE
+        while buf.count(b"\r\n") < 3:
+            first.settimeout(max(0.05, deadline - time.monotonic()))
+            chunk = first.recv(4096)
+            assert chunk, buf
+            buf += chunk
+        assert buf.split(b"\r\n")[2].startswith(b"354"), buf
+        first.sendall(b"Subject: at capacity\r\n\r\nstill stored\r\n.\r\n")
+        assert read_line(first, time.monotonic() + DEADLINE).startswith(b"250 "), buf
+    finally:
+        close_all(flood + [first])
+    served_again(victim, "smtp").close()
+    assert victim.proc is not None and victim.proc.poll() is None
+    log = victim.log_path.read_text(errors="replace")
+    where = log.find("Traceback")
+    assert where < 0, log[max(0, where - 300) : where + 1500]
