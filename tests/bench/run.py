@@ -1,6 +1,6 @@
 """Single-node benchmarks: postroom side by side with Postfix + Dovecot.
 
-    python3 tests/bench/run.py [--quick] [--no-peers] [--write-docs]
+    python3 tests/bench/run.py [--quick] [--no-peers] [--write-docs] [--outbound]
 
 Starts a postroom node (embedded etcd, temp data dir, loopback ports),
 creates bench.test with user0..user99, and measures with tests/bench/loadgen.py
@@ -46,6 +46,7 @@ from tests.support.node import NodeProcess  # noqa: E402
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 PROVISION = Path(__file__).with_name("provision.py")
+OUTBOUND = Path(__file__).with_name("outbound.py")
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Single node (issue 2)"
 DOMAIN = "bench.test"
@@ -528,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="run everything at this niceness (e.g. -5 on a shared machine; < 0 needs root)",
     )
+    parser.add_argument(
+        "--outbound",
+        action="store_true",
+        help="then run tests/bench/outbound.py (relay throughput vs Postfix) with the same "
+        "--quick/--repeat/--write-docs",
+    )
     args = parser.parse_args(argv)
     if args.nice:
         os.nice(args.nice)  # inherited by the node, etcd, the peers and the load generator
@@ -593,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         write_docs(section)
         log(f"wrote {DOCS.relative_to(REPO)}")
+    if args.outbound:
+        flags = ["--quick"] * args.quick + ["--write-docs"] * args.write_docs
+        flags += ["--repeat", str(args.repeat)] + ["--no-postfix"] * args.no_peers
+        log("outbound: tests/bench/outbound.py " + shlex.join(flags))
+        return subprocess.run([sys.executable, str(OUTBOUND), *flags]).returncode
     return 0
 
 
