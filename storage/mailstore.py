@@ -440,6 +440,33 @@ class MailStore:
             ops.intent_move, account=acct, src=names.mailbox_name(src), uids=_uids(uids),
             dst=names.mailbox_name(dst)))
 
+    def set_metadata(
+        self, account: str, mailbox: str | None, entries: Iterable[tuple[str, bytes | None]]
+    ) -> None:
+        """RFC 5464 §4.3: set (value) or remove (None) entries, all or none;
+        mailbox None is the server.  Raises MetadataTooMany past the limit."""
+        acct = _account(account)
+        box = None if mailbox is None else names.mailbox_name(mailbox)
+        items = [(str(e).lower(), None if v is None else bytes(v)) for e, v in entries]
+        self._submit(acct, functools.partial(
+            ops.intent_set_metadata, account=acct, mailbox=box, entries=items))
+
+    def get_metadata(self, account: str, mailbox: str | None) -> dict[str, bytes]:
+        """RFC 5464 entries of a mailbox (None: the server), lower-case names."""
+        acct = _account(account)
+        box = None if mailbox is None else names.mailbox_name(mailbox)
+        return self._shard(acct).shard.get_metadata(acct, box)
+
+    def usage(self, account: str) -> tuple[int, int]:
+        """(octets, messages) the account stores, for RFC 9208 quotas; O(1)."""
+        acct = _account(account)
+        return self._shard(acct).shard.usage(acct)
+
+    def savedates(self, account: str, name: str, uids: Iterable[int]) -> dict[int, float | None]:
+        """RFC 8514 save dates (seconds since the epoch; None if not known)."""
+        acct = _account(account)
+        return self._shard(acct).shard.savedates(acct, names.mailbox_name(name), _uids(uids))
+
     # -- reads (hub, reader connection) ----------------------------------------
 
     def list_mailboxes(self, account: str) -> list[MailboxInfo]:

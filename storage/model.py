@@ -38,6 +38,14 @@ class MailboxNotAllowed(StorageError):
     """E.g. deleting INBOX, or a name that is not valid."""
 
 
+class SpecialUseInUse(MailboxNotAllowed):
+    """Another mailbox of the account already has that special use (RFC 6154 §3)."""
+
+
+class MetadataTooMany(StorageError):
+    """SETMETADATA would exceed the entries allowed per account (RFC 5464 §4.3)."""
+
+
 @dataclass(frozen=True)
 class MailboxInfo:
     name: str  # full hierarchical name, "/" as delimiter, UTF-8
@@ -90,6 +98,16 @@ class MailboxChanges:
     highestmodseq: int
     changed: list[MessageRow] = field(default_factory=list)  # new or flag-changed, uid order
     expunged: list[int] = field(default_factory=list)  # uids expunged after that modseq
+
+
+@dataclass(frozen=True)
+class TextHits:
+    """A full-text SEARCH answer (storage/fts.py): the indexed messages whose
+    text contains the needle (exact), and the messages the index could not
+    answer for, which the caller checks itself."""
+
+    uids: frozenset[int]
+    unindexed: frozenset[int]
 
 
 class InvalidFlag(StorageError):

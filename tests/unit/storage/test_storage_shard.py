@@ -44,6 +44,11 @@ def busy_workload(store, seed: int = 7) -> None:
     for a in ACCOUNTS:  # RFC 6851 MOVE, to another mailbox and within one
         store.move(a, "INBOX", [m.uid for m in store.messages(a, "INBOX")][:2], "Archive")
         store.move(a, "Archive", [m.uid for m in store.messages(a, "Archive")][:1], "Archive")
+    for a in ACCOUNTS:  # RFC 5464 METADATA, server and mailbox entries
+        store.set_metadata(a, None, [("/private/comment", b"server note")])
+        store.set_metadata(a, "Work/Projects", [("/shared/comment", b"x"),
+                                                ("/private/vendor/x", b"\x00\xff")])
+        store.set_metadata(a, "Work/Projects", [("/private/vendor/x", None)])
     store.rename_mailbox("a@x", "INBOX", "Old")
     store.rename_mailbox("b@x", "Work", "Play")
     store.delete_mailbox("c@x", "Work/Projects")
