@@ -68,10 +68,14 @@ class Candidate:
     size: int
     internaldate: float
     load_meta: Callable[[], dict] = field(default=lambda: {})
+    modseq: int = 0  # RFC 7162 §3.1.5 (SEARCH MODSEQ)
     load_raw: Callable[[], bytes] = field(default=lambda: b"")
     _meta: dict | None = None
     _raw: bytes | None = None
     _texts: dict[str, str] = field(default_factory=dict)
+    # String keys already answered by the full-text index (storage/fts.py):
+    # key -> result, so neither metadata nor the raw message is read for them.
+    decided: dict[SearchKey, bool] = field(default_factory=dict)
 
     @property
     def meta(self) -> dict:
@@ -138,6 +142,8 @@ def matches(key: SearchKey, msg: Candidate, *, max_seq: int, max_uid: int) -> bo
         return args[0].contains(msg.seq, max_seq)
     if op == "UID":
         return args[0].contains(msg.uid, max_uid)
+    if op == "MODSEQ":  # RFC 7162 §3.1.5: equal to or greater than
+        return msg.modseq >= args[0]
     if op == "KEYWORD":
         return _has_flag(msg.flags, args[0])
     if op == "UNKEYWORD":
@@ -153,6 +159,8 @@ def matches(key: SearchKey, msg: Candidate, *, max_seq: int, max_uid: int) -> bo
         if sent is None:
             return False
         return _date_cmp(op[4:], _utc_date(sent), args[0])
+    if key in msg.decided:
+        return msg.decided[key]
     if op == "HEADER":
         name, value = args
         if value == "":
@@ -171,6 +179,32 @@ def matches(key: SearchKey, msg: Candidate, *, max_seq: int, max_uid: int) -> bo
             msg._texts["text"] = _mime().full_text(msg.raw)
         return _contains(msg._texts["text"], args[0])
     raise ValueError(f"unknown search key {op}")  # the parser never builds one
+
+
+# Which full-text index field answers a string key (storage/fts.py FIELDS);
+# HEADER's index answer is only a candidate set (any header line matches).
+INDEX_FIELDS = {"BODY": "body", "TEXT": "text", "SUBJECT": "subject", "FROM": "from",
+                "TO": "to", "CC": "cc", "BCC": "bcc", "HEADER": "hdr"}
+
+
+def text_keys(key: SearchKey) -> list[SearchKey]:
+    """Distinct string keys anywhere in the tree (candidates for the index)."""
+    out: dict[SearchKey, None] = {}
+    stack = [key]
+    while stack:
+        k = stack.pop()
+        if k.op in ("NOT", "OR", "AND"):
+            stack.extend(k.args)
+        elif k.op in INDEX_FIELDS:
+            out[k] = None
+    return list(out)
+
+
+def conjuncts(key: SearchKey) -> list[SearchKey]:
+    """Keys every match must satisfy (the top-level AND, flattened)."""
+    if key.op != "AND":
+        return [key]
+    return [c for k in key.args for c in conjuncts(k)]
 
 
 def _header_names(msg: Candidate) -> set[str]:
