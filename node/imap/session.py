@@ -64,7 +64,7 @@ from node.imap.protocol import (
     tagged,
     untagged,
 )
-from node.imap.view import View
+from node.imap.view import FLAGS_ONLY, View, fetch_flags_line
 from node.imap.wildcard import Pattern
 from storage.model import (
     MailboxExists,
@@ -605,8 +605,8 @@ class Session:
         self.state = State.AUTHENTICATED
         if not view.readonly:
             # RFC 3501 §6.4.2: expunge silently.
-            rows = self.ctx.store.messages(self._acct, view.name)
-            doomed = [r.uid for r in rows if "\\Deleted" in r.flags and r.uid in view.flags]
+            rows = self.ctx.store.rows(self._acct, view.name, view.uids).values()
+            doomed = [r.uid for r in rows if "\\Deleted" in r.flags]
             if doomed:
                 self.ctx.store.expunge(self._acct, view.name, doomed)
         return ok("CLOSE completed")
@@ -620,12 +620,8 @@ class Session:
         if cmd.uid:  # RFC 4315 §2.1: only the given UIDs
             picked = self._resolve(cmd.args[0], True)
             only = set(picked or ())
-        rows = self.ctx.store.messages(self._acct, view.name)
-        doomed = [
-            r.uid
-            for r in rows
-            if "\\Deleted" in r.flags and r.uid in view.flags and (only is None or r.uid in only)
-        ]
+        rows = self.ctx.store.rows(self._acct, view.name, view.uids if only is None else only)
+        doomed = [r.uid for r in rows.values() if "\\Deleted" in r.flags and r.uid in view.flags]
         if doomed:
             for uid in self.ctx.store.expunge(self._acct, view.name, doomed):
                 if uid in view.flags:
@@ -706,10 +702,12 @@ class Session:
             view.keywords |= new
             self._write(untagged("FLAGS", self._flags_atom()))
 
-    def _rows(self) -> dict[int, MessageRow]:
+    def _rows(self, uids: list[int]) -> dict[int, MessageRow]:
+        """Rows of those UIDs still in the store: only what a command names
+        is read, never the whole mailbox (node/imap/view.py)."""
         view = self.view
         assert view is not None
-        return {r.uid: r for r in self.ctx.store.messages(self._acct, view.name)}
+        return self.ctx.store.rows(self._acct, view.name, uids)
 
     def _cmd_search(self, cmd: Command) -> Reply:
         charset, key = cmd.args
@@ -717,15 +715,15 @@ class Session:
             return no("unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
         view = self.view
         assert view is not None
-        rows = self._rows()
         need_meta, need_raw = searchmod.needs(key)
-        live = [u for u in view.uids if u in rows and u not in view.gone]
+        live = view.live(view.uids)
         found: list[int] = []
         max_seq = len(view.uids)
         max_uid = view.uids[-1] if view.uids else 0
         store = self.ctx.store
         for start in range(0, len(live), FETCH_BATCH):
-            batch = live[start : start + FETCH_BATCH]
+            rows = self._rows(live[start : start + FETCH_BATCH])
+            batch = list(rows)
             metas = store.metadata(self._acct, view.name, batch) if need_meta else {}
             for u in batch:
                 row = rows[u]
@@ -762,11 +760,17 @@ class Session:
             (i.section is not None and not i.peek) or i.name in ("RFC822", "RFC822.TEXT")
             for i in items
         )
-        rows = self._rows()
-        live = [u for u in uids if u in rows and u not in view.gone]
+        live = view.live(uids)
+        if not self._dirty and {i.name for i in items} <= FLAGS_ONLY:
+            # No change committed since the last sync, so the view is exact:
+            # answer from it without reading rows (UID FETCH 1:* (FLAGS)).
+            for u in live:
+                self._write(fetch_flags_line(view, u, items))
+            return ok(f"{cmd.full_name} completed")
         store = self.ctx.store
         for start in range(0, len(live), FETCH_BATCH):
-            batch = live[start : start + FETCH_BATCH]
+            rows = self._rows(live[start : start + FETCH_BATCH])
+            batch = list(rows)
             metas = store.metadata(self._acct, view.name, batch) if need_meta else {}
             seen_now: set[int] = set()
             if sets_seen:
@@ -872,12 +876,8 @@ class Session:
                 self._write(untagged(len(view.uids), "EXISTS"))
         if expunge and view.gone:
             # Highest sequence number first, so earlier numbers stay valid.
-            for uid in sorted(view.gone, reverse=True):
-                seq = view.seq_of(uid)
-                del view.uids[seq - 1]
-                del view.flags[uid]
-                self._write(untagged(seq, "EXPUNGE"))
-            view.gone.clear()
+            for seq in view.take_expunged():
+                self._write(b"* %d EXPUNGE\r\n" % seq)
 
 
 def _compact(uids: list[int]) -> str:
