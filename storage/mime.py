@@ -789,7 +789,7 @@ def _part_meta(raw: bytes, part: Part) -> dict[str, Any]:
         "encoding": part.encoding or "7bit",
         "size": size,
         "lines": None,
-        "md5": None,
+        "md5": _first(raw, f, "content-md5"),  # RFC 1864, body-fld-md5 (RFC 3501 §9)
         "disposition": disposition,
         "language": _language(_first(raw, f, "content-language")),
         "location": _first(raw, f, "content-location"),

@@ -29,6 +29,9 @@ from storage.mime import (
 )
 
 _EMPTY_BODY = b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0)'
+# In BODYSTRUCTURE the stand-in child carries its (empty) extension data too,
+# as every other part does and as Dovecot sends it (RFC 3501 §7.4.2).
+_EMPTY_BODY_EXT = _EMPTY_BODY[:-1] + b" NIL NIL NIL NIL)"
 
 
 # --------------------------------------------------------------------------
@@ -117,7 +120,9 @@ def _disposition(disp: Any) -> bytes:
 
 def _body(p: dict[str, Any], ext: bool) -> bytes:
     if "parts" in p:
-        children = b"".join(_body(c, ext) for c in p["parts"]) or _EMPTY_BODY
+        children = b"".join(_body(c, ext) for c in p["parts"]) or (
+            _EMPTY_BODY_EXT if ext else _EMPTY_BODY
+        )
         out = [children + b" " + astring(p.get("subtype") or "x-unknown")]
         if ext:
             out += [
