@@ -23,6 +23,7 @@ from storage.model import (
     QueuedRecipient,
     QueueEntry,
     RecipientResult,
+    TextHits,
 )
 
 
@@ -41,6 +42,10 @@ class Directory(Protocol):
         ...
 
     def account_exists(self, account: str) -> bool: ...
+
+    def quota(self, account: str) -> int | None:
+        """The account's storage quota in octets (RFC 9208), None for no limit."""
+        ...
 
     def authenticate(self, username: str, password: str) -> str | None:
         """The canonical account name, or None.  Hashing runs off the hub."""
@@ -165,6 +170,32 @@ class MailStore(Protocol):
         ...
 
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges: ...
+
+    def search_text(self, account: str, name: str, field: str, needle: str) -> TextHits | None:
+        """The full-text index's answer for one SEARCH string key (storage/fts.py):
+        field "text", "body", "hdr" (any header line; candidates only), "subject",
+        "from", "to", "cc" or "bcc"; case-insensitive substring (RFC 3501 §6.4.4).
+        Exact for ``uids``; ``unindexed`` messages must be checked by the caller.
+        None if the index cannot answer that needle."""
+        ...
+
+    def usage(self, account: str) -> tuple[int, int]:
+        """(octets, messages) the account stores (RFC 9208 STORAGE, MESSAGE)."""
+        ...
+
+    def savedates(self, account: str, name: str, uids: Iterable[int]) -> dict[int, float | None]:
+        """RFC 8514 save dates per uid (None: not known, FETCH SAVEDATE NIL)."""
+        ...
+
+    def get_metadata(self, account: str, mailbox: str | None) -> dict[str, bytes]:
+        """RFC 5464 entries (lower-case names) of a mailbox; None is the server."""
+        ...
+
+    def set_metadata(
+        self, account: str, mailbox: str | None, entries: Iterable[tuple[str, bytes | None]]
+    ) -> None:
+        """Set or (None) remove entries, all or none; raises MetadataTooMany."""
+        ...
 
     def watch(self, account: str, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call callback(mailbox_name) on the hub after each committed change
