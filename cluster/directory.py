@@ -226,6 +226,16 @@ class EtcdDirectory:
         except DirectoryError:
             return False
 
+    def quota(self, account: str) -> int | None:
+        """The account's storage quota in octets (RFC 9208 STORAGE), None for
+        no limit: the record's ``quota_bytes``, 0 or absent meaning unlimited."""
+        try:
+            record = self._accounts.get(normalize_address(account))
+        except DirectoryError:
+            return None
+        limit = record.get("quota_bytes", 0) if isinstance(record, dict) else 0
+        return int(limit) if isinstance(limit, int) and limit > 0 else None
+
     def resolve_recipient(self, address: str) -> list[str] | None:
         """Accounts address delivers to; None when unknown (550 5.1.1)."""
         try:
@@ -392,6 +402,29 @@ class EtcdDirectory:
         if not self.session.compare_and_swap(ACCOUNTS + account, kv.mod_revision, record):
             raise DirectoryError(f"account {account} changed concurrently; try again")
         return account
+
+    def set_quota(self, address: str, quota_bytes: int) -> str:
+        """Set the account's ``quota_bytes`` (0 = unlimited), compare-and-swap."""
+        account = normalize_address(address)
+        if not isinstance(quota_bytes, int) or quota_bytes < 0:
+            raise DirectoryError("quota must be a non-negative number of octets")
+        kv = self.session.get(ACCOUNTS + account)
+        if kv is None:
+            raise DirectoryError(f"unknown account: {account}")
+        record = dict(kv.value) if isinstance(kv.value, dict) else {}
+        record["quota_bytes"] = quota_bytes
+        if not self.session.compare_and_swap(ACCOUNTS + account, kv.mod_revision, record):
+            raise DirectoryError(f"account {account} changed concurrently; try again")
+        return account
+
+    def get_quota(self, address: str) -> int:
+        """The stored ``quota_bytes`` read from etcd (0 = unlimited)."""
+        account = normalize_address(address)
+        kv = self.session.get(ACCOUNTS + account)
+        if kv is None:
+            raise DirectoryError(f"unknown account: {account}")
+        value = kv.value.get("quota_bytes", 0) if isinstance(kv.value, dict) else 0
+        return value if isinstance(value, int) else 0
 
     def remove_user(self, address: str) -> str:
         account = normalize_address(address)

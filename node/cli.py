@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_parser("passwd", help="set a password (from stdin)").add_argument("address")
     user.add_parser("list", help="list accounts").add_argument("domain", nargs="?")
     user.add_parser("remove", help="remove an account").add_argument("address")
+    quota = user.add_parser("quota", help="show or set the storage quota (0 = unlimited)")
+    quota.add_argument("address")
+    quota.add_argument("size", nargs="?", type=_size, help="octets, or with K/M/G/T suffix")
 
     alias = sub.add_parser("alias", help="aliases and catch-alls").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -131,6 +134,17 @@ def _add_queue_parser(sub: argparse._SubParsersAction) -> None:
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _size(text: str) -> int:
+    """'0', '512000', '500K', '20M', '2G', '1T' -> octets (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B")
+    scale = units.get(t[-1:], 1)
+    digits = t[:-1] if t[-1:] in units else t
+    if not digits.isdigit():
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(digits) * scale
 
 
 def _duration(text: str) -> float:
@@ -300,6 +314,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"password changed for {directory.set_password(args.address, password)}")
         elif action == "remove":
             print(f"removed account {directory.remove_user(args.address)}")
+        elif action == "quota":
+            if args.size is None:
+                limit = directory.get_quota(args.address)
+                print(f"{args.address}: {limit or 'unlimited'}")
+            else:
+                name = directory.set_quota(args.address, args.size)
+                print(f"quota of {name} set to {args.size or 'unlimited'}")
         else:
             for name in directory.list_users(args.domain):
                 print(name)
