@@ -67,6 +67,8 @@ from tests.support.node import NodeProcess, to_toml  # noqa: E402
 
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Outbound relay (issue 4)"
+READING = "### Reading the outbound figures"
+DKIM_COST = Path(__file__).with_name("dkim_cost.py")
 SINK = "/usr/sbin/smtp-sink"
 DOMAIN = "bench.test"
 SENDER = f"user0@{DOMAIN}"
@@ -656,9 +658,21 @@ def write_docs(section: str) -> None:
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
-        end = text.find("\n## ", start + len(SECTION))
+        # The generated part ends at the next section or at the hand-written
+        # reading notes (READING), which are kept.
+        ends = [text.find(mark, start + len(SECTION)) for mark in ("\n## ", "\n" + READING)]
+        end = min((e for e in ends if e >= 0), default=-1)
         text = text[:start] + section + ("" if end < 0 else text[end:])
     DOCS.write_text(text)
+
+
+def dkim_cost() -> str:
+    """The table of tests/bench/dkim_cost.py (CPU per DKIM signature), or why not."""
+    r = subprocess.run([sys.executable, str(DKIM_COST)], capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    if r.returncode != 0:
+        return f"(tests/bench/dkim_cost.py failed: {r.stderr.strip()[-500:]})\n"
+    return r.stdout
 
 
 # ------------------------------------------------------------ main
@@ -678,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(POSTROOM_MODES),
         help="postroom configurations to run, comma-separated (default: %(default)s)",
     )
+    parser.add_argument("--no-dkim-cost", action="store_true",
+                        help="skip tests/bench/dkim_cost.py")  # fmt: skip
     parser.add_argument("--no-postfix", action="store_true", help="postroom alone")
     parser.add_argument("--no-postroom", action="store_true", help="Postfix alone")
     parser.add_argument("--profile", metavar="DIR", type=Path,
@@ -760,10 +776,18 @@ def main(argv: list[str] | None = None) -> int:
         sink.stop()
         peers.remove_tree(root)
     LOADAVG.append(os.getloadavg()[0])
+    if not args.no_dkim_cost:
+        log("DKIM: CPU per signature (tests/bench/dkim_cost.py)")
+        cost = dkim_cost()
     profile_name = f"{count} messages per run" + (
         f", median of {args.repeat} runs" if args.repeat > 1 else ""
     )
     section = report(results, command.strip(), profile_name, failures)
+    if not args.no_dkim_cost:
+        section += (
+            "\nDKIM signing cost per signature, `python3 tests/bench/dkim_cost.py` "
+            "(same machine, right after):\n\n" + cost
+        )
     print(section)
     for label, text in profiles.items():
         print(f"### py-spy profile of the node, {label}\n\n{text}")
