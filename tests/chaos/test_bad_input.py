@@ -43,14 +43,16 @@ CAROL, CAROL_PW = "carol@example.test", "carol-pw-1234"  # the fuzzers' own acco
 MAX_MESSAGE = 10_000
 MAX_LITERAL = 20_000
 
-LISTENERS = ["smtp", "imap", "imaps", "pop3", "pop3s"]
-TLS_LISTENERS = {"imaps", "pop3s"}
-PLAIN_LISTENERS = ["smtp", "imap", "pop3"]
+LISTENERS = ["smtp", "imap", "imaps", "pop3", "pop3s", "submission", "submissions"]
+TLS_LISTENERS = {"imaps", "pop3s", "submissions"}
+PLAIN_LISTENERS = ["smtp", "imap", "pop3", "submission"]
 GREETING = {"smtp": b"220 ", "imap": b"* OK", "pop3": b"+OK"}
 
 
 def proto(name: str) -> str:
-    return name.rstrip("s") if name in TLS_LISTENERS else name
+    """The wire protocol of a listener: submission (RFC 6409) speaks SMTP."""
+    name = name.removesuffix("s") if name in TLS_LISTENERS else name
+    return "smtp" if name == "submission" else name
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +263,7 @@ def node_alive(node: NodeProcess) -> None:
 @pytest.mark.parametrize("name", LISTENERS)
 def test_random_bytes_get_protocol_errors(node, name) -> None:
     rng = random.Random(f"postroom-random-{name}")
-    for _ in range(6):
+    for _ in range(4):
         conn = greeted(node, name)
         garbage = rng.randbytes(rng.randint(1, 4096)) + b"\r\n"
         conn.send(garbage)
@@ -459,9 +461,9 @@ def test_tls_client_hello_on_a_plaintext_port(node, name) -> None:
     conn.send(client_hello())
     data = conn.finish()
     lines = reply_lines(data)
-    assert lines[0].startswith(GREETING[name])
+    assert lines[0].startswith(GREETING[proto(name)])
     for line in lines:
-        assert SHAPE[name].match(line), line[:200]
+        assert SHAPE[proto(name)].match(line), line[:200]
     node_alive(node)
 
 
@@ -511,7 +513,7 @@ STARTTLS_COMMANDS = {
 def test_plaintext_after_starttls_is_closed(node, name) -> None:
     """After the go-ahead for TLS, plaintext is a failed handshake: the
     connection closes and nothing more is answered in the clear."""
-    command, ok = STARTTLS_COMMANDS[name]
+    command, ok = STARTTLS_COMMANDS[proto(name)]
     conn = greeted(node, name)
     start = len(conn.received)
     conn.send(command)
@@ -584,12 +586,13 @@ def test_imap_list_wildcards_do_not_block_the_hub(node_factory) -> None:
         conn.send(b'w1 LIST "" "' + b"*%" * 8 + b'x"\r\n')
         started = time.monotonic()
         other = Conn(victim, "smtp")
-        other.read_until(lambda b: b.endswith(b"\r\n"), started + 5)
+        # Generous (a stuck hub stays stuck for minutes; a loaded machine is slow).
+        other.read_until(lambda b: b.endswith(b"\r\n"), started + DEADLINE)
         other.send(b"NOOP\r\n")
-        other.read_until(lambda b: b.count(b"\r\n") >= 2, started + 5)
+        other.read_until(lambda b: b.count(b"\r\n") >= 2, started + DEADLINE)
         assert re.search(rb"\r\n250 ", bytes(other.received)), bytes(other.received)
         other.close()
-        reply = conn.read_until(lambda b: b"w1 " in b[start:], started + 10)[start:]
+        reply = conn.read_until(lambda b: b"w1 " in b[start:], started + 2 * DEADLINE)[start:]
         assert b"w1 OK" in reply, reply
     finally:
         victim.kill()  # SIGKILL: a hub stuck in a regex ignores SIGTERM
@@ -635,15 +638,15 @@ def test_oversized_data_is_refused_and_changes_nothing(node) -> None:
 
 
 def test_oversized_append_is_refused_and_changes_nothing(node) -> None:
-    """A literal over imap.max_literal_size: BAD [TOOBIG] (RFC 7889), no
-    continuation, nothing appended, the session goes on."""
+    """A literal over imap.max_literal_size: NO or BAD [TOOBIG] (RFC 7889 §4),
+    no continuation, nothing appended, the session goes on."""
     before = mailbox_state(node, BOB, BOB_PW)
     conn = greeted(node, "imap")
     login(conn, BOB, BOB_PW)
     start = len(conn.received)
     conn.send(b"A1 APPEND INBOX {%d}\r\n" % (MAX_LITERAL + 1))
     reply = conn.read_until(lambda b: b"A1 " in b[start:])[start:]
-    assert reply.startswith(b"A1 BAD") and b"TOOBIG" in reply, reply
+    assert re.match(rb"A1 (NO|BAD) \[TOOBIG\]", reply), reply
     # A client that sends the octets anyway: they are read as (bad) commands,
     # never appended.
     conn.send(b"From: x\r\n\r\n" + b"w" * 100 + b"\r\nA2 NOOP\r\n")
@@ -652,8 +655,11 @@ def test_oversized_append_is_refused_and_changes_nothing(node) -> None:
     conn.close()
     with imaplib.IMAP4(node.host, node.ports["imap"], timeout=DEADLINE) as imap:
         imap.login(BOB, BOB_PW)
-        with pytest.raises(imaplib.IMAP4.error, match="TOOBIG"):  # imaplib raises on BAD
-            imap.append("INBOX", None, None, b"x" * (MAX_LITERAL + 10))
+        try:
+            typ, data = imap.append("INBOX", None, None, b"x" * (MAX_LITERAL + 10))
+        except imaplib.IMAP4.error as exc:  # imaplib raises on BAD
+            typ, data = "BAD", [str(exc).encode()]
+        assert typ in ("NO", "BAD") and b"TOOBIG" in data[0], (typ, data)
         assert imap.noop()[0] == "OK"
     assert mailbox_state(node, BOB, BOB_PW) == before
 
@@ -800,7 +806,7 @@ class NoopProber(threading.Thread):
 
 
 def test_smtp_fast_data_stream_does_not_starve_others(node) -> None:
-    """A client streaming 40 MB of DATA as fast as loopback allows must not
+    """A client streaming 24 MB of DATA as fast as loopback allows must not
     keep the hub to itself: gevent's recv returns at once while bytes are
     buffered, so a read loop that never has to wait never yields.  Another
     client's NOOPs must be answered while the stream is still being read
@@ -818,7 +824,7 @@ def test_smtp_fast_data_stream_does_not_starve_others(node) -> None:
         time.sleep(0.01)
     start = len(conn.received)
     began = time.monotonic()
-    conn.send(b"Subject: flood\r\n\r\n" + (b"f" * 76 + b"\r\n") * (40 * 1024 * 1024 // 78))
+    conn.send(b"Subject: flood\r\n\r\n" + (b"f" * 76 + b"\r\n") * (24 * 1024 * 1024 // 78))
     conn.send(b".\r\n")
     reply = conn.read_until(lambda b: b[start:].endswith(b"\r\n"), time.monotonic() + 60)[start:]
     ended = time.monotonic()
@@ -863,10 +869,10 @@ def flood_while_probing(node: NodeProcess, name: str, flood: bytes, last: bytes)
 
 
 def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
-    """A logged-in POP3 client pipelining 150,000 NOOPs (RFC 2449 §6.6) and
+    """A logged-in POP3 client pipelining 100,000 NOOPs (RFC 2449 §6.6) and
     reading the answers as fast as they come: every one is answered, and
     another client is served meanwhile."""
-    count = 150_000
+    count = 100_000
     data = flood_while_probing(node, "pop3", b"NOOP\r\n" * count + b"QUIT\r\n", b"signing off")
     assert data.count(b"+OK\r\n") == count
 
@@ -875,12 +881,12 @@ def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
     strict=True,
     raises=AssertionError,
     reason="node/imap/server.py reads and answers while bytes are buffered without "
-    "yielding: 100,000 pipelined commands keep the hub ~1.7 s; reported to the IMAP owner",
+    "yielding: 100,000 pipelined commands kept the hub ~1.7 s; reported to the IMAP owner",
 )
 def test_imap_pipelined_flood_does_not_starve_others(node) -> None:
-    """The same for IMAP (RFC 3501 §5.5): 100,000 pipelined NOOPs, all answered
-    in order, and another client served meanwhile."""
-    count = 100_000
+    """The same for IMAP (RFC 3501 §5.5): 60,000 pipelined NOOPs, all answered,
+    and another client served meanwhile."""
+    count = 60_000
     flood = b"".join(b"f%d NOOP\r\n" % i for i in range(count))
     data = flood_while_probing(node, "imap", flood, b"f%d " % (count - 1))
     assert len(re.findall(rb"^f[0-9]+ OK", data, re.M)) == count
