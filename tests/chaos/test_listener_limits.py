@@ -36,6 +36,7 @@ REFUSALS = {
     "smtp": b"421 4.7.0 ",
     "imap": b"* BYE ",
     "pop3": b"-ERR [SYS/TEMP] ",
+    "submission": b"421 4.7.0 ",
 }
 GREETINGS = {
     "smtp": b"220 ",
@@ -43,6 +44,8 @@ GREETINGS = {
     "imaps": b"* OK",
     "pop3": b"+OK",
     "pop3s": b"+OK",
+    "submission": b"220 ",
+    "submissions": b"220 ",
 }
 
 
@@ -75,7 +78,9 @@ def node(tmp_path_factory) -> Iterator[NodeProcess]:
     disturb other modules' fixtures) so the checks below share one start.
     """
     limits = {"max_connections_per_ip": LIMIT}
-    overrides: dict = {"smtp": dict(limits), "imap": dict(limits), "pop3": dict(limits)}
+    overrides: dict = {
+        name: dict(limits) for name in ("smtp", "imap", "pop3", "submission")
+    }
     node = NodeProcess(tmp_path_factory.mktemp("limits-node"), overrides)
     v6 = {}
     if HAS_IPV6:
@@ -135,7 +140,7 @@ def open_session(node: NodeProcess, name: str, host: str = "", port: int = 0) ->
     host = host or node.host
     port = port or node.ports[name]
     sock = socket.create_connection((host, port), timeout=DEADLINE)
-    if name in ("imaps", "pop3s"):
+    if name in ("imaps", "pop3s", "submissions"):
         sock = client_tls(node).wrap_socket(sock, server_hostname="mx.example.test")
     line = read_line(sock, time.monotonic() + DEADLINE)
     assert line.startswith(GREETINGS[name]), (name, line)
@@ -163,7 +168,7 @@ def served_again(node: NodeProcess, name: str) -> socket.socket:
     raise AssertionError(f"{name}: no greeting after a slot was freed: {last!r}")
 
 
-@pytest.mark.parametrize("name", ["smtp", "imap", "pop3"])
+@pytest.mark.parametrize("name", ["smtp", "imap", "pop3", "submission"])
 def test_plaintext_listener_refuses_over_limit_then_serves_again(node, name) -> None:
     socks = [open_session(node, name) for _ in range(LIMIT)]
     try:
@@ -178,7 +183,7 @@ def test_plaintext_listener_refuses_over_limit_then_serves_again(node, name) -> 
         close_all(socks)
 
 
-@pytest.mark.parametrize("name", ["imaps", "pop3s"])
+@pytest.mark.parametrize("name", ["imaps", "pop3s", "submissions"])
 def test_implicit_tls_listener_closes_over_limit_without_session(node, name) -> None:
     socks = [open_session(node, name) for _ in range(LIMIT)]
     try:
