@@ -117,6 +117,7 @@ PARAM_NOT_RECOGNIZED = _r(555, "5.5.4", "parameter not recognized")  # §4.1.1.1
 UNKNOWN_USER = _r(550, "5.1.1", "no such user here")  # RFC 3463 X.1.1
 RELAY_DENIED = _r(554, "5.7.1", "relay access denied")  # §3.6.2, RFC 3463 X.7.1
 MESSAGE_TOO_BIG = _r(552, "5.3.4", "message size exceeds fixed limit")  # RFC 1870 §6, X.3.4
+MAILBOX_FULL = _r(552, "5.2.2", "mailbox full")  # RFC 3463 X.2.2 (RFC 9208 quota)
 NEEDS_SMTPUTF8 = _r(553, "5.6.7", "non-ASCII address requires SMTPUTF8")  # RFC 6531 §3.5
 NO_VALID_RECIPIENTS = _r(554, "5.5.1", "no valid recipients")  # §3.3
 

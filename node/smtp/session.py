@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from node.auth import sasl
 from node.context import NodeContext
-from node.mailflow import local, submit
+from node.mailflow import local, quota, submit
 from node.mailflow.envelope import Envelope, Recipient
 from node.smtp import replies as R
 from node.smtp.address import (
@@ -349,6 +349,9 @@ class Session:
             # postmaster@ a local domain with no account anywhere (RFC 5321
             # §4.5.1 forbids refusing it): a temporary failure, never a loss.
             return R.NO_MAILBOX_YET
+        if quota.full_accounts(self.ctx.directory, self.ctx.store, accounts, 0):
+            log.info("smtp %s: RCPT %r refused: over quota", self.peer_ip, address)
+            return R.MAILBOX_FULL  # RFC 3463 X.2.2, per recipient
         env.recipients.append(Recipient(address, tuple(accounts), notify, orcpt))
         return R.RECIPIENT_OK
 
@@ -418,6 +421,15 @@ class Session:
             assert self.account is not None
             return submit.submit(self.ctx, env, message, account=self.account,
                                  requiretls=requiretls)
+        full = quota.full_accounts(self.ctx.directory, self.ctx.store, env.accounts(),
+                                   len(message))
+        if full:
+            # This message would take an account past its quota (RFC 9208 §5.1).
+            # One reply covers every recipient after DATA, so the whole
+            # message is refused; accounts already full were refused at RCPT.
+            log.info("smtp %s: message of %d octets refused: over quota for %s",
+                     self.peer_ip, len(message), ", ".join(full))
+            return R.MAILBOX_FULL
         try:
             results = local.deliver(self.ctx, env, message)
         except Exception as exc:  # promise 1: never a silent loss, never str(exc) to the peer

@@ -21,6 +21,10 @@ class FakeDirectory:
         self.accounts = {"alice@example.test", "bob@example.test", "postmaster@example.test"}
         self.aliases = {"team@example.test": ["alice@example.test", "bob@example.test"],
                         "al@example.test": ["alice@example.test"]}
+        self.quotas: dict[str, int] = {}  # account -> octets (RFC 9208), absent = no limit
+
+    def quota(self, account: str) -> int | None:
+        return self.quotas.get(account.lower())
 
     def is_local_domain(self, domain: str) -> bool:
         return domain.lower() in self.domains
@@ -45,6 +49,10 @@ class FakeStore:
     def __init__(self) -> None:
         self.delivered: list[tuple[list[str], bytes]] = []
         self.fail: Exception | None = None
+        self.used: dict[str, int] = {}  # account -> octets stored (RFC 9208 usage)
+
+    def usage(self, account: str) -> tuple[int, int]:
+        return self.used.get(account, 0), 0
 
     def deliver(self, accounts: Iterable[str], raw: bytes, **kw: Any) -> list[AppendResult]:
         accounts = list(accounts)
