@@ -3,7 +3,8 @@
 A private Dovecot (tests/support/dovecot.py) and a postroom node each get
 every tests/corpus/*.eml by APPEND; then both answer, per message, FETCH
 ENVELOPE, BODYSTRUCTURE, BODY, RFC822.SIZE (RFC 3501 §7.4.2), and
-BODY.PEEK[n.MIME], BODY.PEEK[n] for every part n and
+BODY.PEEK[n.MIME], BODY.PEEK[n] for every part n, BODY.PEEK[n.HEADER] and
+BODY.PEEK[n.TEXT] for every message/rfc822 part and
 BODY.PEEK[HEADER.FIELDS (...)] (RFC 3501 §6.4.5).
 
 Normalizations (only what RFC 3501 leaves open, each in ``normalize``):
@@ -199,6 +200,28 @@ def _part_paths_inner(body, path: str) -> Iterator[str]:
                 yield f"{path}.1"
 
 
+def _message_paths(body, prefix: str = "") -> Iterator[str]:
+    """Part numbers of the message/rfc822 parts, whose HEADER and TEXT are fetchable.
+
+    ``body`` is the body of a message whose parts are numbered ``prefix`` + n.
+    """
+    if isinstance(body[0], list):
+        children = list(itertools.takewhile(lambda c: isinstance(c, list), body))
+        for n, child in enumerate(children, start=1):
+            yield from _message_parts_of(child, f"{prefix}{n}")
+    else:
+        yield from _message_parts_of(body, f"{prefix}1")
+
+
+def _message_parts_of(part, path: str) -> Iterator[str]:
+    if isinstance(part[0], list):
+        yield from _message_paths(part, path + ".")
+    elif _strings(part[0]).lower() == b"message" and _strings(part[1]).lower() == b"rfc822":
+        yield path
+        if isinstance(part[8], list):
+            yield from _message_paths(part[8], path + ".")
+
+
 class Server:
     def __init__(self, name: str, host: str, port: int) -> None:
         self.name = name
@@ -262,11 +285,15 @@ def _item(got: dict[str, object], key: str):
     return None
 
 
+COMPARED: list[tuple[str, str]] = []  # (case, item) of every comparison made
+
+
 def compare_case(seq: int, name: str, ours: Server, theirs: Server) -> list[tuple[str, str]]:
     """Every difference for one message: (item, readable text)."""
     diffs: list[tuple[str, str]] = []
 
     def check(item: str, key: str, fetch_items: bytes) -> None:
+        COMPARED.append((name, item))
         a = _item(ours.fetch(seq, fetch_items), key)
         b = _item(theirs.fetch(seq, fetch_items), key)
         if normalize(key, a) != normalize(key, b):
@@ -282,6 +309,10 @@ def compare_case(seq: int, name: str, ours: Server, theirs: Server) -> list[tupl
     for path in _part_paths(structure):
         check(f"{path}.MIME", f"BODY[{path}.MIME]", f"(BODY.PEEK[{path}.MIME])".encode())
         check(path, f"BODY[{path}]", f"(BODY.PEEK[{path}])".encode())
+    for path in _message_paths(structure):
+        for spec in ("HEADER", "TEXT"):
+            item = f"{path}.{spec}"
+            check(item, f"BODY[{item}]", f"(BODY.PEEK[{item}])".encode())
     return diffs
 
 
@@ -303,6 +334,10 @@ def test_allow_list_names_real_cases() -> None:
 def test_every_case_matches_dovecot(differences) -> None:
     # RFC 3501 §7.4.2 (ENVELOPE, BODY, BODYSTRUCTURE, RFC822.SIZE), §6.4.5 (sections)
     assert len(differences) >= MIN_CASES
+    # The comparison reached deep sections, not just the top-level items.
+    assert ("42-rfc822-in-rfc822", "1.1.TEXT") in COMPARED
+    assert ("38-deep-nesting-12", ".".join(["1"] * 12) + ".MIME") in COMPARED
+    assert len(COMPARED) > 8 * len(CASES)
     unexplained = [
         text for name, diffs in differences.items() for item, text in diffs
         if not _allowed(name, item)
