@@ -27,7 +27,7 @@ from __future__ import annotations
 import base64
 import datetime
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -52,7 +52,10 @@ class Limits:
     max_literal_size: int = 50 * 1024 * 1024  # octets of literal data per command
     max_depth: int = 32  # nesting of parenthesized lists / search keys
     max_ranges: int = 4096  # ranges in one sequence set
-    literal_plus: bool = False  # accept {n+} (RFC 7888) -- not advertised yet
+    literal_plus: bool = False  # accept {n+} (RFC 7888)
+    # LITERAL- (RFC 7888 §5): non-synchronizing literals up to this size only
+    # (4096); None means LITERAL+, any size up to max_literal_size.
+    max_nonsync_literal: int | None = None
 
 
 class State(Enum):
@@ -147,6 +150,7 @@ class SeqSet:
     """A sequence-set (RFC 3501 §9) as ranges (lo, hi); STAR stands for "*"."""
 
     ranges: tuple[tuple[int, int], ...]
+    saved: bool = False  # "$", the saved search result (RFC 5182 §2.2); ranges ()
 
     def resolve(self, largest: int) -> list[tuple[int, int]]:
         """Ranges with "*" replaced by `largest`, each as (low, high)."""
@@ -164,6 +168,8 @@ class SeqSet:
         def one(n: int) -> str:
             return "*" if n == STAR else str(n)
 
+        if self.saved:
+            return "$"
         return ",".join(one(lo) if lo == hi else f"{one(lo)}:{one(hi)}" for lo, hi in self.ranges)
 
 
@@ -198,15 +204,19 @@ class FetchItem:
     def encode(self) -> str:
         if self.section is None:
             return self.name
-        text = ("BODY.PEEK" if self.peek else "BODY") + self.section.encode()
+        if self.name == "BINARY.SIZE[]":  # RFC 3516 §4.2
+            return "BINARY.SIZE" + self.section.encode()
+        base = "BINARY" if self.name == "BINARY[]" else "BODY"
+        text = (base + ".PEEK" if self.peek else base) + self.section.encode()
         if self.partial is not None:
             text += f"<{self.partial[0]}.{self.partial[1]}>"
         return text
 
     def response_name(self) -> str:
-        """The name echoed in the FETCH response (RFC 3501 §7.4.2)."""
+        """The name echoed in the FETCH response (RFC 3501 §7.4.2, RFC 3516 §4.2)."""
         assert self.section is not None
-        text = "BODY" + self.section.encode()
+        base = {"BINARY[]": "BINARY", "BINARY.SIZE[]": "BINARY.SIZE"}.get(self.name, "BODY")
+        text = base + self.section.encode()
         if self.partial is not None:
             text += f"<{self.partial[0]}>"
         return text
@@ -229,9 +239,13 @@ SIMPLE_FETCH = frozenset(
         "RFC822",
         "RFC822.HEADER",
         "RFC822.TEXT",
+        "MODSEQ",  # RFC 7162 §3.1.4.1
     }
 )
 STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
+STATUS_ITEMS += ("HIGHESTMODSEQ",)  # RFC 7162 §3.1.2.2
+STATUS_ITEMS += ("SIZE", "MAILBOXID")  # RFC 8438 §2, RFC 8474 §4.2
+STATUS_ITEMS += ("DELETED", "DELETED-STORAGE")  # RFC 9208 §4.2
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 
 
@@ -287,9 +301,11 @@ class RawLine:
 
 @dataclass(frozen=True)
 class LiteralTooLarge:
-    """A synchronizing literal over the limit; answer `tag BAD` and go on."""
+    """A synchronizing literal over the limit; answer `tag BAD` (`NO [TOOBIG]`
+    for APPEND, RFC 7889 §4) and go on."""
 
     tag: str
+    command: str = field(default="", compare=False)  # upper-case name, "" if unknown
 
 
 @dataclass(frozen=True)
@@ -317,6 +333,17 @@ def _tag_of(line: bytes) -> str:
     return m.group(1).decode("ascii")
 
 
+def _command_of(line: bytes) -> str:
+    """The command name of a command's first line ("UID MOVE" style), or ""."""
+    words = line.split(b" ", 3)[1:3]
+    if not words or not words[0].isalpha():
+        return ""
+    name = words[0].decode("ascii").upper()
+    if name == "UID" and len(words) > 1 and words[1].isalpha():
+        name += " " + words[1].decode("ascii").upper()
+    return name
+
+
 class Framer:
     """Split bytes into commands, literals and raw lines, with caps (see module doc)."""
 
@@ -332,6 +359,12 @@ class Framer:
 
     def receive(self, data: bytes) -> None:
         self._buf += data
+
+    def take_buffer(self) -> bytes:
+        """Hand over buffered, unframed input (it follows COMPRESS, RFC 4978 §3)."""
+        data = bytes(self._buf)
+        self.discard_buffer()
+        return data
 
     def discard_buffer(self) -> None:
         """Drop buffered input (plaintext pipelined after STARTTLS, RFC 3501 §6.2.1)."""
@@ -378,11 +411,16 @@ class Framer:
             if m and (not m.group(2) or self.limits.literal_plus):
                 size = int(m.group(1))
                 sync = not m.group(2)
+                cap = self.limits.max_nonsync_literal
+                if not sync and cap is not None and size > cap:
+                    # LITERAL- (RFC 7888 §5): the data is on its way already.
+                    self._reset()
+                    return FatalError("non-synchronizing literal too large")
                 if self._literal_total + size > self.limits.max_literal_size:
                     first = self._lines[0] if self._lines else line
                     self._reset()
                     if sync:
-                        return LiteralTooLarge(_tag_of(first))
+                        return LiteralTooLarge(_tag_of(first), _command_of(first))
                     return FatalError("literal too large")
                 self._literal_total += size
                 self._lines.append(line)
@@ -605,6 +643,8 @@ class _Reader:
         return self.nz_number()
 
     def sequence_set(self) -> SeqSet:
+        if self.accept(b"$"):  # RFC 5182 §3: seq-number "$" stands alone
+            return SeqSet((), saved=True)
         ranges = []
         while True:
             lo = self.seq_number()
@@ -789,6 +829,7 @@ def _append(r: _Reader) -> tuple[Any, ...]:
     if r.peek() == 0x22:
         date = r.date_time()
         r.sp()
+    r.accept(b"~")  # literal8 (RFC 3516 §4.4): taken as the message octets
     if r.peek() != 0x7B:
         raise r.fail("expected message literal")
     return (mailbox, flags, date, r.literal())
@@ -805,6 +846,12 @@ def _store(r: _Reader) -> tuple[Any, ...]:
     r.sp()
     seqs = r.sequence_set()
     r.sp()
+    unchanged = None
+    if r.peek() == 0x28:  # RFC 7162 §3.1.3 store-modifier
+        from node.imap.condstore_syntax import parse_unchangedsince
+
+        unchanged = parse_unchangedsince(r)
+        r.sp()
     mode = "set"
     if r.accept(b"+"):
         mode = "add"
@@ -823,7 +870,8 @@ def _store(r: _Reader) -> tuple[Any, ...]:
             if len(found) > r.limits.max_ranges:
                 raise r.fail("too many flags")
         flags = tuple(found)
-    return (seqs, mode, item.endswith(".SILENT"), flags)
+    args = (seqs, mode, item.endswith(".SILENT"), flags)
+    return args if unchanged is None else (*args, unchanged)  # 5th: UNCHANGEDSINCE
 
 
 def _fetch(r: _Reader) -> tuple[Any, ...]:
@@ -852,6 +900,20 @@ def _fetch(r: _Reader) -> tuple[Any, ...]:
 
 def _fetch_att(r: _Reader) -> FetchItem:
     word = r._take(lambda c: _is_atom_char(c) and c != 0x5B).decode("ascii").upper()
+    if r.peek() == 0x5B and word in ("BINARY", "BINARY.PEEK", "BINARY.SIZE"):
+        # RFC 3516 §4.2: section-binary is part numbers only.
+        section = _section(r)
+        if section.specifier is not None:
+            raise r.fail("bad binary section")
+        if word == "BINARY.SIZE":
+            return FetchItem("BINARY.SIZE[]", section, True)
+        partial = None
+        if r.accept(b"<"):
+            origin = r.number()
+            r.expect(b".")
+            partial = (origin, r.nz_number())
+            r.expect(b">")
+        return FetchItem("BINARY[]", section, word == "BINARY.PEEK", partial)
     if r.peek() == 0x5B:  # "["
         if word not in ("BODY", "BODY.PEEK"):
             raise r.fail("unknown fetch item")
@@ -938,7 +1000,7 @@ def _search_key(r: _Reader, depth: int) -> SearchKey:
             if len(keys) > r.limits.max_ranges:
                 raise r.fail("too many search keys")
         return SearchKey("AND", tuple(keys))
-    if c is not None and (0x30 <= c <= 0x39 or c == 0x2A):
+    if c is not None and (0x30 <= c <= 0x39 or c in (0x2A, 0x24)):  # 0x24: "$" (RFC 5182)
         return SearchKey("SEQ", (r.sequence_set(),))
     word = r.atom().upper()
     if word in PLAIN_KEYS:
@@ -958,6 +1020,10 @@ def _search_key(r: _Reader, depth: int) -> SearchKey:
         return SearchKey(word, (r.atom(),))
     if word == "UID":
         return SearchKey(word, (r.sequence_set(),))
+    if word == "MODSEQ":  # RFC 7162 §3.1.5: (modseq, entry name, entry type)
+        from node.imap.condstore_syntax import parse_search_modseq
+
+        return SearchKey(word, parse_search_modseq(r))
     if word == "NOT":
         return SearchKey(word, (_search_key(r, depth + 1),))
     if word == "OR":
@@ -1164,6 +1230,7 @@ def encode_command(cmd: Command) -> bytes:
             out.append(a[1].encode("ascii"))
     elif cmd.name in ("SELECT", "EXAMINE", "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"):
         out.append(mb(a[0]))
+        out += [p.encode() for p in a[1:]]  # RFC 7162 select-params
     elif cmd.name == "RENAME":
         out += [mb(a[0]), mb(a[1])]
     elif cmd.name in ("LIST", "LSUB"):
@@ -1178,22 +1245,33 @@ def encode_command(cmd: Command) -> bytes:
             out.append(b'"' + format_date_time(a[2]).encode("ascii") + b'"')
         out.append(b"{%d}\r\n" % len(a[3]) + a[3])
     elif cmd.name == "SEARCH":
+        if len(a) > 2:  # RFC 4731 §3.1 search-return-opts
+            out.append(b"RETURN (" + " ".join(a[2]).encode("ascii") + b")")
         if a[0] is not None:
             out += [b"CHARSET", encode_astring(a[0])]
         key: SearchKey = a[1]
         parts = key.args if key.op == "AND" else (key,)
         out += [encode_search_key(k) for k in parts]
+    elif cmd.name in ("SORT", "THREAD"):  # RFC 5256 (node/imap/commands/searchext.py)
+        from node.imap.commands.searchext import encode_args
+
+        out += encode_args(cmd)
     elif cmd.name == "FETCH":
         out.append(a[0].encode().encode("ascii"))
         items = " ".join(i.encode() for i in a[1])
         out.append(b"(" + items.encode("utf-8", "surrogateescape") + b")")
+        out += [m.encode() for m in a[2:]]  # RFC 7162 fetch-modifiers
     elif cmd.name == "STORE":
         prefix = {"set": "", "add": "+", "remove": "-"}[a[1]]
         out.append(a[0].encode().encode("ascii"))
+        if len(a) > 4:
+            out.append(b"(UNCHANGEDSINCE %d)" % a[4])  # RFC 7162 §3.1.3
         out.append(f"{prefix}FLAGS{'.SILENT' if a[2] else ''}".encode("ascii"))
         out.append(b"(" + " ".join(a[3]).encode("ascii") + b")")
     elif cmd.name == "COPY":
         out += [a[0].encode().encode("ascii"), mb(a[1])]
+    elif cmd.name == "NOTIFY":
+        out.append(a[0].encode())  # RFC 5465 (node/imap/notify.py NotifySpec)
     elif cmd.name == "EXPUNGE" and cmd.uid:
         out.append(a[0].encode().encode("ascii"))
     return b" ".join(out) + b"\r\n"
@@ -1224,6 +1302,10 @@ def encode_search_key(key: SearchKey) -> bytes:
         return head + b" " + a[0].encode("ascii")
     if op == "UID":
         return head + b" " + a[0].encode().encode("ascii")
+    if op == "MODSEQ":
+        from node.imap.condstore_syntax import encode_search_modseq
+
+        return encode_search_modseq(a)
     if op == "NOT":
         return head + b" " + encode_search_key(a[0])
     if op == "OR":

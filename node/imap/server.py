@@ -1,9 +1,10 @@
 """The gevent side of IMAP: socket reads, writes, STARTTLS and timeouts.
 
-One greenlet reads and feeds the session; a second one, the notifier, waits
-for the session's wakeup (a store.watch callback while the client IDLEs,
-RFC 2177) and lets it report the change at once, with no polling.  A lock
-keeps the two from running session code at the same time.
+One greenlet reads and feeds the session.  The session's wakeup (a
+store.watch callback while the client IDLEs, RFC 2177) spawns a short-lived
+greenlet that reports the change at once, with no polling; none exists
+while nothing changes, so an idle session costs one greenlet.  A lock keeps
+the two from running session code at the same time.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import ssl
 from typing import Any
 
 import gevent
-from gevent.event import Event
 from gevent.lock import RLock
 
 from node.context import NodeContext
+from node.imap.compress import DeflateSocket
 from node.imap.session import Session
 from node.net.tls import starttls
 
@@ -31,26 +32,31 @@ def serve_connection(ctx: NodeContext, sock: Any, address: Any, *, implicit_tls:
     """Serve one client until LOGOUT, timeout, error or disconnect; never raises."""
     peer_ip = address[0] if isinstance(address, tuple) else str(address)
     lock = RLock()
-    wake = Event()
     conn = [sock]
+    flushing = [False]  # a flush greenlet is already on its way
 
     def send(data: bytes) -> None:
         conn[0].sendall(data)
 
-    session = Session(ctx, send, peer_ip=peer_ip, tls=implicit_tls, wakeup=wake.set)
+    def flush() -> None:
+        flushing[0] = False
+        with lock:
+            if session.closed:
+                return
+            try:
+                session.idle_flush()
+            except (OSError, ssl.SSLError):
+                session.close()
+                _shutdown(conn[0])
 
-    def notifier() -> None:
-        while not session.closed:
-            wake.wait()
-            wake.clear()
-            with lock:
-                try:
-                    session.idle_flush()
-                except (OSError, ssl.SSLError):
-                    session.close()
-                    _shutdown(conn[0])
+    def wakeup() -> None:
+        # A greenlet per burst of changes, not one per session waiting all
+        # the time: idle sessions hold no notifier (memory per IDLE session).
+        if not flushing[0] and not session.closed:
+            flushing[0] = True
+            gevent.spawn(flush)
 
-    watcher = gevent.spawn(notifier)
+    session = Session(ctx, send, peer_ip=peer_ip, tls=implicit_tls, wakeup=wakeup)
     timeout = float(ctx.config.imap.idle_timeout)
     try:
         if implicit_tls and not isinstance(sock, ssl.SSLSocket):
@@ -79,14 +85,19 @@ def serve_connection(ctx: NodeContext, sock: Any, address: Any, *, implicit_tls:
                 conn[0].settimeout(timeout)
                 with lock:
                     session.tls_started()
+            if session.want_compress and not session.closed:
+                # RFC 4978 §3: what follows the tagged OK is DEFLATE, including
+                # anything the client pipelined after COMPRESS.
+                with lock:
+                    session.want_compress = False
+                    session.compressed = True
+                    conn[0] = DeflateSocket(conn[0], session.framer.take_buffer())
     except (OSError, ssl.SSLError) as exc:
         log.debug("imap: connection from %s ended: %s", peer_ip, exc)
     except Exception:
         log.exception("imap: session with %s failed", peer_ip)
     finally:
         session.close()
-        wake.set()
-        watcher.kill(block=False)
         try:
             conn[0].close()
         except OSError:

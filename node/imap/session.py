@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import dataclasses
 import functools
 import importlib
 import ipaddress
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.context import NodeContext
-from node.imap import search as searchmod
+from node.imap import binary, esearch, objectid
 from node.imap.protocol import (
     NEED_DATA,
     STAR,
@@ -66,6 +67,7 @@ from node.imap.protocol import (
 )
 from node.imap.view import FLAGS_ONLY, View, fetch_flags_line
 from node.imap.wildcard import Pattern
+from node.mailflow import quota as quota_policy
 from storage.model import (
     MailboxExists,
     MailboxNotAllowed,
@@ -150,7 +152,8 @@ class Session:
         self.wakeup = wakeup
         cfg = ctx.config.imap
         self.limits = Limits(
-            max_line_length=cfg.max_line_length, max_literal_size=cfg.max_literal_size
+            max_line_length=cfg.max_line_length, max_literal_size=cfg.max_literal_size,
+            literal_plus=True, max_nonsync_literal=4096,  # LITERAL- until login (RFC 7888 §5)
         )
         self.framer = Framer(self.limits)
         self.state = State.NOT_AUTHENTICATED
@@ -158,6 +161,10 @@ class Session:
         self.view: View | None = None
         self.closed = False
         self.want_starttls = False
+        self.want_compress = False  # COMPRESS answered: the server wraps the socket
+        self.compressed = False  # RFC 4978: once per session
+        self.enabled: set[str] = set()  # ENABLEd capabilities, upper-case (RFC 5161)
+        self.notify: Any = None  # active NOTIFY SET (node/imap/notify.py, RFC 5465)
         self.idle_tag: str | None = None
         self._auth_tag: str | None = None
         self._auth_failures = 0
@@ -182,6 +189,21 @@ class Session:
 
     def capabilities(self) -> str:
         caps = ["IMAP4rev1", "SASL-IR", "IDLE", "CHILDREN", "UIDPLUS"]
+        # RFC 9051, 5161, 2971, 2342, 3691, 6851, 7888, 7889, 3516, 4978
+        # (node/imap/commands/rev2.py, node/imap/binary.py, node/imap/compress.py)
+        caps += ["IMAP4rev2", "ENABLE", "ID", "NAMESPACE", "UNSELECT", "MOVE", "BINARY",
+                 "LITERAL-" if self.limits.max_nonsync_literal else "LITERAL+",
+                 f"APPENDLIMIT={self.limits.max_literal_size}"]
+        caps += ["CONDSTORE", "QRESYNC", "NOTIFY"]  # RFC 7162, RFC 5465 (commands/condstore.py, notify.py)
+        # RFC 5258, 5819, 6154, 8438, 8474 (node/imap/commands/listext.py, node/imap/objectid.py)
+        caps += ["LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "CREATE-SPECIAL-USE",
+                 "STATUS=SIZE", "QUOTA", "QUOTA=RES-STORAGE",  # + RFC 9208 (commands/quota.py)
+                 "METADATA"]  # RFC 5464 (commands/metadata.py)
+        # RFC 4731, 5182, 5256, 5957 (node/imap/commands/searchext.py)
+        caps += ["ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT",
+                 "THREAD=REFERENCES"]
+        if not (self.compressed or self.want_compress):
+            caps.append("COMPRESS=DEFLATE")
         if self.state is State.NOT_AUTHENTICATED:
             if not self.tls:
                 caps.append("STARTTLS")
@@ -223,7 +245,7 @@ class Session:
         """Process received bytes; replies go to send().  Stops early (and
         drops the rest) when the session closes or STARTTLS begins."""
         self.framer.receive(data)
-        while not self.closed and not self.want_starttls:
+        while not self.closed and not self.want_starttls and not self.want_compress:
             ev = self.framer.next_event()
             if ev is NEED_DATA:
                 break
@@ -242,7 +264,10 @@ class Session:
             self._write(status_untagged("BYE", f"protocol error: {ev.text}"))
             self.close()
         elif isinstance(ev, LiteralTooLarge):
-            self._write(tagged(ev.tag, "BAD", "literal too large", "TOOBIG"))
+            if ev.command == "APPEND":  # RFC 7889 §4 (APPENDLIMIT)
+                self._write(tagged(ev.tag, "NO", "message too large", "TOOBIG"))
+            else:
+                self._write(tagged(ev.tag, "BAD", "literal too large", "TOOBIG"))
         elif isinstance(ev, RawLine):
             self._raw_line(ev.line)
         elif isinstance(ev, FramedCommand):
@@ -268,7 +293,7 @@ class Session:
         if reply is None:  # the command continues (IDLE, AUTHENTICATE) or ended the session
             return
         if self.state is State.SELECTED and self.view is not None and reply.status != "BAD":
-            self._sync_safe(expunge=cmd.name not in ("FETCH", "STORE", "SEARCH"))
+            self._sync_safe(expunge=cmd.name not in ("FETCH", "STORE", "SEARCH", "SORT", "THREAD"))
         if not self.closed:
             self._write(tagged(cmd.tag, reply.status, reply.text, reply.code))
 
@@ -285,6 +310,8 @@ class Session:
             return no("mailbox already exists", "ALREADYEXISTS")
         except MailboxNotAllowed:
             return no("not allowed for this mailbox", "CANNOT")
+        except binary.UnknownCte:
+            return no("unknown content-transfer-encoding", "UNKNOWN-CTE")  # RFC 3516 §4.3
         except StorageError:
             log.exception("imap: storage error in %s", what)
             return no("storage error", "SERVERBUG")
@@ -366,6 +393,9 @@ class Session:
         self.ctx.store.ensure_account(account)
         self.account = account
         self.state = State.AUTHENTICATED
+        # LITERAL+ once authenticated (RFC 7888 §4); before, LITERAL- bounds them.
+        self.limits = dataclasses.replace(self.limits, max_nonsync_literal=None)
+        self.framer.limits = self.limits
         self._unwatch = self.ctx.store.watch(account, self._on_change)
         log.info("imap: %s logged in from %s", account, self.peer_ip)
         return ok("logged in", f"CAPABILITY {self.capabilities()}")
@@ -444,6 +474,8 @@ class Session:
         if unseen is not None:
             self._write(status_untagged("OK", "first unseen", f"UNSEEN {unseen}"))
         self._write(status_untagged("OK", "UIDs valid", f"UIDVALIDITY {status.uidvalidity}"))
+        mailbox_id = objectid.mailbox_id(self._acct, status.uidvalidity)  # RFC 8474 §4.2
+        self._write(status_untagged("OK", "mailbox id", f"MAILBOXID ({mailbox_id})"))
         uidnext = max(status.uidnext, (uids[-1] + 1) if uids else 1)
         self._write(status_untagged("OK", "predicted next UID", f"UIDNEXT {uidnext}"))
         perm = "()" if readonly else PERMANENT_FLAGS
@@ -541,6 +573,11 @@ class Session:
 
     def _cmd_status(self, cmd: Command) -> Reply:
         name, items = cmd.args
+        self._write(untagged("STATUS", _mbox(name), self._status_data(name, items)))
+        return ok("STATUS completed")
+
+    def _status_data(self, name: str, items: tuple[str, ...]) -> list[Any]:
+        """The STATUS attribute list (RFC 3501 §6.3.10; also LIST-STATUS, RFC 5819)."""
         st = self.ctx.store.status(self._acct, name)
         values = {
             "MESSAGES": st.messages,
@@ -548,16 +585,27 @@ class Session:
             "UIDNEXT": st.uidnext,
             "UIDVALIDITY": st.uidvalidity,
             "UNSEEN": st.unseen,
+            "HIGHESTMODSEQ": st.highestmodseq,  # RFC 7162 §3.1.2.2
+            "SIZE": st.size,  # RFC 8438 §2
+            "MAILBOXID": Raw(f"({objectid.mailbox_id(self._acct, st.uidvalidity)})".encode()),
         }
+        if "DELETED" in items or "DELETED-STORAGE" in items:  # RFC 9208 §4.2.1, §4.2.2
+            doomed = [r.size for r in self.ctx.store.messages(self._acct, name)
+                      if "\\Deleted" in r.flags]
+            values["DELETED"] = len(doomed)
+            values["DELETED-STORAGE"] = (sum(doomed) + 1023) // 1024  # 1024-octet units
+        if "HIGHESTMODSEQ" in items:
+            self.enabled.add("CONDSTORE")  # a CONDSTORE-enabling command (RFC 7162 §3.1)
         out: list[Any] = []
         for item in dict.fromkeys(items):
             out += [Atom(item), values[item]]
-        self._write(untagged("STATUS", _mbox(name), out))
-        return ok("STATUS completed")
+        return out
 
     def _cmd_append(self, cmd: Command) -> Reply:
         name, flags, date, message = cmd.args
         internaldate = date.timestamp() if date is not None else None
+        if self._over_quota(len(message)):
+            return no("over quota", "OVERQUOTA")  # RFC 9208 §4.3
         try:
             res = self.ctx.store.append(
                 self._acct, name, message, flags=flags, internaldate=internaldate
@@ -581,12 +629,17 @@ class Session:
 
     def idle_flush(self) -> None:
         """Called by the server after wakeup(): report changes while idling."""
+        if self.notify is not None and not self.closed:  # RFC 5465 §3: also outside IDLE
+            self.notify.flush(self)
+            self.flush()
         if self.idle_tag is not None and self.view is not None and self._dirty:
             self._sync_safe(expunge=True)
             self.flush()
 
     def _on_change(self, mailbox: str) -> None:
         """store.watch callback (on the hub): never does I/O itself."""
+        if self.notify is not None and self.notify.on_change(self, mailbox) and self.wakeup:
+            self.wakeup()
         if self.view is not None and mailbox == self.view.name:
             self._dirty = True
             if self.idle_tag is not None and self.wakeup is not None:
@@ -633,6 +686,8 @@ class Session:
         sequence number is out of range (RFC 3501 §9 BAD)."""
         view = self.view
         assert view is not None
+        if seqs.saved:  # "$": the saved SEARCH result, as UIDs (RFC 5182 §2.2)
+            return [u for u in sorted(esearch.saved_uids(self)) if u in view.flags]
         uids = view.uids
         picked: set[int] = set()
         if uid:
@@ -651,6 +706,11 @@ class Session:
                 picked.update(uids[lo - 1 : hi])
         return sorted(picked)
 
+    def _over_quota(self, extra: int) -> bool:
+        """Would ``extra`` more octets exceed the account's quota (RFC 9208)?"""
+        return quota_policy.would_exceed(self.ctx.directory, self.ctx.store, self._acct,
+                                         max(extra, 1))
+
     def _cmd_copy(self, cmd: Command) -> Reply:
         seqs, dest = cmd.args
         uids = self._resolve(seqs, cmd.uid)
@@ -659,6 +719,10 @@ class Session:
         uids = [u for u in uids if u not in self.view.gone]  # type: ignore[union-attr]
         if not uids:
             return ok(f"{cmd.full_name} completed")
+        if self.ctx.directory.quota(self._acct) is not None:
+            rows = self._rows(uids)
+            if self._over_quota(sum(r.size for r in rows.values())):
+                return no("over quota", "OVERQUOTA")  # RFC 9208 §4.4 (COPY)
         try:
             uidvalidity, pairs = self.ctx.store.copy(self._acct, self.view.name, uids, dest)  # type: ignore[union-attr]
         except NoSuchMailbox:
@@ -672,7 +736,7 @@ class Session:
         return ok(f"{cmd.full_name} completed", f"COPYUID {uidvalidity} {src} {dst}")
 
     def _cmd_store(self, cmd: Command) -> Reply:
-        seqs, mode, silent, flags = cmd.args
+        seqs, mode, silent, flags = cmd.args[:4]  # [4]: UNCHANGEDSINCE (commands/condstore.py)
         view = self.view
         assert view is not None
         uids = self._resolve(seqs, cmd.uid)
@@ -710,39 +774,16 @@ class Session:
         return self.ctx.store.rows(self._acct, view.name, uids)
 
     def _cmd_search(self, cmd: Command) -> Reply:
-        charset, key = cmd.args
+        """RFC 9051 §6.4.4 with ESEARCH (RFC 4731) and SEARCHRES (RFC 5182):
+        node/imap/esearch.py, backed by the full-text index."""
+        charset = cmd.args[0]
         if charset not in (None, "UTF-8", "US-ASCII"):
             return no("unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
-        view = self.view
-        assert view is not None
-        need_meta, need_raw = searchmod.needs(key)
-        live = view.live(view.uids)
-        found: list[int] = []
-        max_seq = len(view.uids)
-        max_uid = view.uids[-1] if view.uids else 0
-        store = self.ctx.store
-        for start in range(0, len(live), FETCH_BATCH):
-            rows = self._rows(live[start : start + FETCH_BATCH])
-            batch = list(rows)
-            metas = store.metadata(self._acct, view.name, batch) if need_meta else {}
-            for u in batch:
-                row = rows[u]
-                cand = searchmod.Candidate(
-                    seq=view.seq_of(u),
-                    uid=u,
-                    flags=view.flags.get(u, row.flags),
-                    size=row.size,
-                    internaldate=row.internaldate,
-                    load_meta=lambda u=u, m=metas: m.get(u, {}),
-                    load_raw=(lambda b=row.blob: store.read_message(b)) if need_raw else bytes,
-                )
-                if searchmod.matches(key, cand, max_seq=max_seq, max_uid=max_uid):
-                    found.append(u if cmd.uid else cand.seq)
-        self._write(untagged("SEARCH", *[str(n) for n in found]) if found else b"* SEARCH\r\n")
+        self._write(esearch.answer(self, cmd))
         return ok(f"{cmd.full_name} completed")
 
     def _cmd_fetch(self, cmd: Command) -> Reply:
-        seqs, items = cmd.args
+        seqs, items = cmd.args[:2]  # [2:]: RFC 7162 modifiers (commands/condstore.py)
         view = self.view
         assert view is not None
         uids = self._resolve(seqs, cmd.uid)
@@ -779,6 +820,7 @@ class Session:
                     for ch in store.store_flags(self._acct, view.name, unseen, "add", ["\\Seen"]):
                         view.flags[ch.uid] = ch.flags
                         seen_now.add(ch.uid)
+                        rows[ch.uid] = dataclasses.replace(rows[ch.uid], modseq=ch.modseq)
             for u in batch:
                 row = rows[u]
                 raw = store.read_message(row.blob) if need_raw else b""
@@ -805,6 +847,8 @@ class Session:
                 out += [Atom("UID"), row.uid]
             elif name == "INTERNALDATE":
                 out += [Atom("INTERNALDATE"), format_date_time(row.internaldate)]
+            elif name == "MODSEQ":  # RFC 7162 §3.1.4.1
+                out += [Atom("MODSEQ"), Raw(b"(%d)" % row.modseq)]
             elif name == "RFC822.SIZE":
                 out += [Atom("RFC822.SIZE"), row.size]
             elif name == "ENVELOPE":
@@ -819,6 +863,8 @@ class Session:
                 out += [Atom("RFC822.HEADER"), Literal(_section(raw, Section((), "HEADER")))]
             elif name == "RFC822.TEXT":
                 out += [Atom("RFC822.TEXT"), Literal(_section(raw, Section((), "TEXT")))]
+            elif name in ("BINARY[]", "BINARY.SIZE[]"):
+                out += binary.fetch_item(raw, item)  # RFC 3516 §4.2
             else:
                 assert item.section is not None
                 data = _section(raw, item.section)
@@ -861,19 +907,22 @@ class Session:
                 f for u in flag_updates for f in view.flags[u]
             }
             self._announce_keywords(keywords)
+            modseqs = {r.uid: r.modseq for r in changes.changed}
             for u in flag_updates:
-                self._write(
-                    untagged(
-                        view.seq_of(u),
-                        "FETCH",
-                        [Atom("FLAGS"), _flag_list(view.flags[u]), Atom("UID"), u],
-                    )
-                )
+                items = [Atom("FLAGS"), _flag_list(view.flags[u]), Atom("UID"), u]
+                if self.enabled & {"CONDSTORE", "QRESYNC"}:  # RFC 7162 §3.1 (unsolicited)
+                    items += [Atom("MODSEQ"), Raw(b"(%d)" % modseqs[u])]
+                self._write(untagged(view.seq_of(u), "FETCH", items))
             if new_rows:
                 for row in new_rows:
                     view.uids.append(row.uid)
                     view.flags[row.uid] = row.flags
                 self._write(untagged(len(view.uids), "EXISTS"))
+        if expunge and view.gone and "QRESYNC" in self.enabled:
+            # RFC 7162 §3.2.10: VANISHED (UIDs) instead of EXPUNGE.
+            gone = sorted(view.gone)
+            view.take_expunged()
+            self._write(b"* VANISHED " + _compact(gone).encode("ascii") + b"\r\n")
         if expunge and view.gone:
             # Highest sequence number first, so earlier numbers stay valid.
             for seq in view.take_expunged():

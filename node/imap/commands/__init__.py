@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 # Family modules under node/imap/commands/, imported in this order.
-FAMILIES: tuple[str, ...] = ()
+FAMILIES: tuple[str, ...] = ("rev2", "condstore", "listext", "notify", "searchext",
+                            "quota", "metadata")
 
 
 def register_all(handlers: dict[str, Callable[..., Any]]) -> None:

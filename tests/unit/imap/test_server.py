@@ -150,7 +150,8 @@ def test_garbage_and_oversize_input(store: FakeStore) -> None:
         c.send(b"\xff\xfe\x00\r\n")
         assert c.readline().startswith(b"* BAD")
         c.send(b"a APPEND INBOX {101}\r\n")
-        assert c.readline() == b"a BAD [TOOBIG] literal too large\r\n"
+        # RFC 7889 §4 (APPENDLIMIT): an over-size APPEND is NO [TOOBIG].
+        assert c.readline() == b"a NO [TOOBIG] message too large\r\n"
         c.send(b"y" * 2000)
         assert c.readline().startswith(b"* BYE")
         assert c.eof()
