@@ -119,7 +119,7 @@ def substitute_saved(key: SearchKey, uids: Iterable[int] | None) -> SearchKey:
     "$" in SEARCH means the saved UIDs, in UID and non-UID SEARCH alike)."""
     if key.op in ("AND", "OR", "NOT"):
         return SearchKey(key.op, tuple(substitute_saved(k, uids) for k in key.args))
-    if key.op == "SEQ" and getattr(key.args[0], "saved", False):
+    if key.op in ("SEQ", "UID") and getattr(key.args[0], "saved", False):
         return SearchKey("UID", (uid_set(sorted(uids or ())),))
     return key
 
@@ -176,6 +176,8 @@ def answer(session: Any, cmd: Any) -> bytes:
     """
     key = cmd.args[1]
     returns = cmd.args[2] if len(cmd.args) > 2 else None
+    if returns is None and "IMAP4REV2" in getattr(session, "enabled", ()):
+        returns = ()  # RFC 9051 §6.4.4: ESEARCH, as if RETURN (ALL)
     view = session.view
     uids = find(session.ctx.store, session.account, view, key, saved_uids(session))
     numbers = uids if cmd.uid else [view.seq_of(u) for u in uids]
