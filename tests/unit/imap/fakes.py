@@ -16,6 +16,8 @@ from typing import Any
 
 from node.config import Config, from_dict
 from node.context import NodeContext
+from storage import fts
+from storage import shard as shard_ops
 from storage.mime import parse_metadata
 from storage.model import (
     DEFAULT_MAILBOXES,
@@ -27,8 +29,11 @@ from storage.model import (
     MailboxNotAllowed,
     MailboxStatus,
     MessageRow,
+    MetadataTooMany,
     NoSuchMailbox,
+    SpecialUseInUse,
     StorageUnavailable,
+    TextHits,
 )
 
 
@@ -38,6 +43,11 @@ class FakeDirectory:
             "alice@example.test": "alice-pw-1234",
             "bob@example.test": "bob-pw-1234",
         }
+        self.quotas: dict[str, int] = {}  # account -> octets (RFC 9208 STORAGE)
+
+    def quota(self, account: str) -> int | None:
+        """The account's storage limit in octets, None for no limit."""
+        return self.quotas.get(account.lower()) or None
 
     def is_local_domain(self, domain: str) -> bool:
         return domain == "example.test"
@@ -60,6 +70,7 @@ class _Box:
     rows: dict[int, MessageRow] = field(default_factory=dict)
     expunged: list[tuple[int, int]] = field(default_factory=list)  # (modseq, uid)
     highestmodseq: int = 1  # per mailbox, like storage/shard.py (RFC 7162 §3.1.1)
+    saved: dict[int, float] = field(default_factory=dict)  # RFC 8514 save dates
 
 
 class FakeStore:
@@ -73,6 +84,7 @@ class FakeStore:
         self.uidvalidity = 1000
         self.unavailable = False
         self.watchers: dict[str, list[Callable[[str], None]]] = {}
+        self.entries: dict[tuple[str, int], dict[str, bytes]] = {}  # METADATA
 
     # -- helpers
     def _write(self) -> None:
@@ -125,6 +137,7 @@ class FakeStore:
         modseq = self._next_modseq(box)
         box.rows[uid] = MessageRow(uid, frozenset(flags), modseq, len(raw),
                                    time.time() if internaldate is None else internaldate, blob)
+        box.saved[uid] = time.time()
         self._notify(account, mailbox)
         return AppendResult(account, mailbox, box.info.uidvalidity, uid, modseq, blob)
 
@@ -137,6 +150,9 @@ class FakeStore:
         boxes = self.accounts[account]
         if name in boxes:
             raise MailboxExists(name)
+        if special_use is not None and any(b.info.special_use == special_use
+                                           for b in boxes.values()):
+            raise SpecialUseInUse(special_use)
         parts = name.split("/")
         for i in range(1, len(parts) + 1):
             sub = "/".join(parts[:i])
@@ -144,6 +160,7 @@ class FakeStore:
                 self.uidvalidity += 1
                 boxes[sub] = _Box(MailboxInfo(sub, self.uidvalidity, special_use if sub == name
                                               else None))
+                self._notify(account, sub)  # the shard reports every created name
         return boxes[name].info
 
     def delete_mailbox(self, account: str, name: str) -> None:
@@ -152,6 +169,7 @@ class FakeStore:
             raise MailboxNotAllowed(name)
         self._box(account, name)
         del self.accounts[account][name]
+        self._notify(account, name)
 
     def rename_mailbox(self, account: str, old: str, new: str) -> None:
         self._write()
@@ -164,12 +182,15 @@ class FakeStore:
         box.info = MailboxInfo(new, box.info.uidvalidity, box.info.special_use,
                                box.info.subscribed)
         boxes[new] = box
+        self._notify(account, old)  # like the shard: both names
+        self._notify(account, new)
 
     def set_subscribed(self, account: str, name: str, subscribed: bool) -> None:
         self._write()
         box = self._box(account, name)
         i = box.info
         box.info = MailboxInfo(i.name, i.uidvalidity, i.special_use, subscribed)
+        self._notify(account, name)
 
     def status(self, account: str, name: str) -> MailboxStatus:
         box = self._box(account, name)
@@ -248,6 +269,7 @@ class FakeStore:
             dbox.uidnext += 1
             dbox.rows[new] = MessageRow(new, row.flags, self._next_modseq(dbox), row.size,
                                         row.internaldate, row.blob)
+            dbox.saved[new] = time.time()
             pairs.append((u, new))
         if pairs:
             self._notify(account, dst)
@@ -266,6 +288,7 @@ class FakeStore:
             dbox.uidnext += 1
             dbox.rows[new] = MessageRow(new, row.flags, self._next_modseq(dbox), row.size,
                                         row.internaldate, row.blob)
+            dbox.saved[new] = time.time()
             pairs.append((u, new))
         if pairs:
             gone = self._next_modseq(sbox)
@@ -277,11 +300,57 @@ class FakeStore:
                 self._notify(account, dst)
         return dbox.info.uidvalidity, pairs
 
+    def search_text(self, account: str, name: str, field: str, needle: str
+                    ) -> TextHits | None:
+        """Like MailStore.search_text: every message is indexed at once."""
+        if field not in ("text", *fts.FIELDS) or not fts.usable(needle):
+            return None
+        box = self._box(account, name)
+        found, unindexed = set(), set()
+        for u, row in box.rows.items():
+            doc = fts.extract(self.blobs[row.blob], self.meta[row.blob])
+            if doc is None:
+                unindexed.add(u)
+            elif fts.doc_matches(doc, field, needle):
+                found.add(u)
+        return TextHits(frozenset(found), frozenset(unindexed))
+
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
         box = self._box(account, name)
         changed = [box.rows[u] for u in sorted(box.rows) if box.rows[u].modseq > modseq]
         expunged = [u for m, u in box.expunged if m > modseq]
         return MailboxChanges(box.highestmodseq, changed, expunged)
+
+    # -- QUOTA usage, SAVEDATE, METADATA (RFC 9208, 8514, 5464), like MailStore
+    def usage(self, account: str) -> tuple[int, int]:
+        rows = [r for b in self.accounts.get(account, {}).values() for r in b.rows.values()]
+        return sum(r.size for r in rows), len(rows)
+
+    def savedates(self, account: str, name: str, uids: Iterable[int]
+                  ) -> dict[int, float | None]:
+        box = self._box(account, name)
+        return {u: box.saved.get(u) for u in uids if u in box.rows}
+
+    def _meta_key(self, account: str, mailbox: str | None) -> tuple[str, int]:
+        return account, 0 if mailbox is None else self._box(account, mailbox).info.uidvalidity
+
+    def get_metadata(self, account: str, mailbox: str | None) -> dict[str, bytes]:
+        return dict(self.entries.get(self._meta_key(account, mailbox), {}))
+
+    def set_metadata(self, account: str, mailbox: str | None,
+                     entries: Iterable[tuple[str, bytes | None]]) -> None:
+        self._write()
+        key = self._meta_key(account, mailbox)
+        new = dict(self.entries.get(key, {}))
+        for e, v in entries:
+            if v is None:
+                new.pop(e.lower(), None)
+            else:
+                new[e.lower()] = bytes(v)
+        others = sum(len(d) for k, d in self.entries.items() if k[0] == account and k != key)
+        if others + len(new) > shard_ops.METADATA_MAX_ENTRIES:
+            raise MetadataTooMany(account)
+        self.entries[key] = new
 
     def watch(self, account: str, callback: Callable[[str], None]) -> Callable[[], None]:
         self.watchers.setdefault(account, []).append(callback)
