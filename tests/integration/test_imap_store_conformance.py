@@ -24,6 +24,7 @@ ACCOUNT = "alice@example.test"
 def _mask(data: bytes) -> bytes:
     data = re.sub(rb"UIDVALIDITY \d+", b"UIDVALIDITY N", data)
     data = re.sub(rb"(APPENDUID|COPYUID) \d+", rb"\1 N", data)
+    data = re.sub(rb"MAILBOXID \(M[0-9a-f]+\)", b"MAILBOXID (M)", data)  # from UIDVALIDITY
     return data
 
 
