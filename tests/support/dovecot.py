@@ -11,6 +11,7 @@ service runs as the current user.  Stopped by the master's PID.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -19,8 +20,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-
-from tests.support.etcd import free_port
 
 DOVECOT = "/usr/sbin/dovecot"
 START_DEADLINE = 30.0
@@ -43,6 +42,7 @@ first_valid_uid = {uid}
 last_valid_uid = 0
 first_valid_gid = {gid}
 default_internal_user = {internal}
+default_internal_group = {internal_group}
 default_login_user = {internal}
 imap_max_line_length = 1M
 passdb {{
@@ -69,6 +69,13 @@ service anvil {{
 """
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free right now (no pytest import, so benchmarks can use this too)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def available() -> bool:
     """True when Debian's dovecot-imapd is installed."""
     return shutil.which("dovecot") is not None and os.path.exists("/usr/lib/dovecot/imap")
@@ -93,16 +100,18 @@ class DovecotServer:
     def _write_config(self) -> None:
         if os.geteuid() == 0:
             mail = pwd.getpwnam("mail")
-            uid, gid, internal = mail.pw_uid, mail.pw_gid, "dovecot"
+            uid, gid, internal, internal_group = mail.pw_uid, mail.pw_gid, "dovecot", "dovecot"
         else:
             uid, gid = os.getuid(), os.getgid()
             internal = pwd.getpwuid(uid).pw_name
+            internal_group = grp.getgrgid(gid).gr_name
         os.chmod(self.root, 0o755)  # the mail user must traverse it
         for d in ("mail", "state"):
             (self.root / d).mkdir(mode=0o755, exist_ok=True)
         os.chown(self.root / "mail", uid, gid)
         self.conf.write_text(
-            CONF.format(root=self.root, uid=uid, gid=gid, internal=internal, imap=self.port)
+            CONF.format(root=self.root, uid=uid, gid=gid, internal=internal,
+                        internal_group=internal_group, imap=self.port)
         )
         (self.root / "users").write_text(
             "".join(
