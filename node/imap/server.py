@@ -76,6 +76,10 @@ def serve_connection(ctx: NodeContext, sock: Any, address: Any, *, implicit_tls:
                 break
             with lock:
                 session.feed(data)
+            # recv returns at once while bytes are buffered: a client that
+            # pipelines faster than we answer would keep the hub to itself.
+            # idle(), not sleep(0): other sockets are polled first.
+            gevent.idle()
             if session.want_starttls and not session.closed:
                 try:
                     conn[0] = starttls(conn[0], ctx.tls, TLS_HANDSHAKE_TIMEOUT)

@@ -877,12 +877,6 @@ def test_pop3_pipelined_flood_does_not_starve_others(node) -> None:
     assert data.count(b"+OK\r\n") == count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="node/imap/server.py reads and answers while bytes are buffered without "
-    "yielding: 100,000 pipelined commands kept the hub ~1.7 s; reported to the IMAP owner",
-)
 def test_imap_pipelined_flood_does_not_starve_others(node) -> None:
     """The same for IMAP (RFC 3501 §5.5): 60,000 pipelined NOOPs, all answered,
     and another client served meanwhile."""
