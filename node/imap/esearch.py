@@ -16,6 +16,7 @@ Nothing here writes to the client: callers encode with `search_response`.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -44,12 +45,14 @@ class _Lazy:
 
 
 def find(
-    store: Any, account: str, view: Any, key: SearchKey, saved: Iterable[int] = ()
+    store: Any, account: str, view: Any, key: SearchKey, saved: Iterable[int] = (),
+    fresh: bool = False,
 ) -> list[int]:
     """UIDs of the view's live messages that match key, ascending.
 
     ``view`` is node/imap/view.View (uids, flags, gone, live, seq_of);
-    ``saved`` the SEARCHRES result "$" stands for.
+    ``saved`` the SEARCHRES result "$" stands for; ``fresh`` says the view
+    has seen every committed change (no unreported expunge can hide in it).
     """
     key = substitute_saved(key, saved)
     hits: dict[SearchKey, tuple[TextHits, bool]] = {}
@@ -59,6 +62,14 @@ def find(
         if found is not None:
             hits[k] = (found, k.op != "HEADER")  # HEADER: candidates, not exact
     live = view.live(view.uids)
+    whole = _Sets(view, live, hits).eval(key)
+    if whole is not None:
+        # Answered from the view and the index alone, as set operations.
+        result = sorted(whole)
+        if not fresh and result:  # drop messages expunged meanwhile
+            rows = store.rows(account, view.name, result)
+            result = [u for u in result if u in rows]
+        return result
     narrow: set[int] | None = None
     for k in searchmod.conjuncts(key):
         if k in hits:
@@ -95,10 +106,65 @@ def find(
                 load_meta=lambda u=u, m=metas: m.get(u),
                 load_raw=lambda b=row.blob: store.read_message(b),
                 decided=decided,
+                blob=row.blob,  # RFC 8474 SEARCH EMAILID
+                load_savedate=lambda u=u: store.savedates(account, view.name, [u]).get(u),
             )
             if searchmod.matches(key, cand, max_seq=max_seq, max_uid=max_uid):
                 found_uids.append(u)
     return found_uids
+
+
+class _Sets:
+    """Evaluates a key tree as sets of UIDs when every key can be answered
+    from the view (flags, sequence numbers, UIDs) or exactly by the index;
+    eval returns None as soon as one cannot (dates, sizes, HEADER, ...)."""
+
+    def __init__(self, view: Any, live: list[int], hits: dict) -> None:
+        self.view = view
+        self.live = live
+        self.all = set(live)
+        self.hits = hits
+
+    def eval(self, key: SearchKey) -> set[int] | None:
+        op, args = key.op, key.args
+        if op in ("AND", "OR"):
+            parts = [self.eval(k) for k in args]
+            if any(p is None for p in parts):
+                return None
+            out = set(self.all) if op == "AND" else set()
+            for p in parts:
+                out = out & p if op == "AND" else out | p  # type: ignore[operator]
+            return out
+        if op == "NOT":
+            inner = self.eval(args[0])
+            return None if inner is None else self.all - inner
+        if op in ("ALL", "OLD"):
+            return set(self.all)
+        if op in ("NEW", "RECENT"):
+            return set()  # \Recent is not kept (docs/imap.md)
+        flags = self.view.flags
+        if op in searchmod.FLAG_KEYS:
+            flag, present = searchmod.FLAG_KEYS[op]
+            return {u for u in self.live if (flag in flags[u]) == present}
+        if op in ("KEYWORD", "UNKEYWORD"):
+            want = op == "KEYWORD"
+            return {u for u in self.live if searchmod._has_flag(flags[u], args[0]) == want}
+        if op == "SEQ":
+            uids = self.view.uids
+            out: set[int] = set()
+            for lo, hi in args[0].resolve(len(uids)):
+                out.update(uids[max(lo, 1) - 1 : hi])
+            return out & self.all
+        if op == "UID":
+            uids = self.view.uids
+            out = set()
+            for lo, hi in args[0].resolve(uids[-1] if uids else 0):
+                out.update(uids[bisect.bisect_left(uids, lo) : bisect.bisect_right(uids, hi)])
+            return out & self.all
+        found = self.hits.get(key)
+        if found is not None and found[1] and not (found[0].unindexed & self.all):
+            return set(found[0].uids) & self.all
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -179,7 +245,8 @@ def answer(session: Any, cmd: Any) -> bytes:
     if returns is None and "IMAP4REV2" in getattr(session, "enabled", ()):
         returns = ()  # RFC 9051 §6.4.4: ESEARCH, as if RETURN (ALL)
     view = session.view
-    uids = find(session.ctx.store, session.account, view, key, saved_uids(session))
+    fresh = not getattr(session, "_dirty", True)
+    uids = find(session.ctx.store, session.account, view, key, saved_uids(session), fresh)
     numbers = uids if cmd.uid else [view.seq_of(u) for u in uids]
     if returns is not None and "SAVE" in returns:
         keep = uids

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from node.imap import esearch
+from node.imap.protocol import Limits, frame_all
 from tests.unit.imap.helpers import Client
 
 
@@ -17,6 +21,7 @@ def client() -> Client:
         sender = "Smith <smith@x.test>" if n == 5 else f"u{n} <u{n}@x.test>"
         raw = f"From: {sender}\r\nSubject: m{n}\r\n\r\nbody {n}\r\n".encode()
         flags = ["\\Flagged"] if n in (1, 2, 5, 10, 11) else []
+        flags += ["$Work"] if n % 4 == 0 else []
         when = 700000000.0 if n == 1 else 762000000.0 + n  # 1992 vs. Feb 1994
         c.store.append("alice@example.test", "INBOX", raw, flags=flags, internaldate=when)
     assert c.cmd("s SELECT INBOX")[-1].startswith(b"s OK")
@@ -100,3 +105,41 @@ def test_esearch_capabilities_advertised():
     for cap in (b"ESEARCH", b"SEARCHRES", b"SORT", b"SORT=DISPLAY", b"THREAD=REFERENCES",
                 b"THREAD=ORDEREDSUBJECT"):
         assert cap in caps
+
+
+# -- the set evaluator agrees with message-by-message evaluation -------------
+
+_leaf = st.sampled_from([
+    "ALL", "SEEN", "UNSEEN", "FLAGGED", "UNFLAGGED", "DELETED", "NEW", "OLD", "RECENT",
+    "KEYWORD $Work", "UNKEYWORD $work", "1:3", "2,5:*", "*", "UID 2:4", "UID 9:*",
+    "BODY body", "BODY 1", "FROM smith", "SUBJECT m1", "TEXT u", "LARGER 40",
+])
+_keys = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.builds(lambda k: f"NOT {k}", inner),
+        st.builds(lambda a, b: f"OR {a} {b}", inner, inner),
+        st.builds(lambda a, b: f"({a} {b})", inner, inner),
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_keys)
+def test_esearch_set_evaluation_equals_per_message_evaluation(client, text):
+    # RFC 3501 §6.4.4 semantics do not depend on which path answers.
+    cmds = [c for c in frame_all(f"t SEARCH {text}\r\n".encode(), Limits()) if hasattr(c, "args")]
+    assert cmds, text
+    key = cmds[0].args[1]
+    s = client.session
+    store, view = s.ctx.store, s.view
+    fast = esearch.find(store, s.account, view, key, fresh=True)
+    original = esearch._Sets.eval
+    try:
+        esearch._Sets.eval = lambda self, k: None  # force the per-message path
+        slow = esearch.find(store, s.account, view, key)
+    finally:
+        esearch._Sets.eval = original
+    assert fast == slow, text
