@@ -16,6 +16,7 @@ import secrets
 import signal
 import sys
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,10 +144,17 @@ class Node:
             ("submissions", submission, cfg.submission.listen_tls, True,
              cfg.submission.max_connections_per_ip, b""),
         ]
+        # One per-IP count per protocol: its plain and implicit-TLS listeners
+        # share the limit (imap and imaps count together).
+        counts: dict[str, Counter[str]] = {}
         for name, fn, addresses, implicit, per_ip, refusal in table:
             if not addresses:
                 continue
-            service = Service(name, bind(fn), list(addresses), implicit, ctx.tls, per_ip, refusal)
+            shared = counts.setdefault(name.rstrip("s") if implicit else name, Counter())
+            service = Service(
+                name, bind(fn), list(addresses), implicit, ctx.tls, per_ip, refusal,
+                per_ip=shared,
+            )
             service.start()
             self.services.append(service)
 
