@@ -56,6 +56,9 @@ class Limits:
     # LITERAL- (RFC 7888 §5): non-synchronizing literals up to this size only
     # (4096); None means LITERAL+, any size up to max_literal_size.
     max_nonsync_literal: int | None = None
+    # After ENABLE IMAP4rev2, mailbox names are UTF-8, not modified UTF-7
+    # (RFC 9051 §5.1, §6.3.1): "&" is then an ordinary character.
+    utf8_mailboxes: bool = False
 
 
 class State(Enum):
@@ -240,6 +243,9 @@ SIMPLE_FETCH = frozenset(
         "RFC822.HEADER",
         "RFC822.TEXT",
         "MODSEQ",  # RFC 7162 §3.1.4.1
+        "SAVEDATE",  # RFC 8514 §4.3
+        "EMAILID",  # RFC 8474 §5.1
+        "THREADID",  # RFC 8474 §5.2
     }
 )
 STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
@@ -608,10 +614,15 @@ class _Reader:
     def mailbox(self) -> str:
         raw = self.astring()
         try:
-            name = decode_mailbox(raw)
+            name = self.mailbox_name(raw)
         except ValueError:
             raise self.fail("bad mailbox name encoding") from None
         return "INBOX" if name.upper() == "INBOX" else name
+
+    def mailbox_name(self, raw: bytes) -> str:
+        """A mailbox name or pattern off the wire: UTF-8 once IMAP4rev2 is
+        enabled (RFC 9051 §5.1), else modified UTF-7; ValueError if invalid."""
+        return raw.decode("utf-8") if self.limits.utf8_mailboxes else decode_mailbox(raw)
 
     def flag(self) -> str:
         if self.accept(b"\\"):
@@ -794,7 +805,7 @@ def _list(r: _Reader) -> tuple[Any, ...]:
     r.sp()
     pattern = r.list_mailbox()
     try:
-        return (decode_mailbox(ref), decode_mailbox(pattern))
+        return (r.mailbox_name(ref), r.mailbox_name(pattern))
     except ValueError:
         raise r.fail("bad mailbox name encoding") from None
 
@@ -1146,6 +1157,15 @@ def encode_string(value: str | bytes) -> bytes:
     """A quoted string if it can be one (short, 7-bit, no CR/LF), else a literal."""
     data = value.encode("utf-8") if isinstance(value, str) else value
     if len(data) <= 1024 and _QUOTABLE.fullmatch(data):
+        return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    return b"{%d}\r\n" % len(data) + data
+
+
+def encode_utf8_string(value: str) -> bytes:
+    """A UTF-8 quoted string (RFC 9051 §4.3 QUOTED-CHAR allows UTF8-2..4)
+    when it can be one, else a literal: mailbox names after ENABLE IMAP4rev2."""
+    data = value.encode("utf-8")
+    if len(data) <= 1024 and not any(c in data for c in b"\r\n\x00"):
         return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
     return b"{%d}\r\n" % len(data) + data
 

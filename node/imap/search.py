@@ -39,6 +39,11 @@ STRING_KEYS = frozenset({"BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"})
 DATE_KEYS = frozenset({"BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"})
 NUMBER_KEYS = frozenset({"LARGER", "SMALLER"})
 FLAG_ARG_KEYS = frozenset({"KEYWORD", "UNKEYWORD"})
+# RFC 8514 §4.2 SAVEDATE keys; RFC 8474 §6 EMAILID/THREADID take an objectid
+# (atom characters, so they parse and encode like KEYWORD's argument).
+DATE_KEYS |= frozenset({"SAVEDBEFORE", "SAVEDON", "SAVEDSINCE"})
+PLAIN_KEYS |= frozenset({"SAVEDATESUPPORTED"})
+FLAG_ARG_KEYS |= frozenset({"EMAILID", "THREADID"})
 ADDRESS_HEADERS = {"BCC": "bcc", "CC": "cc", "FROM": "from", "TO": "to", "SUBJECT": "subject"}
 
 
@@ -70,6 +75,8 @@ class Candidate:
     load_meta: Callable[[], dict] = field(default=lambda: {})
     modseq: int = 0  # RFC 7162 §3.1.5 (SEARCH MODSEQ)
     load_raw: Callable[[], bytes] = field(default=lambda: b"")
+    blob: str = ""  # SHA-256 of the stored message (RFC 8474 EMAILID)
+    load_savedate: Callable[[], float | None] = field(default=lambda: None)  # RFC 8514
     _meta: dict | None = None
     _raw: bytes | None = None
     _texts: dict[str, str] = field(default_factory=dict)
@@ -159,6 +166,17 @@ def matches(key: SearchKey, msg: Candidate, *, max_seq: int, max_uid: int) -> bo
         if sent is None:
             return False
         return _date_cmp(op[4:], _utc_date(sent), args[0])
+    if op == "SAVEDATESUPPORTED":  # RFC 8514 §4.2: every mailbox keeps save dates
+        return True
+    if op in ("SAVEDBEFORE", "SAVEDON", "SAVEDSINCE"):  # RFC 8514 §4.2
+        saved = msg.load_savedate()
+        if saved is None:  # saved before save dates were kept: the internal date
+            saved = msg.internaldate
+        return _date_cmp(op[5:], _utc_date(saved), args[0])
+    if op == "EMAILID":  # RFC 8474 §6
+        return bool(msg.blob) and args[0] == "E" + msg.blob[:24]
+    if op == "THREADID":  # RFC 8474 §6: no message has a THREADID (it is NIL)
+        return False
     if key in msg.decided:
         return msg.decided[key]
     if op == "HEADER":

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import contextvars
 import dataclasses
 import functools
 import importlib
@@ -59,6 +60,7 @@ from node.imap.protocol import (
     continuation,
     encode_mailbox,
     encode_string,
+    encode_utf8_string,
     format_date_time,
     parse_command,
     status_untagged,
@@ -89,6 +91,12 @@ DELIMITER = "/"
 # Handlers of extension command families (node/imap/commands/*), by command
 # name: handler(session, cmd) -> Reply | None.  Filled at the end of this module.
 COMMAND_HANDLERS: dict[str, Callable[..., Any]] = {}
+# Checks run before any handler: check(session, cmd) -> Reply | None, a reply
+# refuses the command (commands/rev2.py: what IMAP4rev2's grammar dropped).
+COMMAND_CHECKS: list[Callable[..., Any]] = []
+# True while a session that ENABLEd IMAP4rev2 runs a command: _mbox then
+# writes UTF-8 names (RFC 9051 §5.1); per greenlet, so sessions never mix.
+_UTF8_NAMES: contextvars.ContextVar[bool] = contextvars.ContextVar("utf8_names", default=False)
 
 
 @dataclass
@@ -198,7 +206,8 @@ class Session:
         # RFC 5258, 5819, 6154, 8438, 8474 (node/imap/commands/listext.py, node/imap/objectid.py)
         caps += ["LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "CREATE-SPECIAL-USE",
                  "STATUS=SIZE", "QUOTA", "QUOTA=RES-STORAGE",  # + RFC 9208 (commands/quota.py)
-                 "METADATA"]  # RFC 5464 (commands/metadata.py)
+                 "METADATA",  # RFC 5464 (commands/metadata.py)
+                 "OBJECTID", "SAVEDATE"]  # RFC 8474 (objectid.py), RFC 8514
         # RFC 4731, 5182, 5256, 5957 (node/imap/commands/searchext.py)
         caps += ["ESEARCH", "SEARCHRES", "SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT",
                  "THREAD=REFERENCES"]
@@ -281,9 +290,21 @@ class Session:
     # ------------------------------------------------------------ dispatch
 
     def _command(self, cmd: Command) -> None:
+        token = _UTF8_NAMES.set(self.limits.utf8_mailboxes)
+        try:
+            self._run_command(cmd)
+        finally:
+            _UTF8_NAMES.reset(token)
+
+    def _run_command(self, cmd: Command) -> None:
         if not allowed(self.state, cmd.full_name):
             self._write(tagged(cmd.tag, "BAD", f"{cmd.full_name} not allowed now"))
             return
+        for check in COMMAND_CHECKS:
+            refused = check(self, cmd)
+            if refused is not None:
+                self._write(tagged(cmd.tag, refused.status, refused.text, refused.code))
+                return
         # An extension family (node/imap/commands/*) may add or extend a command.
         ext = COMMAND_HANDLERS.get(cmd.name)
         handler = (
@@ -469,10 +490,12 @@ class Session:
         self.state = State.SELECTED
         self._write(untagged("FLAGS", self._flags_atom()))
         self._write(untagged(len(uids), "EXISTS"))
-        self._write(untagged(0, "RECENT"))
-        unseen = view.first_unseen()
-        if unseen is not None:
-            self._write(status_untagged("OK", "first unseen", f"UNSEEN {unseen}"))
+        rev2 = "IMAP4REV2" in self.enabled  # RFC 9051 §6.3.2: no RECENT, no [UNSEEN]
+        if not rev2:
+            self._write(untagged(0, "RECENT"))
+            unseen = view.first_unseen()
+            if unseen is not None:
+                self._write(status_untagged("OK", "first unseen", f"UNSEEN {unseen}"))
         self._write(status_untagged("OK", "UIDs valid", f"UIDVALIDITY {status.uidvalidity}"))
         mailbox_id = objectid.mailbox_id(self._acct, status.uidvalidity)  # RFC 8474 §4.2
         self._write(status_untagged("OK", "mailbox id", f"MAILBOXID ({mailbox_id})"))
@@ -480,6 +503,8 @@ class Session:
         self._write(status_untagged("OK", "predicted next UID", f"UIDNEXT {uidnext}"))
         perm = "()" if readonly else PERMANENT_FLAGS
         self._write(status_untagged("OK", "flags permitted", f"PERMANENTFLAGS {perm}"))
+        if rev2:  # RFC 9051 §6.3.2: a LIST response with the canonical name
+            self._write(untagged("LIST", "()", f'"{DELIMITER}"', _mbox(view.name)))
         if readonly:
             return ok("EXAMINE completed", "READ-ONLY")
         return ok("SELECT completed", "READ-WRITE")
@@ -630,7 +655,11 @@ class Session:
     def idle_flush(self) -> None:
         """Called by the server after wakeup(): report changes while idling."""
         if self.notify is not None and not self.closed:  # RFC 5465 §3: also outside IDLE
-            self.notify.flush(self)
+            token = _UTF8_NAMES.set(self.limits.utf8_mailboxes)
+            try:
+                self.notify.flush(self)
+            finally:
+                _UTF8_NAMES.reset(token)
             self.flush()
         if self.idle_tag is not None and self.view is not None and self._dirty:
             self._sync_safe(expunge=True)
@@ -849,6 +878,13 @@ class Session:
                 out += [Atom("INTERNALDATE"), format_date_time(row.internaldate)]
             elif name == "MODSEQ":  # RFC 7162 §3.1.4.1
                 out += [Atom("MODSEQ"), Raw(b"(%d)" % row.modseq)]
+            elif name == "SAVEDATE":  # RFC 8514 §4.3: NIL if saved before dates were kept
+                saved = self.ctx.store.savedates(self._acct, view.name, [row.uid]).get(row.uid)
+                out += [Atom("SAVEDATE"), None if saved is None else format_date_time(saved)]
+            elif name == "EMAILID":  # RFC 8474 §5.1
+                out += [Atom("EMAILID"), Raw(f"({objectid.email_id(row.blob)})".encode())]
+            elif name == "THREADID":  # RFC 8474 §5.2: threads are not tracked
+                out += [Atom("THREADID"), None]
             elif name == "RFC822.SIZE":
                 out += [Atom("RFC822.SIZE"), row.size]
             elif name == "ENVELOPE":
@@ -947,6 +983,10 @@ def _section(raw: bytes, section: Section) -> bytes:
 
 
 def _mbox(name: str) -> Raw:
+    """A mailbox name in a response: UTF-8 after ENABLE IMAP4rev2 (RFC 9051
+    §5.1), else modified UTF-7 (RFC 3501 §5.1.3)."""
+    if _UTF8_NAMES.get():
+        return Raw(encode_utf8_string(name))
     return Raw(encode_string(encode_mailbox(name)))
 
 
