@@ -115,6 +115,7 @@ class Runner:
         self.caps = self._capabilities()
         self.ran: list[int] = []
         self.skipped: list[int] = []
+        self.other: Wire | None = None  # a second session on the same account
 
     def _capabilities(self) -> set[str]:
         """What the server advertises before and after login (RFC 3501 §7.2.1).
@@ -143,6 +144,25 @@ class Runner:
     def deliver(self, subject: str) -> None:
         with smtplib.SMTP(self.node.host, self.node.ports["smtp"], timeout=30) as s:
             s.sendmail("sender@example.test", [self.user], message(subject, self.user))
+
+    def act(self, action: str) -> None:
+        """``deliver SUBJECT`` over SMTP, or ``other COMMAND`` in a second session.
+
+        The second session logs in and selects INBOX on first use; its
+        command must succeed.
+        """
+        verb, _, arg = action.partition(" ")
+        if verb == "deliver":
+            self.deliver(arg)
+            return
+        assert verb == "other", action
+        if self.other is None:
+            self.other = Wire(self.node.host, self.node.ports["imap"])
+            for setup in (f'LOGIN "{self.user}" "{PASSWORD}"', "SELECT INBOX"):
+                tagged, _ = self.other.command(setup.encode())
+                assert b" OK" in tagged, tagged
+        tagged, _ = self.other.command(self.expand(arg))
+        assert b" OK" in tagged, (action, tagged)
 
     def wanted(self, step: Step) -> bool:
         for need in step.needs:
@@ -182,10 +202,15 @@ class Runner:
                 self.run_step(wire, self.t.tag.format(n=n), step)
         finally:
             wire.close()
+            if self.other is not None:
+                self.other.close()
 
     def run_step(self, wire: Wire, tag: str, step: Step) -> None:
         where = f"{self.t.name}:{step.line} {step.command!r}"
         command = self.expand(step.command)
+        if command.upper() != b"IDLE":
+            for action in step.actions:
+                self.act(action)
         if command.upper() == b"IDLE":
             tagged, untagged = self.idle(wire, tag, step)
         elif command.upper() == b"LOGOUT":
@@ -219,9 +244,7 @@ class Runner:
         if not line.startswith(b"+"):
             return line, untagged
         for action in step.actions:
-            verb, _, arg = action.partition(" ")
-            assert verb == "deliver", action
-            self.deliver(arg)
+            self.act(action)
         waiting = list(step.present)
         while waiting:  # the socket timeout is the deadline
             line = wire.read_response_line()
