@@ -357,7 +357,7 @@ def _key(st: Any) -> tuple[int, int, int, int, int]:
 def _status_line(session: Any, name: str, g: EventGroup, st: Any, *, initial: bool = False,
                  before: tuple[int, int, int, int, int] | None = None) -> bytes:
     """``* STATUS`` for a non-selected mailbox (RFC 5465 §5.1-§5.3)."""
-    from node.imap.protocol import Atom, encode_mailbox, encode_string, untagged
+    from node.imap.protocol import Atom, untagged
 
     items: list[Any] = []
     moved = before is None or before[:3] != _key(st)[:3]
@@ -370,21 +370,21 @@ def _status_line(session: Any, name: str, g: EventGroup, st: Any, *, initial: bo
             items += [Atom("HIGHESTMODSEQ"), st.highestmodseq]
     if not items:  # a flag change nobody asked for: still tell the counts
         items += [Atom("MESSAGES"), st.messages]
-    from node.imap.protocol import Raw
+    from node.imap.session import _mbox  # UTF-8 after IMAP4rev2 (RFC 9051 §5.1)
 
-    return untagged("STATUS", Raw(encode_string(encode_mailbox(name))), items)
+    return untagged("STATUS", _mbox(name), items)
 
 
 def _list_line(name: str, *, subscribed: bool = False, nonexistent: bool = False,
                oldname: str | None = None) -> bytes:
     """``* LIST`` for MailboxName / SubscriptionChange (RFC 5465 §5.4, §5.5)."""
-    from node.imap.protocol import encode_mailbox, encode_string
+    from node.imap.session import _mbox  # UTF-8 after IMAP4rev2 (RFC 9051 §5.1)
 
     attrs = ["\\NonExistent"] if nonexistent else []
     if subscribed:
         attrs.append("\\Subscribed")
-    mb = encode_string(encode_mailbox(name))
+    mb = _mbox(name).data
     line = b"* LIST (" + " ".join(attrs).encode("ascii") + b') "/" ' + mb
     if oldname is not None:  # RFC 5258 §6 / RFC 5465 §5.4
-        line += b' ("OLDNAME" (' + encode_string(encode_mailbox(oldname)) + b"))"
+        line += b' ("OLDNAME" (' + _mbox(oldname).data + b"))"
     return line + b"\r\n"

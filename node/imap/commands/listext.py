@@ -26,7 +26,6 @@ from node.imap.protocol import (
     Command,
     Raw,
     State,
-    decode_mailbox,
     register_command,
     untagged,
 )
@@ -94,7 +93,7 @@ def _status_items(r: Any) -> list[str]:
 
 def _pattern(r: Any) -> str:
     try:
-        return decode_mailbox(r.list_mailbox())
+        return r.mailbox_name(r.list_mailbox())  # UTF-8 after IMAP4rev2 (RFC 9051 §5.1)
     except ValueError:
         raise r.fail("bad mailbox name encoding") from None
 
@@ -109,7 +108,7 @@ def parse_list(r: Any) -> tuple[Any, ...]:
         extended = True
         r.sp()
     try:
-        ref = decode_mailbox(r.astring())
+        ref = r.mailbox_name(r.astring())
     except ValueError:
         raise r.fail("bad mailbox name encoding") from None
     r.sp()

@@ -4,6 +4,14 @@ ENABLE (RFC 5161, RFC 9051 §6.3.1), ID (RFC 2971), NAMESPACE (RFC 2342,
 RFC 9051 §6.3.10), UNSELECT (RFC 3691, RFC 9051 §6.4.2), MOVE and UID MOVE
 (RFC 6851, RFC 9051 §6.4.8) and COMPRESS (RFC 4978).
 
+After ``ENABLE IMAP4rev2`` (RFC 9051 Appendix E) a session differs from an
+IMAP4rev1 one in: SELECT/EXAMINE (no RECENT, no [UNSEEN], an untagged LIST
+with the name; session._select), SEARCH answered with ESEARCH
+(node/imap/esearch.py), mailbox names UTF-8 both ways (Limits.utf8_mailboxes,
+session._mbox), the RECENT/NEW/OLD search keys and STATUS RECENT answered
+BAD (`check_rev2_grammar`), and [CLOSED] before a new selection
+(commands/condstore.py).  A session that never enables it is IMAP4rev1.
+
 ``session.enabled`` holds the upper-cased capability names a client
 ENABLEd; other families read it (``"IMAP4REV2" in session.enabled``) and add
 the names they can enable to `ENABLEABLE`.
@@ -11,6 +19,7 @@ the names they can enable to `ENABLEABLE`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +33,8 @@ from node.imap.protocol import (
     tagged,
     untagged,
 )
-from node.imap.session import DELIMITER, Reply, _compact, bad, no, ok
+from node.imap.search import SearchKey
+from node.imap.session import COMMAND_CHECKS, DELIMITER, Reply, _compact, bad, no, ok
 from storage.model import NoSuchMailbox
 
 log = logging.getLogger("postroom.imap")
@@ -47,9 +57,48 @@ ID_MAX_VALUE = 1024
 ID_LOG_CHARS = 256  # of the client's ID, in the log
 
 
+# RFC 9051 Appendix E: \Recent is gone, and with it these search keys and
+# STATUS item; in an IMAP4rev2 session they are syntax errors (BAD).
+REMOVED_SEARCH_KEYS = frozenset({"RECENT", "NEW", "OLD"})
+REMOVED_STATUS_ITEMS = frozenset({"RECENT"})
+
+
 def rev2(session: Any) -> bool:
     """True once the client sent ENABLE IMAP4rev2 (RFC 9051 §6.3.1)."""
     return "IMAP4REV2" in session.enabled
+
+
+def _removed_key(key: Any) -> str | None:
+    """The first RFC 3501-only key in a search key tree, if any."""
+    if not isinstance(key, SearchKey):
+        return None
+    if key.op in REMOVED_SEARCH_KEYS:
+        return key.op
+    if key.op in ("AND", "OR", "NOT"):
+        for sub in key.args:
+            found = _removed_key(sub)
+            if found:
+                return found
+    return None
+
+
+def check_rev2_grammar(session: Any, cmd: Command) -> Reply | None:
+    """RFC 9051 §6.4.4 / §6.3.11 / Appendix E: after ENABLE IMAP4rev2 the
+    RECENT, NEW and OLD search keys and STATUS RECENT are not in the grammar,
+    so they are answered BAD; a session without IMAP4rev2 keeps them."""
+    if not rev2(session):
+        return None
+    if cmd.name in ("SEARCH", "SORT", "THREAD"):
+        key = cmd.args[1] if cmd.name == "SEARCH" else cmd.args[2]
+        found = _removed_key(key)
+        if found:
+            return bad(f"{found} is not an IMAP4rev2 search key")
+    elif cmd.name in ("STATUS", "LIST"):  # LIST: RFC 5819 RETURN (STATUS (...))
+        items = cmd.args[1] if cmd.name == "STATUS" else (
+            getattr(cmd.args[2], "status", ()) if len(cmd.args) > 2 else ())
+        if REMOVED_STATUS_ITEMS & set(items):
+            return bad("RECENT is not an IMAP4rev2 status item")
+    return None
 
 
 # --------------------------------------------------------------------- parsers
@@ -115,6 +164,9 @@ def cmd_enable(session: Any, cmd: Command) -> Reply:
             if turned not in session.enabled:
                 session.enabled.add(turned)
                 newly.append("IMAP4rev2" if turned == "IMAP4REV2" else turned)
+                if turned == "IMAP4REV2":  # RFC 9051 §5.1: UTF-8 names from now on
+                    session.limits = dataclasses.replace(session.limits, utf8_mailboxes=True)
+                    session.framer.limits = session.limits
     session._write(untagged("ENABLED", *newly) if newly else b"* ENABLED\r\n")
     return ok("ENABLE completed")
 
@@ -195,6 +247,8 @@ HANDLERS: dict[str, Callable[..., Reply | None]] = {
     "MOVE": cmd_move,
     "COMPRESS": cmd_compress,
 }
+
+COMMAND_CHECKS.append(check_rev2_grammar)
 
 register_command("ENABLE", _parse_enable, _AUTH_ONLY)
 register_command("ID", _parse_id, _ANY)
