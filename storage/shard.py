@@ -89,6 +89,10 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (mailbox, uid)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_modseq ON messages (mailbox, modseq);
+-- Covers what an IMAP view (uid_flags) and STATUS read, so they scan this
+-- small index instead of the message rows with their metadata JSON
+-- (100,000 messages: ~5 s -> well under a second).
+CREATE INDEX IF NOT EXISTS messages_view ON messages (mailbox, uid, flags, size);
 CREATE TABLE IF NOT EXISTS expunged (
     mailbox INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -1053,15 +1057,19 @@ class Shard:
         conn.execute("BEGIN")  # one WAL snapshot for the three queries
         try:
             uv, _, hms = self._mailbox_row(account, name)
-            rows = conn.execute(
+            # No ORDER BY uid: with it SQLite walked the whole mailbox in UID
+            # order instead of the modseq index (2 s on 100,000 messages);
+            # the few changed rows are sorted here.
+            rows = sorted(conn.execute(
                 "SELECT uid, flags, modseq, size, internaldate, blob FROM messages"
-                " WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+                " INDEXED BY messages_modseq WHERE mailbox = ? AND modseq > ?",
                 (uv, modseq),
-            ).fetchall()
-            gone = conn.execute(
-                "SELECT uid FROM expunged WHERE mailbox = ? AND modseq > ? ORDER BY uid",
+            ))
+            gone = sorted(conn.execute(
+                "SELECT uid FROM expunged INDEXED BY expunged_modseq"
+                " WHERE mailbox = ? AND modseq > ?",
                 (uv, modseq),
-            ).fetchall()
+            ))
         finally:
             conn.execute("COMMIT")
         return MailboxChanges(
