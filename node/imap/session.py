@@ -530,7 +530,14 @@ class Session:
         name = cmd.args[0]
         if name == "INBOX":
             return no("INBOX cannot be deleted", "CANNOT")
-        self.ctx.store.delete_mailbox(self._acct, name)
+        try:
+            self.ctx.store.delete_mailbox(self._acct, name)
+        except NoSuchMailbox:
+            # RFC 9051 §6.3.5: a \Noselect name with inferiors cannot go.
+            boxes = self.ctx.store.list_mailboxes(self._acct)
+            if any(m.name.startswith(name + DELIMITER) for m in boxes):
+                return no("mailbox has inferior names", "HASCHILDREN")
+            raise
         return ok("DELETE completed")
 
     def _cmd_rename(self, cmd: Command) -> Reply:
@@ -552,7 +559,10 @@ class Session:
         return ok("SUBSCRIBE completed")
 
     def _cmd_unsubscribe(self, cmd: Command) -> Reply:
-        self.ctx.store.set_subscribed(self._acct, cmd.args[0], False)
+        try:
+            self.ctx.store.set_subscribed(self._acct, cmd.args[0], False)
+        except NoSuchMailbox:
+            pass  # RFC 9051 §6.3.8: OK also when the name is not subscribed
         return ok("UNSUBSCRIBE completed")
 
     def _cmd_list(self, cmd: Command) -> Reply:

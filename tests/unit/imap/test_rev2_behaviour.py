@@ -235,3 +235,23 @@ def test_notify_names_are_utf8_after_rev2() -> None:
     b.deliver(mailbox="Ärger")
     a.session.idle_flush()
     assert a.take().startswith('* STATUS "Ärger" (MESSAGES 1 '.encode())
+
+
+def test_delete_noselect_parent_is_haschildren(client: Client) -> None:
+    # RFC 9051 §6.3.5 and §7.1 (HASCHILDREN): deleting a \Noselect name that
+    # still has inferiors is an error; a name that never existed is NONEXISTENT.
+    rev2(client)
+    client.cmd('c CREATE "p/q"')
+    assert client.cmd("d DELETE p") == [b"d OK DELETE completed"]
+    assert client.cmd("d DELETE p") == [b"d NO [HASCHILDREN] mailbox has inferior names"]
+    assert client.cmd("d DELETE p/q") == [b"d OK DELETE completed"]
+    assert client.cmd("d DELETE pq")[-1] == b"d NO [NONEXISTENT] no such mailbox"
+
+
+def test_unsubscribe_not_subscribed_is_ok(client: Client) -> None:
+    # RFC 9051 §6.3.8: UNSUBSCRIBE answers OK when the name is not subscribed.
+    rev2(client)
+    assert client.cmd("u UNSUBSCRIBE Nope") == [b"u OK UNSUBSCRIBE completed"]
+    assert client.cmd("u UNSUBSCRIBE Archive") == [b"u OK UNSUBSCRIBE completed"]
+    assert client.cmd("u UNSUBSCRIBE Archive") == [b"u OK UNSUBSCRIBE completed"]
+    assert b'"Archive"' not in b"".join(client.cmd('l LSUB "" "*"'))
