@@ -1057,6 +1057,8 @@ class Shard:
         conn.execute("BEGIN")  # one WAL snapshot for the three queries
         try:
             uv, _, hms = self._mailbox_row(account, name)
+            if hms <= modseq:  # nothing changed (an idle NOOP, a poll): no scan
+                return MailboxChanges(hms)
             # No ORDER BY uid: with it SQLite walked the whole mailbox in UID
             # order instead of the modseq index (2 s on 100,000 messages);
             # the few changed rows are sorted here.
