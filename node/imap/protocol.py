@@ -1248,12 +1248,12 @@ def encode_command(cmd: Command) -> bytes:
         out.append(a[0].encode("ascii"))
         if a[1] is not None:
             out.append(a[1].encode("ascii"))
-    elif cmd.name in ("SELECT", "EXAMINE", "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"):
+    elif cmd.name in ("SELECT", "EXAMINE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE"):
         out.append(mb(a[0]))
         out += [p.encode() for p in a[1:]]  # RFC 7162 select-params
     elif cmd.name == "RENAME":
         out += [mb(a[0]), mb(a[1])]
-    elif cmd.name in ("LIST", "LSUB"):
+    elif cmd.name == "LSUB" or cmd.name == "LIST" and len(a) == 2:
         out += [encode_string(encode_mailbox(a[0])), encode_string(encode_mailbox(a[1]))]
     elif cmd.name == "STATUS":
         out += [mb(a[0]), b"(" + " ".join(a[1]).encode("ascii") + b")"]
@@ -1294,6 +1294,10 @@ def encode_command(cmd: Command) -> bytes:
         out.append(a[0].encode())  # RFC 5465 (node/imap/notify.py NotifySpec)
     elif cmd.name == "EXPUNGE" and cmd.uid:
         out.append(a[0].encode().encode("ascii"))
+    elif a:  # extension families (ENABLE, ID, MOVE, CREATE USE, LIST-EXTENDED, ...)
+        from node.imap.commands.encode import encode_args
+
+        out += encode_args(cmd)
     return b" ".join(out) + b"\r\n"
 
 

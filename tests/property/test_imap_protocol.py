@@ -5,6 +5,7 @@ exception)."""
 from __future__ import annotations
 
 import datetime
+import importlib
 import re
 
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +38,9 @@ from node.imap.search import (
     SearchKey,
 )
 from tests.unit.imap.helpers import Client
+
+# Extension families import once node.imap.session has (the helpers import it).
+ListOptions = importlib.import_module("node.imap.commands.listext").ListOptions
 
 LIMITS = Limits()
 
@@ -129,6 +133,55 @@ commands = st.one_of(
               st.tuples(seqsets, st.lists(fetch_items, min_size=1, max_size=3).map(tuple))),
 )
 
+# Extension commands (node/imap/commands/*, encoded by commands/encode.py).
+id_fields = st.text(max_size=30).filter(lambda s: "\x00" not in s and len(s.encode()) <= 30)
+special_uses = st.sampled_from(["\\Archive", "\\Drafts", "\\Junk", "\\Sent", "\\Trash",
+                                "\\All", "\\Flagged"])
+entries = st.builds(lambda scope, parts: f"/{scope}/" + "/".join(parts),
+                    st.sampled_from(["private", "shared"]),
+                    st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-._",
+                                     min_size=1, max_size=8), min_size=1, max_size=3))
+list_options = st.builds(
+    ListOptions,
+    select=st.lists(st.sampled_from(["SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"]),
+                    unique=True).filter(lambda s: "RECURSIVEMATCH" not in s or bool(
+                        set(s) - {"RECURSIVEMATCH", "REMOTE"})).map(tuple),
+    patterns=st.lists(st.text(max_size=10).filter(lambda s: "\x00" not in s), min_size=1,
+                      max_size=3).map(tuple),
+    returns=st.lists(st.sampled_from(["SUBSCRIBED", "CHILDREN", "SPECIAL-USE"]),
+                     unique=True).map(tuple),
+    status=st.lists(st.sampled_from(STATUS_ITEMS), unique=True, max_size=4).map(tuple),
+)
+extension_commands = st.one_of(
+    # RFC 5161 §3.1, RFC 2971 §3.1, RFC 2342 §5, RFC 3691 §2, RFC 4978 §3
+    _cmd("ENABLE", st.lists(atoms, min_size=1, max_size=3).map(tuple)),
+    _cmd("ID", st.tuples(st.one_of(st.none(), st.lists(st.tuples(
+        id_fields, st.one_of(st.none(), texts)), min_size=1, max_size=3).map(tuple)))),
+    *[_cmd(n, st.just(())) for n in ("NAMESPACE", "UNSELECT")],
+    _cmd("COMPRESS", st.just(("DEFLATE",))),
+    # RFC 6851 §3.1-§3.2
+    _cmd("MOVE", st.tuples(seqsets, names)),
+    _cmd("MOVE", st.tuples(seqsets, names), uid=True),
+    # RFC 6154 §3, RFC 5258 §3 / RFC 5819 §2
+    _cmd("CREATE", st.tuples(names, st.lists(special_uses, max_size=2).map(tuple))),
+    st.builds(lambda t, ref, o: Command(t, "LIST", (ref, o.patterns[0], o), False), tags,
+              texts.filter(lambda s: "\r" not in s), list_options),
+    # RFC 9208 §4.1
+    _cmd("GETQUOTAROOT", st.tuples(names)),
+    _cmd("GETQUOTA", st.tuples(texts)),
+    _cmd("SETQUOTA", st.tuples(texts, st.lists(st.tuples(
+        st.sampled_from(["STORAGE", "MESSAGE", "MAILBOX"]), st.integers(0, 2**63 - 1)),
+        max_size=3).map(tuple))),
+    # RFC 5464 §4.2-§4.3
+    _cmd("GETMETADATA", st.tuples(st.one_of(st.none(), names),
+                                  st.lists(entries, min_size=1, max_size=3).map(tuple),
+                                  st.one_of(st.none(), st.integers(0, 2**32 - 1)),
+                                  st.sampled_from(["0", "1", "infinity"]))),
+    _cmd("SETMETADATA", st.tuples(st.one_of(st.none(), names), st.lists(st.tuples(
+        entries, st.one_of(st.none(), st.binary(max_size=20))), min_size=1,
+        max_size=3).map(tuple))),
+)
+
 
 def parse_wire(wire: bytes) -> Command:
     framer = Framer(LIMITS)
@@ -141,7 +194,7 @@ def parse_wire(wire: bytes) -> Command:
 
 
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
-@given(commands)
+@given(st.one_of(commands, extension_commands))
 def test_parse_encode_parse_is_a_fixed_point(cmd: Command) -> None:
     once = parse_wire(encode_command(cmd))
     twice = parse_wire(encode_command(once))
