@@ -4,10 +4,12 @@ CREATE-SPECIAL-USE (RFC 6154), STATUS=SIZE (RFC 8438) against the fakes."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node.imap import objectid, session  # noqa: F401  (session registers the families)
 from node.imap.commands import listext
-from node.imap.protocol import FramedCommand, Limits, ParseError, parse_command
+from node.imap.protocol import Command, FramedCommand, Limits, ParseError, parse_command
 from tests.unit.imap.helpers import MESSAGE, Client
 
 SPLITS = ["whole", "bytes", "random"]
@@ -160,3 +162,27 @@ def test_create_special_use_refused_with_useattr(client: Client, line: str) -> N
 
 def test_create_bad_parameter_is_bad(client: Client) -> None:
     assert client.cmd("c CREATE X (SIZE 10)")[-1].startswith(b"c BAD")
+
+
+_PATTERN = st.text(alphabet="abcXYZ/%*&é-", min_size=1, max_size=8).filter(
+    lambda s: "&" not in s or s.endswith("&-"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    select=st.lists(st.sampled_from(listext.SELECT_OPTIONS), unique=True),
+    ref=st.text(alphabet="abc/", max_size=4),
+    patterns=st.lists(_PATTERN, min_size=1, max_size=4),
+    returns=st.lists(st.sampled_from(["SUBSCRIBED", "CHILDREN", "SPECIAL-USE"]), unique=True),
+    status=st.lists(st.sampled_from(["MESSAGES", "UIDNEXT", "SIZE", "MAILBOXID"]), unique=True),
+)
+def test_property_extended_list_round_trips(select, ref, patterns, returns, status) -> None:
+    # RFC 5258 §3: parse -> encode -> parse is a fixed point for every extended LIST.
+    opts = listext.ListOptions(tuple(select), tuple(patterns), tuple(returns), tuple(status))
+    cmd = Command("t", "LIST", (ref, patterns[0], opts))
+    wire = listext.encode_list(cmd).rstrip(b"\r\n")
+    if "RECURSIVEMATCH" in select and not set(select) - {"RECURSIVEMATCH", "REMOTE"}:
+        with pytest.raises(ParseError):
+            _parse(wire)
+        return
+    assert _parse(wire) == cmd
