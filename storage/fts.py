@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-Each shard database holds one FTS5 table ``fts`` with one row per message:
-the decoded header lines (``hdr``), the decoded text of the text parts
-(``body``), and the decoded Subject/From/To/Cc/Bcc values the SEARCH keys of
-those names read.  Every column holds exactly the text the unindexed SEARCH
+Each shard database holds two FTS5 tables with one row per message:
+``fts_text`` with the decoded header lines (``hdr``) and the decoded text
+of the text parts (``body``), and ``fts_addr`` with the decoded
+Subject/From/To/Cc/Bcc values the SEARCH keys of those names read.  Every column holds exactly the text the unindexed SEARCH
 path compares against (node/imap/mime.py ``full_text``/``body_text``/
 ``header_text``), *case-folded* (``str.casefold``) once at delivery.
 
@@ -31,7 +31,7 @@ represent exactly (decoded text over MAX_TEXT, control characters in the
 header) stay in ``fts_pending`` with ``skip = 1``; SEARCH checks them and any
 not-yet-indexed message the slow way.
 
-``fts`` and ``fts_pending`` are a derived index, not log state: they are not
+``fts_text``, ``fts_addr`` and ``fts_pending`` are a derived index, not log state: they are not
 in shard.STATE_TABLES.
 
 FTS5 rowid = the 64-bit pattern ``uidvalidity << 32 | uid`` read as a signed
@@ -48,14 +48,28 @@ from typing import Any
 
 MAX_TEXT = 4 * 1024 * 1024  # characters of decoded text indexed per message
 FIELDS = ("hdr", "body", "subject", "from", "to", "cc", "bcc")
+# Two tables: the long texts, and the short address/subject values, so a
+# short needle's instr() scan over the header fields reads small rows only.
+_TABLES = {"fts_text": ("hdr", "body"), "fts_addr": ("subj", "frm", "rcpt", "cc", "bcc")}
 _COLUMNS = ("hdr", "body", "subj", "frm", "rcpt", "cc", "bcc")
 _COLUMN_OF = dict(zip(FIELDS, _COLUMNS, strict=True))
+_TABLE_OF = {c: t for t, cols in _TABLES.items() for c in cols}
 _ROWID = "(({m} << 32) | {u})"  # SQLite integers wrap like Python's _rowid below
+_OLD = _ROWID.format(m="OLD.mailbox", u="OLD.uid")
+_NEW = _ROWID.format(m="NEW.mailbox", u="NEW.uid")
 
-SCHEMA = f"""
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
-    {", ".join(_COLUMNS)}, tokenize = 'trigram case_sensitive 1'
-);
+
+def _move_sql(table: str, cols: tuple[str, ...]) -> str:
+    names = ", ".join(cols)
+    return (f"INSERT INTO {table} (rowid, {names}) SELECT {_NEW}, {names} FROM {table}"
+            f" WHERE rowid = {_OLD};\n    DELETE FROM {table} WHERE rowid = {_OLD};")
+
+
+SCHEMA = "".join(
+    f"CREATE VIRTUAL TABLE IF NOT EXISTS {t} USING fts5({', '.join(cols)},"
+    " tokenize = 'trigram case_sensitive 1');\n"
+    for t, cols in _TABLES.items()
+) + f"""
 CREATE TABLE IF NOT EXISTS fts_pending (
     mailbox INTEGER NOT NULL,
     uid INTEGER NOT NULL,
@@ -65,30 +79,33 @@ CREATE TABLE IF NOT EXISTS fts_pending (
 CREATE TRIGGER IF NOT EXISTS fts_msg_insert AFTER INSERT ON messages BEGIN
     INSERT OR IGNORE INTO fts_pending (mailbox, uid) VALUES (NEW.mailbox, NEW.uid);
 END;
-CREATE TRIGGER IF NOT EXISTS fts_msg_delete AFTER DELETE ON messages BEGIN
-    DELETE FROM fts WHERE rowid = {_ROWID.format(m="OLD.mailbox", u="OLD.uid")};
+CREATE TRIGGER IF NOT EXISTS fts2_msg_delete AFTER DELETE ON messages BEGIN
+    DELETE FROM fts_text WHERE rowid = {_OLD};
+    DELETE FROM fts_addr WHERE rowid = {_OLD};
     DELETE FROM fts_pending WHERE mailbox = OLD.mailbox AND uid = OLD.uid;
 END;
-CREATE TRIGGER IF NOT EXISTS fts_msg_move AFTER UPDATE OF mailbox, uid ON messages BEGIN
-    INSERT INTO fts (rowid, {", ".join(_COLUMNS)})
-        SELECT {_ROWID.format(m="NEW.mailbox", u="NEW.uid")}, {", ".join(_COLUMNS)}
-        FROM fts WHERE rowid = {_ROWID.format(m="OLD.mailbox", u="OLD.uid")};
-    DELETE FROM fts WHERE rowid = {_ROWID.format(m="OLD.mailbox", u="OLD.uid")};
+CREATE TRIGGER IF NOT EXISTS fts2_msg_move AFTER UPDATE OF mailbox, uid ON messages BEGIN
+    {_move_sql("fts_text", _TABLES["fts_text"])}
+    {_move_sql("fts_addr", _TABLES["fts_addr"])}
     UPDATE fts_pending SET mailbox = NEW.mailbox, uid = NEW.uid
         WHERE mailbox = OLD.mailbox AND uid = OLD.uid;
 END;
 """
+# The first layout (one table "fts"): dropped, its messages queued again.
+_OLD_LAYOUT = ("DROP TRIGGER IF EXISTS fts_msg_delete", "DROP TRIGGER IF EXISTS fts_msg_move",
+               "DROP TABLE IF EXISTS fts")
 
 
 def create(conn: sqlite3.Connection) -> None:
     """Create the index in an open write transaction; a database that had
     messages before the index existed queues them all for indexing."""
-    existed = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE name = 'fts_pending'"
-    ).fetchone()
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    requeue = "fts_pending" not in names or "fts" in names
+    for statement in _OLD_LAYOUT:
+        conn.execute(statement)
     for statement in _statements(SCHEMA):
         conn.execute(statement)
-    if not existed:
+    if requeue:
         conn.execute("INSERT OR IGNORE INTO fts_pending (mailbox, uid) SELECT mailbox, uid"
                      " FROM messages")
 
@@ -168,8 +185,11 @@ def index_doc(conn: sqlite3.Connection, mailbox: int, uid: int, doc: Doc | None)
     deleted = conn.execute("DELETE FROM fts_pending WHERE mailbox = ? AND uid = ?",
                            (mailbox, uid)).rowcount
     if deleted:  # only messages that exist (the trigger queued them)
-        conn.execute(f"INSERT INTO fts (rowid, {', '.join(_COLUMNS)}) VALUES (?{', ?' * 7})",
-                     (_rowid(mailbox, uid), *doc.values))
+        rowid = _rowid(mailbox, uid)
+        conn.execute("INSERT INTO fts_text (rowid, hdr, body) VALUES (?, ?, ?)",
+                     (rowid, *doc.values[:2]))
+        conn.execute("INSERT INTO fts_addr (rowid, subj, frm, rcpt, cc, bcc)"
+                     " VALUES (?, ?, ?, ?, ?, ?)", (rowid, *doc.values[2:]))
 
 
 def index_pending(
@@ -219,18 +239,18 @@ def search(conn: sqlite3.Connection, mailbox: int, query: Query) -> tuple[set[in
     """(UIDs whose indexed text contains the needle, UIDs not indexed)."""
     needle = query.needle.casefold()
     cols = ("hdr", "body") if query.field == "text" else (_COLUMN_OF[query.field],)
+    table = _TABLE_OF[cols[0]]
     lo, hi = _range(mailbox)
-    found: set[int] = set()
     if len(needle) >= 3:
         match = "{" + " ".join(cols) + "} : " + _fts_string(needle)
         cur = conn.execute(
-            "SELECT rowid FROM fts WHERE fts MATCH ? AND rowid BETWEEN ? AND ?",
+            f"SELECT rowid FROM {table} WHERE {table} MATCH ? AND rowid BETWEEN ? AND ?",
             (match, lo, hi),
         )
     else:
         test = " OR ".join(f"instr({c}, ?) > 0" for c in cols)
         cur = conn.execute(
-            f"SELECT rowid FROM fts WHERE rowid BETWEEN ? AND ? AND ({test})",
+            f"SELECT rowid FROM {table} WHERE rowid BETWEEN ? AND ? AND ({test})",
             (lo, hi, *([needle] * len(cols))),
         )
     found = {r & 0xFFFFFFFF for (r,) in cur}

@@ -86,7 +86,8 @@ def test_fts_messages_table_triggers_follow_delete_and_move():
     assert fts.search(conn, 3, fts.Query("body", "hello")) == ({1}, {2})
     conn.execute("DELETE FROM messages WHERE mailbox = 3")
     assert fts.search(conn, 3, fts.Query("body", "hello")) == (set(), set())
-    assert conn.execute("SELECT count(*) FROM fts").fetchone() == (0,)
+    for table in ("fts_text", "fts_addr"):
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
 
 
 def test_fts_extract_matches_the_unindexed_search_text():
@@ -187,8 +188,9 @@ def test_fts_copy_expunge_rename_keep_the_index_in_step(store):
     assert store.search_text(ACCOUNT, "Old", "body", "zephyr").uids == {2}
     assert store.search_text(ACCOUNT, "INBOX", "body", "zephyr").uids == frozenset()
     store.delete_mailbox(ACCOUNT, "Old")
-    count = store.shard_for(ACCOUNT).reader.execute("SELECT count(*) FROM fts").fetchone()
-    assert count == (1,)  # only the Archive copy is left
+    reader = store.shard_for(ACCOUNT).reader
+    for table in ("fts_text", "fts_addr"):  # only the Archive copy is left
+        assert reader.execute(f"SELECT count(*) FROM {table}").fetchone() == (1,)
 
 
 def test_fts_replayed_log_is_indexed_from_the_blobs(tmp_path, store):
@@ -215,18 +217,32 @@ def test_fts_replayed_log_is_indexed_from_the_blobs(tmp_path, store):
         replica.close()
 
 
-def test_fts_database_from_before_the_index_queues_every_message(tmp_path):
+@pytest.mark.parametrize("layout", ["none", "first"])
+def test_fts_database_from_before_the_index_queues_every_message(tmp_path, layout):
+    # A shard from before the index (or with the first, one-table layout)
+    # gets every message queued for indexing when it is opened.
     shard = Shard(tmp_path / "s.sqlite", fsync=False)
     shard.open_writer()
     conn = shard._writer
     assert conn is not None
-    conn.execute("DROP TABLE fts")
-    conn.execute("DROP TABLE fts_pending")
-    for t in ("fts_msg_insert", "fts_msg_delete", "fts_msg_move"):
+    for t in ("fts_msg_insert", "fts2_msg_delete", "fts2_msg_move"):
         conn.execute(f"DROP TRIGGER {t}")
+    for t in ("fts_text", "fts_addr", "fts_pending"):
+        conn.execute(f"DROP TABLE {t}")
+    if layout == "first":
+        conn.execute("CREATE VIRTUAL TABLE fts USING fts5(hdr, body)")
+        conn.execute("CREATE TABLE fts_pending (mailbox INTEGER, uid INTEGER,"
+                     " skip INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (mailbox, uid))")
+        conn.execute("CREATE TRIGGER fts_msg_delete AFTER DELETE ON messages BEGIN"
+                     " DELETE FROM fts WHERE rowid = OLD.uid; END")
     conn.execute("INSERT INTO messages (mailbox, uid, blob, size, internaldate, flags,"
                  " modseq, meta) VALUES (1, 1, 'b', 1, 0, '', 1, '{}')")
     shard.close()
     shard.open_writer()
-    assert shard._writer.execute("SELECT mailbox, uid FROM fts_pending").fetchall() == [(1, 1)]
+    conn = shard._writer
+    assert conn.execute("SELECT mailbox, uid FROM fts_pending").fetchall() == [(1, 1)]
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "fts" not in names and "fts_msg_delete" not in names
+    conn.execute("DELETE FROM messages")  # the new triggers work
+    assert conn.execute("SELECT count(*) FROM fts_pending").fetchone() == (0,)
     shard.close()
