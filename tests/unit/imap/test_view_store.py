@@ -85,3 +85,15 @@ def test_view_queries_use_their_indexes(real) -> None:
     assert "messages_modseq" in plan(
         "SELECT uid, flags, modseq, size, internaldate, blob FROM messages"
         " INDEXED BY messages_modseq WHERE mailbox = ? AND modseq > ?", 1, 1)
+
+
+def test_changes_since_is_shared_until_the_next_commit(real) -> None:
+    # Sessions woken by one delivery share one answer; a commit ends the reuse,
+    # so no session ever misses a change (RFC 9051 §5.2 updates).
+    _fill(real)
+    hms = real.status(ACCOUNT, "INBOX").highestmodseq
+    first = real.changes_since(ACCOUNT, "INBOX", hms)
+    assert real.changes_since(ACCOUNT, "INBOX", hms) is first
+    real.store_flags(ACCOUNT, "INBOX", [1], "add", ["\\Draft"])
+    after = real.changes_since(ACCOUNT, "INBOX", hms)
+    assert [r.uid for r in after.changed] == [1] and after.highestmodseq > hms
