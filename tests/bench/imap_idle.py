@@ -127,8 +127,10 @@ def latency(port: int, idlers: list[Idler], rounds: int) -> dict[str, list[float
         sent = time.perf_counter()
         if kind == "append":
             w.append("INBOX", fx.body(10_000 + r))
-        else:
-            w.cmd("STORE 1 %sFLAGS.SILENT (\\Flagged)" % ("+" if r % 4 == 1 else "-"))
+        else:  # toggle, so the STORE always changes something
+            flagged = b"\\Flagged" in b"".join(w.cmd("FETCH 1 (FLAGS)"))
+            sent = time.perf_counter()
+            w.cmd("STORE 1 %sFLAGS.SILENT (\\Flagged)" % ("-" if flagged else "+"))
         done = time.perf_counter()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
