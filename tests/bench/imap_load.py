@@ -205,6 +205,7 @@ def bench_postroom(tmp: Path, levels: list[int], duration: float, sort_peer: boo
     out: dict[int, Result] = {}
     try:
         probe = Client("127.0.0.1", node.ports["imap"])
+        probe.login(ACCOUNTS[0], fx.PASSWORD)  # some atoms appear only after login
         caps = capabilities(probe)
         probe.close()
         sort = "SORT" in caps and sort_peer is not False
@@ -233,6 +234,7 @@ def bench_dovecot(tmp: Path, levels: list[int], duration: float, sort: bool
     try:
         dc.start()
         probe = Client("127.0.0.1", dc.port)
+        probe.login(ACCOUNTS[0], fx.PASSWORD)  # Dovecot lists SORT only after login
         caps = capabilities(probe)
         probe.close()
 
