@@ -1,6 +1,6 @@
 """Single-node benchmarks: postroom side by side with Postfix + Dovecot.
 
-    python3 tests/bench/run.py [--quick] [--no-peers] [--write-docs] [--outbound]
+    python3 tests/bench/run.py [--quick] [--no-peers] [--write-docs] [--outbound] [--imap]
 
 Starts a postroom node (embedded etcd, temp data dir, loopback ports),
 creates bench.test with user0..user99, and measures with tests/bench/loadgen.py
@@ -530,6 +530,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run everything at this niceness (e.g. -5 on a shared machine; < 0 needs root)",
     )
     parser.add_argument(
+        "--imap",
+        action="store_true",
+        help="then run the IMAP benchmarks (tests/bench/imap_load.py, imap_idle.py, "
+        "imap_large.py) with the same --quick/--no-peers/--write-docs",
+    )
+    parser.add_argument(
         "--outbound",
         action="store_true",
         help="then run tests/bench/outbound.py (relay throughput vs Postfix) with the same "
@@ -600,11 +606,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_docs:
         write_docs(section)
         log(f"wrote {DOCS.relative_to(REPO)}")
+    if args.imap:
+        rc = run_imap_benches(args.quick, args.no_peers, args.write_docs)
+        if rc:
+            return rc
     if args.outbound:
         flags = ["--quick"] * args.quick + ["--write-docs"] * args.write_docs
         flags += ["--repeat", str(args.repeat)] + ["--no-postfix"] * args.no_peers
         log("outbound: tests/bench/outbound.py " + shlex.join(flags))
         return subprocess.run([sys.executable, str(OUTBOUND), *flags]).returncode
+    return 0
+
+
+def run_imap_benches(quick: bool, no_peers: bool, write_docs: bool) -> int:
+    """Issue 3's IMAP benchmarks, each its own process (they raise RLIMIT_NOFILE)."""
+    here = Path(__file__).parent
+    docs = ["--write-docs"] * write_docs
+    runs = [
+        ("imap_load.py", ["--duration", "5", "--clients", "10,50"] if quick else [],
+         ["--no-peers"] * no_peers),
+        ("imap_idle.py", ["--sessions", "1000", "--rounds", "6"] if quick else [],
+         ["--dovecot", "0"] if no_peers else ["--dovecot", "200"] if quick else []),
+        ("imap_large.py", ["--messages", "10000", "--repeat", "1"] if quick else [], []),
+    ]
+    for script, size, peer in runs:
+        flags = size + peer + docs
+        print(f"imap: tests/bench/{script} " + shlex.join(flags), file=sys.stderr, flush=True)
+        rc = subprocess.run([sys.executable, str(here / script), *flags]).returncode
+        if rc:
+            return rc
     return 0
 
 
