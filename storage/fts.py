@@ -23,16 +23,18 @@ the log on a replica) queues the message in ``fts_pending``; a delete
 removes its row; moving messages between mailboxes (RENAME INBOX) moves
 their rows.  So the index is a pure function of the state the log builds and
 of the blobs, whatever ops exist now or later.  The text itself is never in
-the op log: at delivery the store extracts it off the hub and the append
-intent indexes it in the same transaction (`index_doc`); anything left in
-``fts_pending`` (replayed ops, copies, databases from before the index) is
-indexed later from the blob (`index_pending`).  Messages the index cannot
+the op log.  A new message waits in ``fts_pending`` until the store's
+indexer (storage/mailstore.py) takes it, right after the commit that
+delivered, copied or replayed it: blobs are read and decoded in the
+threadpool (`pending_batch`, `extract_batch`), and many rows are written in
+one short write transaction (`index_docs`), so delivery never waits for the
+index and the hub never decodes MIME for it.  Messages the index cannot
 represent exactly (decoded text over MAX_TEXT, control characters in the
 header) stay in ``fts_pending`` with ``skip = 1``; SEARCH checks them and any
 not-yet-indexed message the slow way.
 
-``fts_text``, ``fts_addr`` and ``fts_pending`` are a derived index, not log state: they are not
-in shard.STATE_TABLES.
+``fts_text``, ``fts_addr`` and ``fts_pending`` are a derived index, not log
+state: they are not in shard.STATE_TABLES.
 
 FTS5 rowid = the 64-bit pattern ``uidvalidity << 32 | uid`` read as a signed
 integer, so one mailbox is one contiguous rowid range.
@@ -192,25 +194,38 @@ def index_doc(conn: sqlite3.Connection, mailbox: int, uid: int, doc: Doc | None)
                      " VALUES (?, ?, ?, ?, ?, ?)", (rowid, *doc.values[2:]))
 
 
-def index_pending(
-    conn: sqlite3.Connection, read_blob: Callable[[str], bytes], limit: int = 200
-) -> int:
-    """Index up to ``limit`` queued messages from their blobs; returns how many
-    were handled (0: nothing left to do)."""
-    import json
+Pending = tuple[int, int, str, str]  # mailbox, uid, blob name, metadata JSON
 
-    rows = conn.execute(
+
+def pending_batch(conn: sqlite3.Connection, limit: int) -> list[Pending]:
+    """Up to ``limit`` queued messages to index (reader side, a small query)."""
+    return conn.execute(
         "SELECT p.mailbox, p.uid, m.blob, m.meta FROM fts_pending p JOIN messages m"
         " ON m.mailbox = p.mailbox AND m.uid = p.uid WHERE p.skip = 0 LIMIT ?",
         (limit,),
     ).fetchall()
+
+
+def extract_batch(
+    rows: list[Pending], read_blob: Callable[[str], bytes]
+) -> list[tuple[int, int, Doc | None]]:
+    """Docs of queued messages (threadpool: file reads and MIME decoding)."""
+    import json
+
+    out = []
     for mailbox, uid, blob, meta in rows:
         try:
             doc = extract(read_blob(blob), json.loads(meta))
-        except Exception:  # a missing or unreadable blob: leave it to the slow path
+        except Exception:  # a missing or unreadable blob: left to the slow path
             doc = None
+        out.append((mailbox, uid, doc))
+    return out
+
+
+def index_docs(conn: sqlite3.Connection, docs: list[tuple[int, int, Doc | None]]) -> None:
+    """Write extracted docs (writer side, one short transaction for many)."""
+    for mailbox, uid, doc in docs:
         index_doc(conn, mailbox, uid, doc)
-    return len(rows)
 
 
 # ---------------------------------------------------------------------------

@@ -54,6 +54,11 @@ FORMAT = 1
 _MODES = ("set", "add", "remove")
 MAX_UIDS = ops.MAX_UIDS_PER_OP
 _PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the threadpool
+_INDEX_BATCH = 100  # messages indexed per write transaction (storage/fts.py)
+
+
+def _index_intent(tx: Any, docs: list) -> None:
+    fts.index_docs(tx.conn, docs)  # a derived index: no op is logged
 
 
 class StoreLayoutError(StorageError):
@@ -262,6 +267,10 @@ class MailStore:
         return stop
 
     def _notify(self, changes: Changes) -> None:
+        if self._is_open:
+            for account in {a for a, _ in changes}:
+                # New messages wait in fts_pending: index them now (storage/fts.py).
+                self._index_later(self._shard(account))
         seen: set[tuple[str, str]] = set()
         for account, mailbox in changes:
             if (account, mailbox) in seen:
@@ -296,12 +305,6 @@ class MailStore:
             return gevent.get_hub().threadpool.apply(parse_metadata, (raw,))
         return parse_metadata(raw)
 
-    def _search_doc(self, raw: bytes, metadata: dict) -> tuple[fts.Doc | None]:
-        """The full-text index entry (storage/fts.py), computed once at delivery."""
-        if len(raw) > _PARSE_INLINE_MAX:
-            return (gevent.get_hub().threadpool.apply(fts.extract, (raw, metadata)),)
-        return (fts.extract(raw, metadata),)
-
     def deliver(
         self,
         accounts: Iterable[str],
@@ -326,13 +329,12 @@ class MailStore:
         canon = names.canonical_flags(flags)
         when = _when(internaldate)
         metadata = self._meta(raw, meta)
-        doc = self._search_doc(raw, metadata)
         blob = self.blobs.put(raw)
         pending = []
         for acct in targets:
             intent = functools.partial(
                 ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
-                flags=canon, internaldate=when, meta=metadata, search_doc=doc,
+                flags=canon, internaldate=when, meta=metadata,
             )
             pending.append(self._shard(acct).committer.submit_nowait(intent))
         results: list[AppendResult] = []
@@ -362,11 +364,10 @@ class MailStore:
         canon = names.canonical_flags(flags)
         when = _when(internaldate)
         metadata = self._meta(raw, meta)
-        doc = self._search_doc(raw, metadata)
         blob = self.blobs.put(raw)
         return self._submit(acct, functools.partial(
             ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
-            flags=canon, internaldate=when, meta=metadata, search_doc=doc,
+            flags=canon, internaldate=when, meta=metadata,
         ))
 
     def create_mailbox(
@@ -513,21 +514,28 @@ class MailStore:
         return TextHits(frozenset(found - pending), frozenset(pending))
 
     def _index_later(self, entry: _OpenShard) -> None:
-        """Index queued messages (replayed ops, copies) in the background, a
-        batch per write transaction, so SEARCH soon needs no slow path."""
-        if entry in self._indexing:
+        """Index queued messages (storage/fts.py) in the background: the
+        text is extracted in the threadpool, then many rows are written in
+        one short write transaction, so deliveries never wait for it."""
+        if entry in self._indexing or not self._is_open:
             return
         self._indexing.add(entry)
+        pool = gevent.get_hub().threadpool
 
-        def read(sha: str) -> bytes:  # writer thread: plain file I/O
+        def read(sha: str) -> bytes:  # threadpool: plain file I/O
             return self.blobs.path(sha).read_bytes()
 
         def run() -> None:
             try:
-                while self._is_open and fts.has_work(entry.shard.reader):
-                    entry.committer.submit(lambda tx: fts.index_pending(tx.conn, read))
+                while self._is_open:
+                    rows = fts.pending_batch(entry.shard.reader, _INDEX_BATCH)
+                    if not rows:
+                        break
+                    docs = pool.apply(fts.extract_batch, (rows, read))
+                    entry.committer.submit(functools.partial(_index_intent, docs=docs))
             except StorageError:
-                log.warning("full-text indexing stopped", exc_info=True)
+                if self._is_open:  # closing the store stops it quietly
+                    log.warning("full-text indexing stopped", exc_info=True)
             finally:
                 self._indexing.discard(entry)
 

@@ -156,6 +156,7 @@ def test_fts_store_decodes_qp_base64_and_rfc2047(store):
     # RFC 2045 §6.7/§6.8 transfer encodings and RFC 2047 words are searched decoded.
     store.append(ACCOUNT, "INBOX", QP)
     store.append(ACCOUNT, "INBOX", B64)
+    _wait_indexed(store)  # the indexer runs right after the commit
 
     def hits(field, needle):
         h = store.search_text(ACCOUNT, "INBOX", field, needle)
@@ -174,9 +175,20 @@ def test_fts_store_decodes_qp_base64_and_rfc2047(store):
     assert hits("cc", "bob") == set()
 
 
+def test_fts_delivery_does_not_wait_for_the_index(store):
+    # The text is never in the op log, and a SEARCH right after delivery
+    # is complete: what the indexer has not reached yet is named unindexed.
+    store.append(ACCOUNT, "INBOX", B64)
+    h = store.search_text(ACCOUNT, "INBOX", "body", "zephyr")
+    assert h is not None and {1} == h.uids | h.unindexed
+    _wait_indexed(store)
+    assert store.search_text(ACCOUNT, "INBOX", "body", "zephyr").uids == {1}
+
+
 def test_fts_copy_expunge_rename_keep_the_index_in_step(store):
     store.append(ACCOUNT, "INBOX", QP)
     store.append(ACCOUNT, "INBOX", B64)
+    _wait_indexed(store)
     store.copy(ACCOUNT, "INBOX", [1], "Archive")
     first = store.search_text(ACCOUNT, "Archive", "body", "café")
     assert first is not None and set(first.uids) | set(first.unindexed) == {1}
@@ -209,7 +221,8 @@ def test_fts_replayed_log_is_indexed_from_the_blobs(tmp_path, store):
             replica.blobs.put(store.read_message(sha))
         replica.apply_ops(number, ops)
         h = replica.search_text(ACCOUNT, "INBOX", "body", "zephyr")
-        assert h is not None and h.uids == frozenset() and h.unindexed == {1, 2}
+        # exact for what is indexed, the rest named for the slow path
+        assert h is not None and h.uids <= {2} and {2} <= h.uids | h.unindexed
         _wait_indexed(replica)
         h = replica.search_text(ACCOUNT, "INBOX", "body", "zephyr")
         assert h.uids == {2} and h.unindexed == frozenset()
