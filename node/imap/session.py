@@ -932,26 +932,9 @@ class Session:
         if self._dirty:
             self._dirty = False
             changes = self.ctx.store.changes_since(self._acct, view.name, view.modseq)
-            view.modseq = max(view.modseq, changes.highestmodseq)
-            for uid in changes.expunged:
-                if uid in view.flags:
-                    view.gone.add(uid)
-            newest = view.uids[-1] if view.uids else 0
-            new_rows: list[MessageRow] = []
-            flag_updates: list[int] = []
-            for row in changes.changed:
-                if row.uid in view.gone:
-                    continue
-                if row.uid in view.flags:
-                    if row.flags != view.flags[row.uid]:
-                        view.flags[row.uid] = row.flags
-                        flag_updates.append(row.uid)
-                elif row.uid > newest:
-                    new_rows.append(row)
-            new_rows.sort(key=lambda r: r.uid)
-            keywords = {f for r in new_rows for f in r.flags} | {
-                f for u in flag_updates for f in view.flags[u]
-            }
+            # node/imap/view.py: expunges to view.gone, new UIDs appended.
+            flag_updates, added = view.apply(changes)
+            keywords = {f for u in flag_updates + added for f in view.flags[u]}
             self._announce_keywords(keywords)
             modseqs = {r.uid: r.modseq for r in changes.changed}
             for u in flag_updates:
@@ -959,10 +942,7 @@ class Session:
                 if self.enabled & {"CONDSTORE", "QRESYNC"}:  # RFC 7162 §3.1 (unsolicited)
                     items += [Atom("MODSEQ"), Raw(b"(%d)" % modseqs[u])]
                 self._write(untagged(view.seq_of(u), "FETCH", items))
-            if new_rows:
-                for row in new_rows:
-                    view.uids.append(row.uid)
-                    view.flags[row.uid] = row.flags
+            if added:
                 self._write(untagged(len(view.uids), "EXISTS"))
         if expunge and view.gone and "QRESYNC" in self.enabled:
             # RFC 7162 §3.2.10: VANISHED (UIDs) instead of EXPUNGE.
