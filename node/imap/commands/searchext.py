@@ -149,7 +149,7 @@ def cmd_sort(session: Any, cmd: Command) -> Reply:
     if charset not in CHARSETS:
         return no("unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
     uids = esearch.find(session.ctx.store, session.account, session.view, key,
-                        esearch.saved_uids(session))
+                        esearch.saved_uids(session), not getattr(session, "_dirty", True))
     needs_meta = any(k not in ("ARRIVAL", "SIZE") for _, k in criteria)
     ordered = sort_items(_items(session, uids, needs_meta), criteria)
     nums = [i.uid if cmd.uid else i.seq for i in ordered]
@@ -163,7 +163,7 @@ def cmd_thread(session: Any, cmd: Command) -> Reply:
     if charset not in CHARSETS:
         return no("unsupported charset", "BADCHARSET (UTF-8 US-ASCII)")
     uids = esearch.find(session.ctx.store, session.account, session.view, key,
-                        esearch.saved_uids(session))
+                        esearch.saved_uids(session), not getattr(session, "_dirty", True))
     items = _items(session, uids, True)
     roots = (thread.references if algorithm == "REFERENCES" else thread.ordered_subject)(items)
     body = thread.encode(roots, cmd.uid)
