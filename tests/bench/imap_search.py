@@ -104,6 +104,9 @@ QUERIES = [
     "SEARCH SUBJECT zz",
     "SEARCH BODY zanzibar UNSEEN",
     "UID SEARCH RETURN (COUNT MIN MAX) BODY zanzibar",
+    "SORT (ARRIVAL) UTF-8 UNSEEN",
+    "SORT (SUBJECT) UTF-8 BODY zanzibar",
+    "THREAD REFERENCES UTF-8 BODY zanzibar",
 ]
 SCANNED = ["SEARCH BODY zanzibar", "SEARCH FROM grace7@"]
 
@@ -123,8 +126,12 @@ def time_queries(store: Any, queries: list[str], runs: int) -> list[tuple[str, f
             samples.append(time.perf_counter() - t0)
             assert lines[-1].startswith(b"q OK"), (q, lines[-1])
             first = lines[0].split()
-            hits = len(first) - 2 if first[1] == b"SEARCH" else int(
-                first[first.index(b"COUNT") + 1]) if b"COUNT" in first else -1
+            if first[1] in (b"SEARCH", b"SORT"):
+                hits = len(first) - 2
+            elif b"COUNT" in first:
+                hits = int(first[first.index(b"COUNT") + 1])
+            else:
+                hits = -1
         out.append((q, statistics.median(samples), hits))
     return out
 
