@@ -54,7 +54,8 @@ FORMAT = 1
 _MODES = ("set", "add", "remove")
 MAX_UIDS = ops.MAX_UIDS_PER_OP
 _PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the threadpool
-_INDEX_BATCH = 100  # messages indexed per write transaction (storage/fts.py)
+_INDEX_BATCH = 500  # messages indexed per write transaction (storage/fts.py)
+_INDEX_DELAY = 1.0  # seconds between a commit and indexing what it added
 
 
 def _index_intent(tx: Any, docs: list) -> None:
@@ -526,6 +527,10 @@ class MailStore:
             return self.blobs.path(sha).read_bytes()
 
         def run() -> None:
+            # Let deliveries accumulate first: one index transaction (and one
+            # fsync) then covers many messages instead of one or two per
+            # commit.  SEARCH stays exact meanwhile (pending = slow path).
+            gevent.sleep(_INDEX_DELAY)
             try:
                 while self._is_open:
                     rows = fts.pending_batch(entry.shard.reader, _INDEX_BATCH)
