@@ -55,7 +55,8 @@ _MODES = ("set", "add", "remove")
 MAX_UIDS = ops.MAX_UIDS_PER_OP
 _PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the threadpool
 _INDEX_BATCH = 500  # messages indexed per write transaction (storage/fts.py)
-_INDEX_DELAY = 1.0  # seconds between a commit and indexing what it added
+_INDEX_DELAY = 1.0  # seconds without changes before the shard's pending messages are indexed
+_INDEX_MAX_WAIT = 30.0  # seconds a message waits for the index at most, even under load
 
 
 def _index_intent(tx: Any, docs: list) -> None:
@@ -102,6 +103,7 @@ class _OpenShard:
     def __init__(self, shard: Shard, committer: GroupCommitter) -> None:
         self.shard = shard
         self.committer = committer
+        self.last_change = 0.0  # monotonic time of the last committed change
 
 
 class MailStore:
@@ -269,9 +271,12 @@ class MailStore:
 
     def _notify(self, changes: Changes) -> None:
         if self._is_open:
+            now = time.monotonic()
             for account in {a for a, _ in changes}:
-                # New messages wait in fts_pending: index them now (storage/fts.py).
-                self._index_later(self._shard(account))
+                # New messages wait in fts_pending (storage/fts.py).
+                entry = self._shard(account)
+                entry.last_change = now
+                self._index_later(entry)
         seen: set[tuple[str, str]] = set()
         for account, mailbox in changes:
             if (account, mailbox) in seen:
@@ -527,10 +532,17 @@ class MailStore:
             return self.blobs.path(sha).read_bytes()
 
         def run() -> None:
-            # Let deliveries accumulate first: one index transaction (and one
-            # fsync) then covers many messages instead of one or two per
-            # commit.  SEARCH stays exact meanwhile (pending = slow path).
-            gevent.sleep(_INDEX_DELAY)
+            # Index when the shard is quiet (no change for _INDEX_DELAY), or
+            # at the latest _INDEX_MAX_WAIT after the first waiting message:
+            # deliveries under load do not pay for the index, and one index
+            # transaction (one fsync) covers many messages.  SEARCH stays
+            # exact meanwhile: pending messages take the slow path.
+            started = time.monotonic()
+            while self._is_open:
+                gevent.sleep(_INDEX_DELAY)
+                now = time.monotonic()
+                if now - entry.last_change >= _INDEX_DELAY or now - started >= _INDEX_MAX_WAIT:
+                    break
             try:
                 while self._is_open:
                     rows = fts.pending_batch(entry.shard.reader, _INDEX_BATCH)
