@@ -761,11 +761,11 @@ def intent_expunge(tx: Tx, account: str, mailbox: str, uids: list[int]) -> list[
     return present
 
 
-def intent_copy(
-    tx: Tx, account: str, src: str, uids: list[int], dst: str
-) -> tuple[int, list[tuple[int, int]]]:
-    src_uv, _, _ = tx.mailbox(account, src)
-    dst_uv, uidnext, hms = tx.mailbox(account, dst)
+def _plan_copies(
+    tx: Tx, src_uv: int, uids: list[int], uidnext: int, hms: int
+) -> tuple[list[list[int]], int]:
+    """[source uid, new uid, new modseq] for each source message that exists,
+    in order, and the destination's HIGHESTMODSEQ after them."""
     pairs: list[list[int]] = []
     for uid in uids:
         if tx.conn.execute(
@@ -774,6 +774,15 @@ def intent_copy(
             hms += 1
             pairs.append([uid, uidnext, hms])
             uidnext += 1
+    return pairs, hms
+
+
+def intent_copy(
+    tx: Tx, account: str, src: str, uids: list[int], dst: str
+) -> tuple[int, list[tuple[int, int]]]:
+    src_uv, _, _ = tx.mailbox(account, src)
+    dst_uv, uidnext, hms = tx.mailbox(account, dst)
+    pairs, hms = _plan_copies(tx, src_uv, uids, uidnext, hms)
     if pairs:
         tx.log("copy", {"account": account, "src": src, "src_uidvalidity": src_uv,
                         "dst": dst, "dst_uidvalidity": dst_uv, "pairs": pairs})
@@ -786,14 +795,7 @@ def intent_move(
     """RFC 6851 MOVE as one op: new UIDs in dst, then the sources expunged."""
     src_uv, _, src_hms = tx.mailbox(account, src)
     dst_uv, uidnext, hms = tx.mailbox(account, dst)
-    pairs: list[list[int]] = []
-    for uid in uids:
-        if tx.conn.execute(
-            "SELECT 1 FROM messages WHERE mailbox = ? AND uid = ?", (src_uv, uid)
-        ).fetchone():
-            hms += 1
-            pairs.append([uid, uidnext, hms])
-            uidnext += 1
+    pairs, hms = _plan_copies(tx, src_uv, uids, uidnext, hms)
     if pairs:
         # The expunge's MODSEQ follows every copy when src is dst (one counter).
         gone = (hms if src_uv == dst_uv else src_hms) + 1
