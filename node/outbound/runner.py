@@ -48,6 +48,9 @@ from storage.model import RELAYED, QueuedRecipient, QueueEntry, RecipientResult,
 
 log = logging.getLogger("postroom.outbound")
 
+# Seconds an idle connection waits for another message to its destination.
+CONNECTION_LINGER = 2.0
+
 BATCH = 200  # entries taken per pass at most
 MAX_IN_FLIGHT = 1000  # entries being delivered at once at most
 IDLE_WAIT = 60.0  # seconds between passes when nothing is due (wakeups come sooner)
@@ -112,6 +115,7 @@ class _Destination:
     domain: str
     jobs: collections.deque = field(default_factory=collections.deque)
     workers: int = 0
+    arrived: gevent.event.Event = field(default_factory=gevent.event.Event)
 
 
 class QueueRunner:
@@ -225,6 +229,7 @@ class QueueRunner:
             if dest is None:
                 dest = self._destinations[domain] = _Destination(domain)
             dest.jobs.append(_Job(attempt, domain, tuple(rcpts)))
+            dest.arrived.set()
             self._kick(dest)
 
     def _kick(self, dest: _Destination) -> None:
@@ -244,15 +249,29 @@ class QueueRunner:
                 if not dest.jobs:
                     return
                 route = self.router.route(dest.domain)
-                while dest.jobs:
-                    job = dest.jobs.popleft()
-                    try:
-                        conn = self._deliver_job(route, job, conn)
-                    except Exception:
-                        log.exception("delivery of %s to %s failed", job.attempt.entry.id, dest.domain)
-                        self._finish(job, [RecipientResult(
-                            r.address, PENDING, 451, "4.3.0", "internal error during delivery")
-                            for r in job.recipients])
+                while True:
+                    while dest.jobs:
+                        job = dest.jobs.popleft()
+                        try:
+                            conn = self._deliver_job(route, job, conn)
+                        except Exception:
+                            log.exception("delivery of %s to %s failed",
+                                          job.attempt.entry.id, dest.domain)
+                            self._finish(job, [RecipientResult(
+                                r.address, PENDING, 451, "4.3.0", "internal error during delivery")
+                                for r in job.recipients])
+                    # Keep an open connection a moment for the next message to
+                    # this destination (Postfix's connection cache does the
+                    # same): a new TCP and TLS setup per message halved the
+                    # relay rate.  Cooperative scheduling: nothing runs
+                    # between clear() and the check.
+                    if conn is None or not conn.usable or self._stopping:
+                        break
+                    dest.arrived.clear()
+                    if not dest.jobs:
+                        dest.arrived.wait(CONNECTION_LINGER)
+                    if not dest.jobs:
+                        break
         finally:
             if conn is not None:
                 conn.close(quit=True)
