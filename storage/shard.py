@@ -221,6 +221,18 @@ def _flags_set(text: str) -> frozenset[str]:
     return frozenset(text.split()) if text else frozenset()
 
 
+def _mailbox_row(conn: sqlite3.Connection, account: str, name: str) -> tuple:
+    """(uidvalidity, uidnext, highestmodseq) of a mailbox; raises NoSuchMailbox."""
+    row = conn.execute(
+        "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes"
+        " WHERE account = ? AND name = ?",
+        (account, name),
+    ).fetchone()
+    if row is None:
+        raise NoSuchMailbox(name)
+    return row
+
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -550,14 +562,7 @@ class Tx:
 
     def mailbox(self, account: str, name: str) -> tuple[int, int, int]:
         """(uidvalidity, uidnext, highestmodseq); raises NoSuchMailbox."""
-        row = self.conn.execute(
-            "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes"
-            " WHERE account = ? AND name = ?",
-            (account, name),
-        ).fetchone()
-        if row is None:
-            raise NoSuchMailbox(name)
-        return row
+        return _mailbox_row(self.conn, account, name)
 
     def new_uidvalidities(self, count: int) -> list[int]:
         """Values never used before in this shard (RFC 3501 §2.3.1.1)."""
@@ -944,14 +949,7 @@ class Shard:
         }
 
     def _mailbox_row(self, account: str, name: str) -> tuple:
-        row = self.reader.execute(
-            "SELECT uidvalidity, uidnext, highestmodseq FROM mailboxes"
-            " WHERE account = ? AND name = ?",
-            (account, name),
-        ).fetchone()
-        if row is None:
-            raise NoSuchMailbox(name)
-        return row
+        return _mailbox_row(self.reader, account, name)
 
     def list_mailboxes(self, account: str) -> list[MailboxInfo]:
         rows = self.reader.execute(
