@@ -42,6 +42,12 @@ class EtcdSettings:
     embedded_binary: str = ""  # empty: search PATH and /usr/bin for "etcd"
     embedded_client_url: str = "http://127.0.0.1:2379"
     embedded_peer_url: str = "http://127.0.0.1:2380"
+    # Multi-node mode: etcd over TLS with authentication (docs/cluster.md).
+    ca_cert: str = ""  # PEM CA that signed the etcd members' certificates (https endpoints)
+    cert: str = ""  # client certificate for etcd (optional with username/password)
+    key: str = ""  # its private key
+    username: str = ""  # etcd user (etcd auth enabled); empty: no authentication
+    password_file: str = ""  # file holding that user's password
 
 
 @dataclass(frozen=True)
@@ -162,6 +168,20 @@ class Pop3Settings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    enabled: bool = False  # false: one node, every shard led here, nothing replicated
+    name: str = ""  # this node's member name; empty: the node-id file in data_dir
+    listen: str = "127.0.0.1:7400"  # node-to-node mTLS RPC address
+    advertise: str = ""  # address other nodes dial; empty: listen
+    cert_dir: str = ""  # ca.crt, node.crt, node.key from `postroom cluster join`; empty: data_dir/cluster
+    labels: dict[str, str] = field(default_factory=dict)  # failure domain, e.g. host, zone
+    replication_factor: int = 3  # copies of each shard (fewer while fewer nodes exist)
+    ack_timeout: float = 2.0  # seconds a follower may take to fsync a batch, then it leaves the ISR
+    rpc_timeout: float = 10.0  # seconds per node-to-node call
+    catchup_batch: int = 1000  # operations per catch-up message
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSettings = field(default_factory=NodeSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
@@ -173,6 +193,7 @@ class Config:
     submission: SubmissionSettings = field(default_factory=SubmissionSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     @property
     def hostname(self) -> str:
@@ -255,6 +276,14 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.shards: expected 1..4096")
     if config.outbound.tls not in ("opportunistic", "required"):
         raise ConfigError('outbound.tls: expected "opportunistic" or "required"')
+    if config.cluster.enabled:
+        parse_listen_address(config.cluster.listen, "cluster.listen")
+        if config.cluster.advertise:
+            parse_listen_address(config.cluster.advertise, "cluster.advertise")
+        if not 1 <= config.cluster.replication_factor <= 9:
+            raise ConfigError("cluster.replication_factor: expected 1..9")
+    if bool(config.etcd.cert) != bool(config.etcd.key):
+        raise ConfigError("etcd.cert and etcd.key: set both or neither")
     if not config.outbound.retry_intervals:
         raise ConfigError("outbound.retry_intervals: expected at least one interval")
     for section in ("smtp", "imap", "pop3", "submission"):

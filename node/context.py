@@ -252,6 +252,36 @@ class OutboundQueue(Protocol):
         ...
 
 
+class ClusterView(Protocol):
+    """Where each shard is led, as this node sees etcd (cluster/manager.py).
+
+    None in NodeContext means single-node mode: every shard is led here.
+    """
+
+    node_name: str
+
+    def shard_of(self, account: str) -> int: ...
+
+    def primary_of(self, number: int) -> str | None:
+        """Member name of shard ``number``'s primary, None while it has none."""
+        ...
+
+    def rpc_address(self, node: str) -> str | None:
+        """The HOST:PORT a member's RPC server listens on, None if not a member."""
+        ...
+
+    def is_local_primary(self, number: int) -> bool:
+        """True while this node leads the shard and may commit to it."""
+        ...
+
+    def local_primary_shards(self) -> list[int]: ...
+
+    def on_role_change(self, callback: Callable[[int], None]) -> Callable[[], None]:
+        """callback(shard) on the hub after this node gains or loses the lead
+        of a shard, or the shard's primary changes; returns a cancel function."""
+        ...
+
+
 @dataclass
 class NodeContext:
     """The services one node process offers its protocol servers."""
@@ -263,3 +293,4 @@ class NodeContext:
     hostname: str
     queue: OutboundQueue | None = None  # outbound queue (submission, DSNs)
     dkim: DkimSigner | None = None  # signs remote-bound mail of local domains
+    cluster: ClusterView | None = None  # None: single node (cluster/manager.py)
