@@ -42,7 +42,14 @@ class Membership:
         self.register()
 
     def register(self) -> None:
-        """Write our record under the session lease."""
+        """Write our record under the session lease.
+
+        The record names the lease it lives under: a member whose key carries
+        another lease than a shard record's ``primary_lease`` has restarted
+        (or lost its session) and leads nothing until the controller says so
+        again (docs/cluster.md).
+        """
+        self.record["lease"] = self.session.lease_id
         self.session.put(MEMBERS + self.node_id, self.record, lease=True)
         self.registrations += 1
 

@@ -69,6 +69,7 @@ class Node:
         data_dir = cfg.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.id = node_id(data_dir)
+        self.name = cfg.cluster.name or self.id
         self.embedded = None
         endpoints = list(cfg.etcd.endpoints)
         if not endpoints:
@@ -84,9 +85,10 @@ class Node:
         self.etcd.start()
         self.directory = EtcdDirectory(self.etcd)
         self.directory.start()
+        self.meta = self._cluster_meta() if cfg.cluster.enabled else None
         self.store = MailStore(
             data_dir / "mail",
-            cfg.storage.shards,
+            self.meta["shards"] if self.meta else cfg.storage.shards,
             fsync=cfg.storage.fsync,
             group_commit_max=cfg.storage.group_commit_max,
         )
@@ -101,22 +103,62 @@ class Node:
             queue=self.queue,
             dkim=Signer(self.directory, cfg.dkim),
         )
+        if self.meta is not None:
+            self._start_cluster()
         self.runner = QueueRunner(self.context)
         self.runner.start()
         self.admin = AdminServer(data_dir / "admin.sock", self.queue, self.runner.wake)
         self.admin.start()
         self._start_listeners()
-        self.membership = Membership(
-            self.etcd,
-            self.id,
-            {
-                "hostname": cfg.hostname,
-                "version": VERSION,
-                "listeners": self.ports(),
-            },
-        )
+        info = {"hostname": cfg.hostname, "version": VERSION, "listeners": self.ports(),
+                "pid": os.getpid()}
+        if self.meta is not None:
+            labels = dict(cfg.cluster.labels)
+            labels.setdefault("host", cfg.hostname)
+            labels.setdefault("zone", "")
+            info.update(rpc=cfg.cluster.advertise or self.rpc_server.bound_address,
+                        labels=labels)
+        self.membership = Membership(self.etcd, self.name, info)
         self.membership.start()
-        log.info("node %s ready", self.id)
+        if self.meta is not None:
+            from cluster.controller import Controller
+
+            self.controller = Controller(self.etcd, self.name, self.meta)
+            self.controller.start()
+        log.info("node %s ready", self.name)
+
+    def _cluster_meta(self) -> dict:
+        """/cluster/meta, written by `postroom cluster init`; the shard count
+        of the cluster wins over [storage] shards."""
+        record = self.etcd.get("/cluster/meta")
+        if record is None or not isinstance(record.value, dict):
+            raise SystemExit("postroom: [cluster] enabled but etcd holds no cluster;"
+                             " run `postroom cluster init` first (docs/operations.md)")
+        return record.value
+
+    def _start_cluster(self) -> None:
+        """Multi-node mode: mTLS RPC, the cluster manager (roles, replication),
+        routing of other shards' accounts to their primaries (docs/cluster.md)."""
+        from cluster import ca, drill, proxy, router, rpc
+        from cluster.manager import ClusterManager
+        from node.admin import register_queue_handlers
+
+        cfg = self.config
+        cert_dir = Path(cfg.cluster.cert_dir or cfg.data_dir / "cluster")
+        self.rpc_server = rpc.RpcServer(cfg.cluster.listen, ca.server_context(cert_dir))
+        self.rpc_client = rpc.RpcClient(ca.client_context(cert_dir))
+        self.manager = ClusterManager(
+            cfg, self.etcd, self.store, self.rpc_server, self.rpc_client, self.meta, self.name)
+        ctx = self.context
+        ctx.cluster = self.manager
+        ctx.store = router.ClusterStore(
+            self.store, self.manager, self.rpc_client, cfg.cluster.rpc_timeout)
+        router.register_handlers(self.rpc_server, self.store, self.manager)
+        proxy.register_handlers(self.rpc_server, ctx)
+        drill.register_fault_handler(self.rpc_server)
+        register_queue_handlers(self.rpc_server, ctx)
+        self.rpc_server.start()
+        self.manager.start()
 
     def _start_listeners(self) -> None:
         from node.imap.server import serve_connection as imap
@@ -173,10 +215,14 @@ class Node:
                 server.close()
         for service in self.services:
             service.stop()
-        for name in ("admin", "runner"):
+        for name in ("admin", "runner", "controller"):
             part = getattr(self, name, None)
             if part is not None:
                 part.stop()
+        for name in ("manager", "rpc_server", "rpc_client"):
+            part = getattr(self, name, None)
+            if part is not None:
+                part.stop() if hasattr(part, "stop") else part.close()
         for name in ("membership", "directory"):
             part = getattr(self, name, None)
             if part is not None:
