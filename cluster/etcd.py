@@ -27,6 +27,17 @@ and :class:`EtcdError` (etcd answered, but not usefully).
   acquire).
 * Values are JSON.  Keys are relative to the configured prefix and start
   with "/" (``"/domains/example.org"``).
+* TLS and authentication (multi-node mode): ``https://`` endpoints are
+  verified against ``ca_cert``; a client certificate is presented when one
+  is configured.  With a ``username``, the session authenticates
+  (``POST /v3/auth/authenticate``) before its first request and sends the
+  token as the ``Authorization`` header on every request and watch stream.
+  etcd's simple tokens expire (5 minutes idle by default) and a restarted
+  member forgets them: a request refused as unauthenticated (invalid token,
+  empty user name, old auth revision: never applied) re-authenticates once
+  and is sent again; a watch cancelled for permissions drops the token and
+  re-arms with a fresh one.  ``session_from_config`` builds a session from
+  the ``[etcd]`` settings, the same way for the node and the CLI.
 
 Everything here cooperates with gevent once the process is monkey-patched
 (requests then uses gevent sockets); nothing blocks the hub.
@@ -37,6 +48,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -46,6 +58,7 @@ from urllib.parse import urlsplit
 
 import etcd3gw
 import gevent
+import gevent.lock
 import requests
 from etcd3gw import exceptions as etcd_exc
 
@@ -133,6 +146,24 @@ class _Retry(Exception):
     """Internal: this endpoint failed; try the next one."""
 
 
+class _AuthExpired(Exception):
+    """Internal: etcd refused the token (expired, unknown to this member)."""
+
+
+# etcd answers these when a token is missing, expired or issued before the
+# auth store changed; the request was not applied, so it may be sent again.
+_AUTH_RETRY_MESSAGES = (
+    "invalid auth token",
+    "user name is empty",
+    "revision of auth store is old",
+    "auth token is not set",
+)
+
+
+def _is_auth_retry(message: str) -> bool:
+    return any(text in message for text in _AUTH_RETRY_MESSAGES)
+
+
 @dataclass(frozen=True)
 class Compare:
     """One txn condition, built with the helpers below (etcd3 api, Compare)."""
@@ -187,7 +218,8 @@ class Watch:
         self._stopped = False
         self._response: Any = None
         self._in_callback = False
-        self._http = requests.Session()
+        self._http = session._new_http()
+        self._token = ""  # the token this stream was opened with
         self.rearms = 0  # how many times the stream was re-established
         self._greenlet = gevent.spawn(self._run)
 
@@ -225,8 +257,12 @@ class Watch:
             except Exception as exc:  # network, gateway or JSON error: re-arm
                 if self._stopped:
                     return
-                log.info("etcd watch %s: re-arming after: %s", self._key, _one_line(exc))
-                self._session._rotate()
+                message = _one_line(exc)
+                log.info("etcd watch %s: re-arming after: %s", self._key, message)
+                if self._token and ("permission denied" in message or _is_auth_retry(message)):
+                    self._session._drop_token(self._token)  # re-authenticate, same member
+                else:
+                    self._session._rotate()
                 gevent.sleep(backoff)
                 backoff = min(backoff * 2, MAX_WATCH_BACKOFF)
             self.rearms += 1
@@ -240,13 +276,18 @@ class Watch:
                 "start_revision": self.next_revision,
             }
         }
+        self._token = self._session._auth_token()
         url = self._session._endpoint_url() + API_PATH + "watch"
         timeout = self._session.timeout
-        resp = self._http.post(url, json=request, stream=True, timeout=(timeout, None))
+        headers = {"Authorization": self._token} if self._token else None
+        resp = self._http.post(
+            url, json=request, headers=headers, stream=True, timeout=(timeout, None)
+        )
         self._response = resp
         try:
             if resp.status_code != 200:
-                raise EtcdError(f"watch refused: HTTP {resp.status_code}")
+                detail = _one_line(Exception(resp.text[:300]))
+                raise EtcdError(f"watch refused: HTTP {resp.status_code}: {detail}")
             buf = b""
             for chunk in resp.iter_content(chunk_size=None):
                 if self._stopped:
@@ -304,7 +345,9 @@ class EtcdSession:
     ``start()`` grants the lease and starts the refresher; ``close()`` stops
     watches and revokes the lease.  Data calls work before ``start()`` too,
     except ``lease=True`` puts and locks (used by the CLI, which needs no lease).
-    Raises EtcdUnavailable / EtcdError only.
+    ``ca_cert`` verifies https endpoints (empty: the system CAs), ``cert`` and
+    ``key`` are a client certificate, ``username``/``password`` turn on etcd
+    authentication.  Raises EtcdUnavailable / EtcdError only.
     """
 
     def __init__(
@@ -314,13 +357,28 @@ class EtcdSession:
         lease_ttl: int = 10,
         timeout: float = 5.0,
         on_session_lost: Callable[[], None] | None = None,
+        *,
+        ca_cert: str = "",
+        cert: str = "",
+        key: str = "",
+        username: str = "",
+        password: str = "",
     ) -> None:
         if not endpoints:
             raise EtcdError("no etcd endpoints configured")
+        if bool(cert) != bool(key):
+            raise EtcdError("etcd client certificate: set both etcd.cert and etcd.key, or neither")
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.lease_ttl = max(2, int(lease_ttl))
         self.timeout = timeout
+        self.ca_cert = ca_cert
+        self.client_cert = (cert, key) if cert else None
+        self.username = username
+        self._password = password
+        self._token = ""
+        self._auth_lock = gevent.lock.Semaphore()
+        self.authentications = 0  # tokens obtained so far (the first, then renewals)
         self._clients = [self._make_client(e) for e in self.endpoints]
         self._index = 0
         self._lease_id = 0
@@ -345,7 +403,21 @@ class EtcdSession:
             protocol=parts.scheme,
             timeout=self.timeout,
             api_path=API_PATH,
+            session=self._new_http(),
         )
+
+    def _new_http(self) -> requests.Session:
+        """A requests session with this session's TLS settings.
+
+        trust_env is off: REQUESTS_CA_BUNDLE would replace our ca_cert, and
+        proxies or .netrc credentials from the environment have no business
+        between a node and its etcd."""
+        http = requests.Session()
+        http.trust_env = False
+        http.verify = self.ca_cert or True
+        if self.client_cert is not None:
+            http.cert = self.client_cert
+        return http
 
     def _endpoint_url(self) -> str:
         return self._clients[self._index].base_url
@@ -354,12 +426,29 @@ class EtcdSession:
         self._index = (self._index + 1) % len(self._clients)
 
     def _post(self, path: str, payload: dict, *, retry_on_timeout: bool = True) -> dict:
-        """POST to the gateway, rotating endpoints; maps every error to ours."""
+        """POST to the gateway with our token, re-authenticating once if etcd
+        refuses it; maps every error to ours."""
+        token = self._auth_token()
+        try:
+            return self._post_once(path, payload, token, retry_on_timeout)
+        except _AuthExpired:
+            self._drop_token(token)
+        token = self._auth_token()
+        try:
+            return self._post_once(path, payload, token, retry_on_timeout)
+        except _AuthExpired as exc:
+            raise EtcdError(f"etcd error: refused after re-authenticating: {exc}") from None
+
+    def _post_once(
+        self, path: str, payload: dict, token: str, retry_on_timeout: bool = True
+    ) -> dict:
+        """One POST, rotating endpoints on connection errors."""
+        headers = {"Authorization": token} if token else None
         last = "no endpoint tried"
         for _ in range(len(self._clients)):
             client = self._clients[self._index]
             try:
-                return client.post(client.get_url(path), json=payload)
+                return client.post(client.get_url(path), json=payload, headers=headers)
             except etcd_exc.ConnectionFailedError as exc:
                 last = f"{client.base_url}: {_one_line(exc)}"
                 self._rotate()
@@ -375,12 +464,45 @@ class EtcdSession:
                     break
             except etcd_exc.Etcd3Exception as exc:
                 message = _one_line(exc)
+                if token and _is_auth_retry(message):
+                    raise _AuthExpired(message) from None
                 if "no leader" in message or "timed out" in message:
                     raise EtcdUnavailable(f"etcd unavailable: {message}") from None
                 raise EtcdError(f"etcd error: {message}") from None
             except ValueError as exc:  # a body that is not JSON
                 raise EtcdError(f"etcd error: bad response: {_one_line(exc)}") from None
         raise EtcdUnavailable(f"etcd unavailable: {last}")
+
+    # -- authentication --------------------------------------------------
+
+    def _auth_token(self) -> str:
+        """The current token, authenticating first if we have none ("" without auth)."""
+        if not self.username or self._token:
+            return self._token
+        with self._auth_lock:  # one authentication for every waiting greenlet
+            if not self._token:
+                self._token = self._authenticate()
+            return self._token
+
+    def _authenticate(self) -> str:
+        body = {"name": self.username, "password": self._password}
+        try:
+            result = self._post_once("auth/authenticate", body, "")
+        except EtcdUnavailable:
+            raise
+        except EtcdError as exc:
+            reason = str(exc).removeprefix("etcd error: ")
+            raise EtcdError(f"etcd authentication as {self.username!r} failed: {reason}") from None
+        token = str(result.get("token") or "")
+        if not token:
+            raise EtcdError(f"etcd authentication as {self.username!r}: no token (auth disabled?)")
+        self.authentications += 1
+        return token
+
+    def _drop_token(self, token: str) -> None:
+        """Forget a refused token (unless another greenlet already replaced it)."""
+        if token and self._token == token:
+            self._token = ""
 
     # -- keys ------------------------------------------------------------
 
@@ -635,3 +757,47 @@ class EtcdSession:
                 self._post("kv/lease/revoke", {"ID": lease}, retry_on_timeout=False)
             except EtcdError:
                 pass  # it expires on its own after the TTL
+
+
+def session_from_config(
+    cfg: Any,
+    endpoints: list[str] | None = None,
+    on_session_lost: Callable[[], None] | None = None,
+) -> EtcdSession:
+    """An EtcdSession from the ``[etcd]`` settings (node.config.EtcdSettings).
+
+    endpoints defaults to ``cfg.endpoints``, else the embedded etcd's client
+    URL.  The password is read from ``cfg.password_file`` (first line).
+    """
+    password = ""
+    if cfg.username:
+        if not cfg.password_file:
+            raise EtcdError("etcd.username is set but etcd.password_file is empty")
+        password = _read_password(cfg.password_file)
+    for name in ("ca_cert", "cert", "key"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            raise EtcdError(f"etcd.{name}: no such file: {path}")
+    return EtcdSession(
+        list(endpoints or cfg.endpoints or [cfg.embedded_client_url]),
+        cfg.prefix,
+        cfg.lease_ttl,
+        cfg.timeout,
+        on_session_lost,
+        ca_cert=cfg.ca_cert,
+        cert=cfg.cert,
+        key=cfg.key,
+        username=cfg.username,
+        password=password,
+    )
+
+
+def _read_password(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            password = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise EtcdError(f"etcd.password_file {path}: {exc.strerror or exc}") from None
+    if not password:
+        raise EtcdError(f"etcd.password_file {path} is empty")
+    return password

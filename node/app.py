@@ -57,7 +57,7 @@ class Node:
     def start(self) -> None:
         from cluster.directory import EtcdDirectory
         from cluster.embedded import EmbeddedEtcd
-        from cluster.etcd import EtcdSession
+        from cluster.etcd import session_from_config
         from cluster.membership import Membership
         from node.admin import AdminServer
         from node.outbound.dkim import Signer
@@ -81,7 +81,7 @@ class Node:
             )
             self.embedded.start()
             endpoints = [cfg.etcd.embedded_client_url]
-        self.etcd = EtcdSession(endpoints, cfg.etcd.prefix, cfg.etcd.lease_ttl, cfg.etcd.timeout)
+        self.etcd = session_from_config(cfg.etcd, endpoints)
         self.etcd.start()
         self.directory = EtcdDirectory(self.etcd)
         self.directory.start()
