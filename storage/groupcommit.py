@@ -12,22 +12,42 @@ An intent that fails (no such mailbox, ...) fails alone: it runs inside its
 own SAVEPOINT.  If the commit fails, every caller in the batch gets
 StorageUnavailable and nothing of the batch is visible (design.md, promise 1).
 Watchers are told about changes only after the commit (promise 3).
+
+Replication (docs/cluster.md, "Shard roles in the MailStore").  With a
+``replicate`` hook set (the shard's primary in a cluster) a batch is
+*prepared* (intents run, ops logged and applied, transaction left open; one
+threadpool hop), the new ops are handed to ``replicate`` on the hub -- it
+returns once every in-sync follower has them durably, or raises -- and only
+then COMMITted (a second hop).  If it raises, or the shard's role changed
+meanwhile (``generation``), the batch is rolled back and every caller gets
+StorageUnavailable: a primary's log holds only replicated operations.
+Without a hook a batch is one hop, exactly as on a single node.
+
+Each submission may carry a ``check`` run on the hub when its batch starts
+(the MailStore's role gate: "not led here", stale epoch); if it raises, that
+caller alone gets the exception.  ``paused()`` waits for the running batch
+and holds back further batches while held.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import gevent
 from gevent.event import AsyncResult, Event
+from gevent.lock import RLock
 
 from storage.model import StorageUnavailable
-from storage.shard import Changes, Intent, Shard
+from storage.shard import BatchResult, Changes, Intent, Op, Shard
 
 log = logging.getLogger(__name__)
+
+Check = Callable[[], None]
+_Item = tuple[Intent, AsyncResult, "Check | None"]
 
 
 class GroupCommitter:
@@ -42,28 +62,44 @@ class GroupCommitter:
         self.shard = shard
         self.max_batch = max(1, max_batch)
         self.on_commit = on_commit
+        # Set by MailStore.set_role: called with a prepared batch's new ops.
+        self.replicate: Callable[[list[Op]], None] | None = None
+        self.generation = 0  # bumped on every role change of the shard
         self.batch_sizes: list[int] = []  # committed batch sizes (bounded), for tests/metrics
-        self._queue: deque[tuple[Intent, AsyncResult]] = deque()
+        self._queue: deque[_Item] = deque()
+        self._lock = RLock()  # held while a batch runs, and by paused()
         self._wakeup = Event()
         self._idle = Event()
         self._idle.set()
         self._closed = False
         self._greenlet = gevent.spawn(self._run)
 
-    def submit_nowait(self, intent: Intent) -> AsyncResult:
-        """Queue an intent; the AsyncResult holds its value or exception."""
+    def submit_nowait(self, intent: Intent, check: Check | None = None) -> AsyncResult:
+        """Queue an intent; the AsyncResult holds its value or exception.
+
+        ``check`` runs on the hub when the intent's batch starts; an exception
+        it raises fails this intent alone."""
         result = AsyncResult()
         if self._closed:
             result.set_exception(StorageUnavailable("store is closing"))
             return result
-        self._queue.append((intent, result))
+        self._queue.append((intent, result, check))
         self._idle.clear()
         self._wakeup.set()
         return result
 
-    def submit(self, intent: Intent) -> Any:
+    def submit(self, intent: Intent, check: Check | None = None) -> Any:
         """Run an intent in the next batch and return once it is committed."""
-        return self.submit_nowait(intent).get()
+        return self.submit_nowait(intent, check).get()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Wait until no batch is running, and start none while inside.
+
+        Re-entrant for the holder; replication uses it to grow the ISR and to
+        hand leadership off with nothing in flight."""
+        with self._lock:
+            yield
 
     def close(self) -> None:
         """Commit what is queued, then stop the committer greenlet."""
@@ -72,33 +108,75 @@ class GroupCommitter:
         self._greenlet.kill()
 
     def _run(self) -> None:
-        pool = gevent.get_hub().threadpool
         while True:
             self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                n = min(self.max_batch, len(self._queue))
-                batch = [self._queue.popleft() for _ in range(n)]
-                try:
-                    outcome = pool.apply(self.shard.run_batch, ([i for i, _ in batch],))
-                except Exception as exc:
-                    if not isinstance(exc, StorageUnavailable):
-                        log.exception("shard %s: batch failed", self.shard.path)
-                    for _, result in batch:
-                        result.set_exception(StorageUnavailable("commit failed"))
-                    continue
-                if len(self.batch_sizes) < 100_000:
-                    self.batch_sizes.append(n)
-                changed: Changes = []
-                for (_, result), (ok, value, changes) in zip(batch, outcome, strict=True):
-                    if ok:
-                        result.set(value)
-                        changed += changes
-                    else:
-                        result.set_exception(value)
-                if changed and self.on_commit is not None:
-                    try:
-                        self.on_commit(changed)
-                    except Exception:
-                        log.exception("shard %s: commit notification failed", self.shard.path)
+                with self._lock:
+                    n = min(self.max_batch, len(self._queue))
+                    batch = [self._queue.popleft() for _ in range(n)]
+                    self._run_batch(batch)
             self._idle.set()
+
+    def _run_batch(self, batch: list[_Item]) -> None:
+        live: list[tuple[Intent, AsyncResult]] = []
+        for intent, result, check in batch:
+            try:
+                if check is not None:
+                    check()
+            except Exception as exc:
+                result.set_exception(exc)
+            else:
+                live.append((intent, result))
+        if not live:
+            return
+        intents = [i for i, _ in live]
+        try:
+            if self.replicate is None:
+                pool = gevent.get_hub().threadpool
+                outcome = pool.apply(self.shard.run_batch, (intents, self.shard.epoch))
+            else:
+                outcome = self._replicated(intents, self.replicate)
+        except Exception as exc:
+            if not isinstance(exc, StorageUnavailable):
+                log.exception("shard %s: batch failed", self.shard.path)
+            failure = exc if isinstance(exc, StorageUnavailable) else None
+            for _, result in live:
+                result.set_exception(failure or StorageUnavailable("commit failed"))
+            return
+        self._answer(live, outcome)
+
+    def _replicated(self, intents: list[Intent], replicate: Callable[[list[Op]], None]) -> BatchResult:
+        """prepare -> replicate (hub) -> commit; rolled back if any step fails."""
+        pool = gevent.get_hub().threadpool
+        generation = self.generation
+        outcome, new_ops = pool.apply(self.shard.prepare_batch, (intents, self.shard.epoch))
+        try:
+            if new_ops:
+                replicate(new_ops)
+                if self.generation != generation:
+                    raise StorageUnavailable("shard role changed during replication")
+            pool.apply(self.shard.commit_prepared)
+        except BaseException as exc:
+            pool.apply(self.shard.rollback_prepared)
+            if isinstance(exc, Exception) and not isinstance(exc, StorageUnavailable):
+                log.warning("shard %s: replication failed: %s", self.shard.path, exc)
+                raise StorageUnavailable("replication failed") from exc
+            raise
+        return outcome
+
+    def _answer(self, live: list[tuple[Intent, AsyncResult]], outcome: BatchResult) -> None:
+        if len(self.batch_sizes) < 100_000:
+            self.batch_sizes.append(len(live))
+        changed: Changes = []
+        for (_, result), (ok, value, changes) in zip(live, outcome, strict=True):
+            if ok:
+                result.set(value)
+                changed += changes
+            else:
+                result.set_exception(value)
+        if changed and self.on_commit is not None:
+            try:
+                self.on_commit(changed)
+            except Exception:
+                log.exception("shard %s: commit notification failed", self.shard.path)

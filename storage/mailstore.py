@@ -13,6 +13,19 @@ Layout under ``data_dir``::
     blobs/ab/cd/<sha256>         message bodies (storage/blobs.py)
     blobs/tmp/                   partial blob writes, removed on open
     shards/shard-0007.sqlite     op log + state of shard 7 (storage/shard.py)
+
+Roles (docs/cluster.md, "Shard roles in the MailStore").  Each open shard has
+a role -- "primary", "follower" or "none" -- and the highest epoch this node
+knows for it.  Only a primary takes client writes; every write path passes
+the gate twice, before any work (blob writes) and again on the hub when its
+batch starts, so a role change is never overtaken by a queued write.  A
+primary stamps its epoch on new ops and, given a ``replicate`` hook, commits
+each batch only after the hook returned (storage/groupcommit.py).  A
+follower takes only ``apply_replicated`` appends whose epoch is at least the
+known one and whose ``prev`` matches its log (epoch fencing, log matching),
+or a whole snapshot.  The full-text indexer writes derived local state and
+runs under every role.  Without any ``set_role`` call (a single node) every
+shard is primary at epoch 0 with no hook: nothing changes.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +55,7 @@ from storage.model import (
     MailboxInfo,
     MailboxStatus,
     MessageRow,
+    StaleEpoch,
     StorageError,
     StorageUnavailable,
     TextHits,
@@ -57,6 +71,7 @@ _PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the th
 _INDEX_BATCH = 500  # messages indexed per write transaction (storage/fts.py)
 _INDEX_DELAY = 1.0  # seconds without changes before the shard's pending messages are indexed
 _INDEX_MAX_WAIT = 30.0  # seconds a message waits for the index at most, even under load
+ROLES = ("primary", "follower", "none")
 
 
 def _index_intent(tx: Any, docs: list) -> None:
@@ -100,20 +115,48 @@ def _uids(uids: Iterable[int]) -> list[int]:
 
 
 class _OpenShard:
-    def __init__(self, shard: Shard, committer: GroupCommitter) -> None:
+    def __init__(
+        self, number: int, shard: Shard, committer: GroupCommitter, role: str, known: int
+    ) -> None:
+        self.number = number
         self.shard = shard
         self.committer = committer
+        self.role = role
+        self.known_epoch = known  # the highest epoch seen (set_role, appends, the log)
         self.last_change = 0.0  # monotonic time of the last committed change
+
+    def require_primary(self) -> None:
+        """The write gate: StorageUnavailable unless this node leads the shard."""
+        if self.role != "primary":
+            raise StorageUnavailable(f"shard {self.number} is not led here")
+
+    def require_follower(self, epoch: int) -> None:
+        """The replication gate: a follower, and ``epoch`` not stale (then known)."""
+        if self.role != "follower":
+            raise StorageUnavailable(f"shard {self.number} is not a follower here")
+        if epoch < self.known_epoch:
+            raise StaleEpoch(self.known_epoch)
+        self.known_epoch = epoch
 
 
 class MailStore:
     """Implements node.context.MailStore over SQLite shards and a BlobStore."""
 
     def __init__(
-        self, data_dir: Path, shards: int, fsync: bool = True, group_commit_max: int = 256
+        self,
+        data_dir: Path,
+        shards: int,
+        fsync: bool = True,
+        group_commit_max: int = 256,
+        default_role: str = "primary",
     ) -> None:
+        """``default_role``: the role of a shard opened before any ``set_role``
+        ("primary" on a single node; a cluster node passes "none")."""
         if not 1 <= shards <= 4096:
             raise StoreLayoutError("shards must be 1..4096")
+        if default_role not in ROLES:
+            raise ValueError(f"bad role {default_role!r}")
+        self.default_role = default_role
         self.data_dir = Path(data_dir)
         self.shards = shards
         self.fsync = fsync
@@ -206,9 +249,10 @@ class MailStore:
             shard = Shard(self.shard_path(number), fsync=self.fsync)
             gevent.get_hub().threadpool.apply(shard.open_writer)
             shard.open_reader()
-            entry = _OpenShard(
-                shard, GroupCommitter(shard, self.group_commit_max, self._notify)
-            )
+            _, last_epoch = shard.position()
+            shard.epoch = last_epoch
+            committer = GroupCommitter(shard, self.group_commit_max, self._notify)
+            entry = _OpenShard(number, shard, committer, self.default_role, last_epoch)
             self._open[number] = entry
             pending.set(entry)
             return entry
@@ -243,15 +287,185 @@ class MailStore:
         return sorted(found)
 
     def _submit(self, account: str, intent: Intent) -> Any:
-        return self._shard(account).committer.submit(intent)
+        return self._write(self._shard(account), intent)
+
+    def _write(self, entry: _OpenShard, intent: Intent) -> Any:
+        """A client write through the role gate (checked now and at its batch)."""
+        entry.require_primary()
+        return entry.committer.submit(intent, entry.require_primary)
+
+    def submit_to(self, number: int, intent: Intent) -> Any:
+        """Run a write intent on shard ``number`` through the role gate
+        (storage/queue.py); raises StorageUnavailable unless led here."""
+        return self._write(self._entry(number), intent)
 
     def apply_ops(self, number: int, ops_: list[Op]) -> int:
-        """Append replicated ops to shard ``number`` (cluster/replication.py)."""
+        """Append ops to shard ``number`` without any role or epoch check
+        (replay and tools; replication uses ``apply_replicated``)."""
         entry = self._entry(number)
         return entry.committer.submit(functools.partial(ops.intent_apply_ops, ops=ops_))
 
-    def ops_since(self, number: int, index: int) -> list[Op]:
-        return self._entry(number).shard.ops_since(index)
+    def ops_since(self, number: int, index: int, limit: int = 10_000) -> list[Op]:
+        """Committed log entries after ``index``, ascending, at most ``limit``."""
+        return self._entry(number).shard.ops_since(index, limit)
+
+    # -- roles and replication (docs/cluster.md) -------------------------------
+
+    def set_role(
+        self,
+        number: int,
+        role: str,
+        epoch: int,
+        replicate: Callable[[int, list[Op]], None] | None = None,
+    ) -> None:
+        """Make this node "primary", "follower" or "none" for shard ``number``.
+
+        Opens the shard if needed.  ``epoch`` is stamped on the ops this node
+        logs as primary; the known epoch becomes max(known, epoch).  A primary
+        with ``replicate`` calls ``replicate(number, new_ops)`` on the hub
+        between prepare and commit of every batch that logged ops; if it
+        raises, the batch is rolled back and its callers get
+        StorageUnavailable.  Raises StaleEpoch for a primary role of an epoch
+        older than the known one.  A change away from follower/none waits
+        for the running batch, so no append of an older epoch lands after
+        this returns; a batch of a primary that is being replicated is not
+        waited for: it fails (role changed) unless it already committed.
+        """
+        if role not in ROLES:
+            raise ValueError(f"bad role {role!r}")
+        entry = self._entry(number)
+        if role == "primary" and epoch < entry.known_epoch:
+            raise StaleEpoch(entry.known_epoch)
+        committer = entry.committer
+        if entry.role == "primary":
+            self._change_role(entry, role, epoch, replicate)
+        else:
+            with committer.paused():
+                self._change_role(entry, role, epoch, replicate)
+
+    def _change_role(
+        self,
+        entry: _OpenShard,
+        role: str,
+        epoch: int,
+        replicate: Callable[[int, list[Op]], None] | None,
+    ) -> None:
+        committer = entry.committer
+        entry.role = role
+        entry.known_epoch = max(entry.known_epoch, epoch)
+        entry.shard.epoch = epoch
+        hook = None
+        if role == "primary" and replicate is not None:
+            hook = functools.partial(replicate, entry.number)
+        committer.replicate = hook
+        committer.generation += 1
+        log.info("shard %d: %s at epoch %d", entry.number, role, epoch)
+
+    def role(self, number: int) -> tuple[str, int]:
+        """(role, highest known epoch) of shard ``number``."""
+        entry = self._entry(number)
+        return entry.role, entry.known_epoch
+
+    def position(self, number: int) -> tuple[int, int]:
+        """(last_index, last_epoch) of the committed log; (0, 0) when empty."""
+        return self._entry(number).shard.position()
+
+    def op_epoch(self, number: int, index: int) -> int | None:
+        """Epoch of the committed op at ``index``; None if absent, 0 for index 0."""
+        return self._entry(number).shard.op_epoch(index)
+
+    def paused(self, number: int) -> Any:
+        """Context manager: shard ``number``'s committer with no batch running
+        and none starting (GroupCommitter.paused)."""
+        return self._entry(number).committer.paused()
+
+    def apply_replicated(
+        self,
+        number: int,
+        epoch: int,
+        prev: tuple[int, int],
+        ops_: list[Op],
+        blobs: Mapping[str, bytes],
+    ) -> tuple[int, int]:
+        """Follower side of replication: append the primary's ops after ``prev``.
+
+        Refuses with StaleEpoch(known) if ``epoch`` is older than the known
+        epoch (else it becomes the known epoch), StorageUnavailable unless
+        this node is a follower of the shard.  The blobs (name -> bytes,
+        each name its sha256) are stored durably first; every blob the ops
+        reference must then exist.  Then, in one committed transaction: the
+        log's last (index, epoch) must equal ``prev`` (else LogMismatch with
+        ours) and the ops are appended.  Returns the new (last_index,
+        last_epoch).  An empty ``ops_`` only checks ``prev``.
+        """
+        entry = self._entry(number)
+        entry.require_follower(epoch)
+        self._store_blobs(blobs, _referenced_blobs(ops_))
+        return entry.committer.submit(
+            functools.partial(ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_),
+            functools.partial(entry.require_follower, epoch),
+        )
+
+    def _store_blobs(self, blobs: Mapping[str, bytes], needed: set[str]) -> None:
+        for name, data in blobs.items():
+            if self.blobs.exists(name):
+                continue
+            if self.blobs.put(data) != name:
+                raise StorageError(f"blob {name}: content does not match its name")
+        missing = [b for b in needed if not self.blobs.exists(b)]
+        if missing:
+            raise StorageUnavailable(f"replicated ops reference missing blobs: {missing[:3]}")
+
+    def export_snapshot(self, number: int, dest: Path) -> tuple[int, int]:
+        """A consistent copy of shard ``number``'s database at ``dest``
+        (fsynced) and the (last_index, last_epoch) it holds."""
+        shard = self._entry(number).shard
+        return gevent.get_hub().threadpool.apply(shard.export_snapshot, (Path(dest),))
+
+    def install_snapshot(self, number: int, path: Path, epoch: int) -> tuple[int, int]:
+        """Replace shard ``number``'s database by the snapshot file ``path``
+        (from the primary of ``epoch``) and return the position it holds.
+
+        Raises StaleEpoch if ``epoch`` is older than the known one,
+        StorageUnavailable if this node leads the shard, StorageError for a
+        file that is not a sound shard database (nothing changed then).  The
+        role becomes "follower"; the known epoch max(known, epoch, the
+        snapshot's last epoch).  Blobs are not part of it: see missing_blobs.
+        """
+        entry = self._entry(number)
+        if entry.role == "primary":
+            raise StorageUnavailable(f"shard {number} is led here")
+        if epoch < entry.known_epoch:
+            raise StaleEpoch(entry.known_epoch)
+        shard = entry.shard
+        with entry.committer.paused():
+            shard.close_reader()
+            try:
+                position = gevent.get_hub().threadpool.apply(shard.install, (Path(path),))
+            finally:
+                shard.open_reader()
+                shard.commits += 1  # cached answers (changes_since) are void
+            self._change_role(entry, "follower", max(epoch, position[1]), None)
+        return position
+
+    def missing_blobs(self, number: int) -> list[str]:
+        """Blobs the shard's messages and queue reference that are not stored here, sorted."""
+        shard = self._entry(number).shard
+
+        def find() -> list[str]:  # threadpool: a scan and one stat per blob
+            return sorted(b for b in shard.blob_names() if not self.blobs.exists(b))
+
+        return gevent.get_hub().threadpool.apply(find)
+
+    def digest(self, number: int) -> str:
+        """sha256 over the rows of every state table (no FTS): equal on every
+        replica at the same position."""
+        return self.position_digest(number)[1]
+
+    def position_digest(self, number: int) -> tuple[tuple[int, int], str]:
+        """(position, digest) read from one snapshot of the database."""
+        shard = self._entry(number).shard
+        return gevent.get_hub().threadpool.apply(shard.state_digest)
 
     # -- watchers ------------------------------------------------------------
 
@@ -334,15 +548,18 @@ class MailStore:
         box = names.mailbox_name(mailbox)
         canon = names.canonical_flags(flags)
         when = _when(internaldate)
+        entries = [self._shard(acct) for acct in targets]
+        for entry in entries:
+            entry.require_primary()
         metadata = self._meta(raw, meta)
         blob = self.blobs.put(raw)
         pending = []
-        for acct in targets:
+        for acct, entry in zip(targets, entries, strict=True):
             intent = functools.partial(
                 ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
                 flags=canon, internaldate=when, meta=metadata,
             )
-            pending.append(self._shard(acct).committer.submit_nowait(intent))
+            pending.append(entry.committer.submit_nowait(intent, entry.require_primary))
         results: list[AppendResult] = []
         error: BaseException | None = None
         for p in pending:
@@ -369,6 +586,7 @@ class MailStore:
         box = names.mailbox_name(mailbox)
         canon = names.canonical_flags(flags)
         when = _when(internaldate)
+        self._shard(acct).require_primary()
         metadata = self._meta(raw, meta)
         blob = self.blobs.put(raw)
         return self._submit(acct, functools.partial(
@@ -581,3 +799,8 @@ class MailStore:
     def read_message(self, blob: str) -> bytes:
         """The stored bytes; raises NoSuchBlob."""
         return self.blobs.read(blob)
+
+
+def _referenced_blobs(ops_: Iterable[Op]) -> set[str]:
+    """Blobs named by ops (append, enqueue): they must exist before the op commits."""
+    return {op.args["blob"] for op in ops_ if isinstance(op.args.get("blob"), str)}

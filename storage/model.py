@@ -26,6 +26,31 @@ class StorageUnavailable(StorageError):
     """
 
 
+class StaleEpoch(StorageError):
+    """A replicated write or snapshot of an epoch older than this replica knows
+    (docs/cluster.md): its sender has been deposed."""
+
+    def __init__(self, known_epoch: int) -> None:
+        super().__init__(known_epoch)
+        self.known_epoch = known_epoch
+
+    def __str__(self) -> str:
+        return f"stale epoch: this replica knows epoch {self.known_epoch}"
+
+
+class LogMismatch(StorageError):
+    """A replicated append whose ``prev`` (index, epoch) is not this replica's
+    last log entry; carries the replica's own last entry."""
+
+    def __init__(self, last_index: int, last_epoch: int) -> None:
+        super().__init__(last_index, last_epoch)
+        self.last_index = last_index
+        self.last_epoch = last_epoch
+
+    def __str__(self) -> str:
+        return f"log mismatch: this replica's last entry is ({self.last_index}, {self.last_epoch})"
+
+
 class NoSuchMailbox(StorageError):
     pass
 

@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import json
+import os
+import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,7 @@ from storage.model import (
     PENDING,
     AppendResult,
     FlagChange,
+    LogMismatch,
     MailboxChanges,
     MailboxExists,
     MailboxInfo,
@@ -815,6 +820,26 @@ def intent_delete_account(tx: Tx, account: str) -> None:
         tx.log("delete_account", {"account": account})
 
 
+def intent_append_replicated(
+    tx: Tx, epoch: int, prev: tuple[int, int], ops: list[Op]
+) -> tuple[int, int]:
+    """Follower side of replication: append the primary's ops after ``prev``.
+
+    Log matching: the log's last (index, epoch) must be ``prev``, otherwise
+    LogMismatch carries ours.  No op may be newer than the sender's epoch.
+    An empty ``ops`` only checks ``prev``.  Returns the new last (index, epoch).
+    """
+    last = (_meta_get(tx.conn, "last_index"), _meta_get(tx.conn, "last_epoch"))
+    if last != (int(prev[0]), int(prev[1])):
+        raise LogMismatch(*last)
+    if any(op.epoch > epoch for op in ops):
+        raise StorageError(f"replicated op newer than its sender's epoch {epoch}")
+    if ops:
+        intent_apply_ops(tx, ops)
+        last = (ops[-1].index, ops[-1].epoch)
+    return last
+
+
 def intent_apply_ops(tx: Tx, ops: list[Op]) -> int:
     """Replication/replay: append given ops in order; returns the last index.
 
@@ -879,25 +904,44 @@ class Shard:
                 conn.close()
         self._reader = self._writer = None
 
+    def close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
     # -- writer (threadpool only, one batch at a time) ------------------------
 
-    def run_batch(self, intents: list[Intent]) -> BatchResult:
+    def run_batch(self, intents: list[Intent], epoch: int | None = None) -> BatchResult:
         """Run intents in ONE transaction with one commit.
 
         Each intent runs inside its own SAVEPOINT: an intent that raises is
         rolled back alone and its exception returned in its slot.  If the
         transaction cannot be committed, StorageUnavailable is raised and
-        nothing of the batch is visible.
+        nothing of the batch is visible.  New ops carry ``epoch`` (default
+        ``self.epoch``).
         """
+        results, _ = self.prepare_batch(intents, epoch, collect=False)
+        self.commit_prepared()
+        return results
+
+    def prepare_batch(
+        self, intents: list[Intent], epoch: int | None = None, collect: bool = True
+    ) -> tuple[BatchResult, list[Op]]:
+        """The first half of ``run_batch``: run the intents in an open
+        transaction and leave it open; returns the results and (if
+        ``collect``) the ops the batch logged.  Follow with
+        ``commit_prepared`` or ``rollback_prepared``; on error nothing stays."""
         conn = self._writer
         if conn is None:
             raise StorageUnavailable("shard is closed")
+        stamp = self.epoch if epoch is None else epoch
         results: BatchResult = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            before = _meta_get(conn, "last_index")
             for intent in intents:
                 conn.execute("SAVEPOINT op")
-                tx = Tx(conn, self.epoch)
+                tx = Tx(conn, stamp)
                 try:
                     value = intent(tx)
                 except (sqlite3.OperationalError, sqlite3.InternalError):
@@ -909,17 +953,104 @@ class Shard:
                 else:
                     conn.execute("RELEASE op")
                     results.append((True, value, tx.changes))
+            new_ops = _read_ops(conn, before, None) if collect else []
+        except BaseException as exc:
+            self.rollback_prepared()
+            raise StorageUnavailable("shard commit failed") from exc
+        return results, new_ops
+
+    def commit_prepared(self) -> None:
+        """COMMIT the prepared batch (fsync); StorageUnavailable and rolled back on failure."""
+        conn = self._writer
+        if conn is None:
+            raise StorageUnavailable("shard is closed")
+        try:
             if self.before_commit is not None:
                 self.before_commit()
             conn.execute("COMMIT")
         except BaseException as exc:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # SQLite may already have rolled back
+            self.rollback_prepared()
             raise StorageUnavailable("shard commit failed") from exc
         self.commits += 1
-        return results
+
+    def rollback_prepared(self) -> None:
+        """Discard the prepared batch (a no-op if no transaction is open)."""
+        if self._writer is not None and self._writer.in_transaction:
+            try:
+                self._writer.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # SQLite may already have rolled back
+
+    def install(self, source: Path) -> tuple[int, int]:
+        """Replace this database by the snapshot file ``source`` (threadpool;
+        the caller holds the committer paused and has closed the reader).
+
+        The snapshot is checked first; then the writer is checkpointed and
+        closed, the file copied next to the database, fsynced, the stale
+        -wal/-shm removed and the copy renamed over the database (directory
+        fsynced), and the writer reopened.  Returns the position it holds.
+        """
+        position = _snapshot_position(Path(source))
+        tmp = self.path.with_name(self.path.name + ".install")
+        shutil.copyfile(source, tmp)
+        _fsync_file(tmp)
+        if self._writer is not None:
+            self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._writer.close()
+            self._writer = None
+        try:
+            for suffix in ("-wal", "-shm"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            os.replace(tmp, self.path)
+            _fsync_dir(self.path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+            self.open_writer()
+        return position
+
+    # -- whole-database reads (threadpool, a connection of their own) ----------
+
+    @contextmanager
+    def _snapshot_reader(self) -> Iterator[sqlite3.Connection]:
+        """A private read connection inside one read transaction (one WAL snapshot)."""
+        with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
+            conn.execute("PRAGMA query_only=1")
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def export_snapshot(self, dest: Path) -> tuple[int, int]:
+        """A consistent copy of the database at ``dest`` (``VACUUM INTO``,
+        fsynced) and the (last_index, last_epoch) it holds.  Threadpool."""
+        dest = Path(dest)
+        dest.unlink(missing_ok=True)
+        with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
+            conn.execute("VACUUM INTO ?", (str(dest),))
+        _fsync_file(dest)
+        return _snapshot_position(dest, check=False)
+
+    def state_digest(self) -> tuple[tuple[int, int], str]:
+        """(position, sha256 hex over every state table's rows in key order)
+        from one snapshot; the FTS tables are derived and left out.  Threadpool."""
+        h = hashlib.sha256()
+        with self._snapshot_reader() as conn:
+            position = _position(conn)
+            for table in STATE_TABLES:
+                width = len(conn.execute(f"SELECT * FROM {table} LIMIT 0").description)
+                order = ", ".join(str(i + 1) for i in range(width))
+                h.update(f"\x00{table}\x00".encode())
+                for row in conn.execute(f"SELECT * FROM {table} ORDER BY {order}"):
+                    h.update(repr(row).encode("utf-8", "surrogatepass"))
+                    h.update(b"\n")
+        return position, h.hexdigest()
+
+    def blob_names(self) -> set[str]:
+        """Every blob the messages and the queue reference.  Threadpool."""
+        with self._snapshot_reader() as conn:
+            rows = conn.execute("SELECT blob FROM messages UNION SELECT blob FROM queue")
+            return {blob for (blob,) in rows}
 
     # -- reader (hub) ------------------------------------------------------
 
@@ -931,15 +1062,22 @@ class Shard:
 
     def ops_since(self, index: int, limit: int = 10_000) -> list[Op]:
         """Log entries with idx > index, ascending, at most ``limit``."""
-        rows = self.reader.execute(
-            "SELECT idx, epoch, ts, op, args FROM oplog WHERE idx > ? ORDER BY idx LIMIT ?",
-            (index, limit),
-        ).fetchall()
-        return [Op(i, e, t, o, json.loads(a)) for i, e, t, o, a in rows]
+        return _read_ops(self.reader, index, limit)
 
     def last_index(self) -> int:
         row = self.reader.execute("SELECT value FROM shard_meta WHERE key = 'last_index'").fetchone()
         return row[0] if row else 0
+
+    def position(self) -> tuple[int, int]:
+        """(last_index, last_epoch) of the committed log; (0, 0) when empty."""
+        return _position(self.reader)
+
+    def op_epoch(self, index: int) -> int | None:
+        """The epoch of the committed op at ``index`` (index 0: 0; None if absent)."""
+        if index == 0:
+            return 0
+        row = self.reader.execute("SELECT epoch FROM oplog WHERE idx = ?", (index,)).fetchone()
+        return row[0] if row else None
 
     def dump_state(self) -> dict[str, list[tuple]]:
         """Every state table's rows, sorted (for determinism checks and tools)."""
@@ -1085,3 +1223,50 @@ def _chunks(items: list[int], size: int = 500) -> Iterable[list[int]]:
     # Below SQLite's host-parameter limit (999 before 3.32).
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _read_ops(conn: sqlite3.Connection, index: int, limit: int | None) -> list[Op]:
+    rows = conn.execute(
+        "SELECT idx, epoch, ts, op, args FROM oplog WHERE idx > ? ORDER BY idx LIMIT ?",
+        (index, -1 if limit is None else limit),
+    ).fetchall()
+    return [Op(i, e, t, o, json.loads(a)) for i, e, t, o, a in rows]
+
+
+def _position(conn: sqlite3.Connection) -> tuple[int, int]:
+    return _meta_get(conn, "last_index"), _meta_get(conn, "last_epoch")
+
+
+def _snapshot_position(path: Path, check: bool = True) -> tuple[int, int]:
+    """The (last_index, last_epoch) a shard database file holds; with ``check``
+    it must pass SQLite's quick_check and have an op log (else StorageError)."""
+    if not path.is_file():
+        raise StorageError(f"{path}: no such snapshot")
+    try:
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.execute("PRAGMA query_only=1")
+            if check:
+                (verdict,) = conn.execute("PRAGMA quick_check").fetchone()
+                tables = {r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if verdict != "ok" or not {"oplog", "shard_meta"} <= tables:
+                    raise StorageError(f"{path}: not a sound shard database ({verdict})")
+            return _position(conn)
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{path}: not a shard database") from exc
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
