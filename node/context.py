@@ -7,7 +7,7 @@ that satisfy these Protocols; integration tests run the real ones.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -227,11 +227,14 @@ class OutboundQueue(Protocol):
 
     def get(self, queue_id: str) -> QueueEntry | None: ...
 
-    def due(self, now: float, limit: int) -> list[QueueEntry]:
-        """Entries not held, with pending recipients, next_attempt <= now."""
+    def due(self, now: float, limit: int, *, shards: Iterable[int] | None = None,
+            exclude: Collection[str] = ()) -> list[QueueEntry]:
+        """Entries not held, with pending recipients, next_attempt <= now, of
+        ``shards`` (default: every local / led shard), ids in ``exclude`` left out."""
         ...
 
-    def next_due(self) -> float | None: ...
+    def next_due(self, *, after: float | None = None,
+                 shards: Iterable[int] | None = None) -> float | None: ...
 
     def record_attempt(
         self,
@@ -247,8 +250,10 @@ class OutboundQueue(Protocol):
 
     def read_message(self, blob: str) -> bytes: ...
 
-    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """callback() on the hub after each committed enqueue/retry/release."""
+    def watch(self, callback: Callable[..., None], *, entries: bool = False
+              ) -> Callable[[], None]:
+        """callback() on the hub after each committed enqueue/retry/release;
+        with ``entries=True`` callback(new entry) or callback(None)."""
         ...
 
 
