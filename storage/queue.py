@@ -19,17 +19,28 @@ identical state.  Ops (docs/queue.md): ``enqueue``, ``attempt_result``,
 The body is written to the BlobStore (fsynced) *before* the ``enqueue`` op is
 committed, like a mailbox append.  Reads run on the hub on each shard's
 reader connection; ``due`` and ``next_due`` use the ``(held, next_attempt)``
-index.
+index.  ``due`` first reads only ids in index order and skips the ones the
+caller excludes (the runner's in-flight entries), then reads whole entries
+for the chosen few, so a pass costs O(in flight) cheap rows, not O(in
+flight) entries with their recipients.
+
+Cluster mode (``use_cluster``): this node may write only to the shards it
+leads (the store's role gate raises StorageUnavailable otherwise).
+``enqueue`` picks one of those at random, so the commit is local; a node
+that leads no shard hands the message to ``forward`` (an RPC to a primary,
+node/admin.py).  Reads without an explicit shard list cover the led shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
 from storage.mailstore import MailStore, shard_of
@@ -43,6 +54,7 @@ from storage.model import (
     QueueEntry,
     RecipientResult,
     StorageError,
+    StorageUnavailable,
 )
 from storage.shard import Shard, Tx
 
@@ -74,6 +86,24 @@ def is_queue_id(text: object) -> bool:
 def queue_shard(queue_id: str, shards: int) -> int:
     """The shard holding an entry: a stable hash of its id."""
     return shard_of(queue_id, shards)
+
+
+def entry_to_json(entry: QueueEntry) -> dict[str, Any]:
+    """A queue entry as plain JSON data (tuples become lists), plus ``pending``."""
+    data = dataclasses.asdict(entry)
+    data["pending"] = len(entry.pending)
+    return data
+
+
+def entry_from_json(data: dict[str, Any]) -> QueueEntry:
+    """The inverse of ``entry_to_json`` (extra keys are ignored)."""
+    fields = {f.name for f in dataclasses.fields(QueueEntry)}
+    values = {k: v for k, v in data.items() if k in fields}
+    values["recipients"] = tuple(
+        QueuedRecipient(**{**r, "notify": tuple(r.get("notify", ()))})
+        for r in data["recipients"]
+    )
+    return QueueEntry(**values)
 
 
 def _text(value: str, limit: int, what: str) -> str:
@@ -118,6 +148,23 @@ def _entry(conn: Any, row: tuple) -> QueueEntry:
         is_dsn=bool(is_dsn),
         delay_dsn_sent=bool(delay_dsn_sent),
     )
+
+
+def _due_ids(shard: Shard, now: float, limit: int, exclude: Collection[str]) -> list[tuple]:
+    """(next_attempt, id) of up to ``limit`` due entries not in ``exclude``,
+    walking the (held, next_attempt) index."""
+    out: list[tuple] = []
+    cursor = shard.reader.execute(
+        "SELECT next_attempt, id FROM queue WHERE held = 0 AND next_attempt <= ?"
+        " ORDER BY next_attempt", (now,))
+    for row in cursor:
+        if row[1] in exclude:
+            continue
+        out.append(row)
+        if len(out) >= limit:
+            break
+    cursor.close()
+    return out
 
 
 def _read_entries(shard: Shard, where: str, params: tuple) -> list[QueueEntry]:
@@ -248,6 +295,53 @@ def intent_delete(tx: Tx, queue_id: str) -> None:
     tx.log("dequeue", {"id": queue_id, "reason": "deleted"})
 
 
+def enqueue_args(
+    sender: str,
+    recipients: Iterable[QueuedRecipient],
+    *,
+    envid: str | None = None,
+    ret: str | None = None,
+    requiretls: bool = False,
+    smtputf8: bool = False,
+    body: str = "7BIT",
+    is_dsn: bool = False,
+) -> dict[str, Any]:
+    """Checked ``enqueue`` arguments as JSON data ({sender, recipients,
+    options}); raises StorageError for invalid ones."""
+    rcpts = [
+        {
+            "address": _text(r.address, MAX_ADDRESS, "recipient"),
+            "notify": [n.upper() for n in r.notify],
+            "orcpt": None if r.orcpt is None else _text(r.orcpt, MAX_ADDRESS, "ORCPT"),
+        }
+        for r in recipients
+    ]
+    if not rcpts or len(rcpts) > MAX_RECIPIENTS:
+        raise StorageError(f"an entry needs 1..{MAX_RECIPIENTS} recipients")
+    if any(not r["address"] or any(n not in NOTIFY_VALUES for n in r["notify"])
+           for r in rcpts):
+        raise StorageError("bad recipient or NOTIFY value")
+    if ret not in RETS or body not in BODIES:
+        raise StorageError("bad RET or BODY value")
+    options = {
+        "envid": None if envid is None else _text(envid, MAX_ENVID, "ENVID"),
+        "ret": ret, "requiretls": bool(requiretls), "smtputf8": bool(smtputf8),
+        "body": body, "is_dsn": bool(is_dsn),
+    }
+    return {"sender": _text(sender, MAX_ADDRESS, "sender"), "recipients": rcpts,
+            "options": options}
+
+
+def check_enqueue_args(data: Any) -> dict[str, Any]:
+    """``enqueue_args`` output received from elsewhere (an RPC), checked again."""
+    try:
+        rcpts = [QueuedRecipient(r["address"], tuple(r["notify"]), r["orcpt"])
+                 for r in data["recipients"]]
+        return enqueue_args(data["sender"], rcpts, **data["options"])
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise StorageError(f"bad enqueue arguments: {exc}") from None
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -262,8 +356,16 @@ class OutboundQueue:
 
     def __init__(self, store: MailStore) -> None:
         self.store = store
-        self._watchers: list[Callable[[], None]] = []
+        self._watchers: list[tuple[Callable[..., None], bool]] = []
         self._known: set[int] | None = None  # shards that may hold entries
+        self.cluster: Any = None  # node.context.ClusterView in cluster mode
+        self._forward: Callable[[dict, bytes], QueueEntry] | None = None
+
+    def use_cluster(self, view: Any, forward: Callable[[dict, bytes], QueueEntry] | None) -> None:
+        """Cluster mode: enqueue into led shards, else ``forward(args, raw)``
+        (args as ``enqueue_args``; it returns the entry a primary committed)."""
+        self.cluster = view
+        self._forward = forward
 
     # -- shards ------------------------------------------------------------
 
@@ -272,16 +374,32 @@ class OutboundQueue:
             self._known = set(self.store.existing_shards())
         return sorted(self._known)
 
+    def local_shards(self, shards: Iterable[int] | None = None) -> list[int]:
+        """The shards reads cover: ``shards`` if given (single node: those
+        that exist), else every shard with entries (single node) or every
+        shard led here (cluster)."""
+        if self.cluster is None:
+            known = self._shard_numbers()
+            return known if shards is None else sorted(set(shards) & set(known))
+        if shards is None:
+            return sorted(self.cluster.local_primary_shards())
+        return sorted(set(shards))
+
+    def shard_of_id(self, queue_id: str) -> int | None:
+        """The queue shard of a well-formed id (None if malformed)."""
+        return queue_shard(queue_id, self.store.shards) if is_queue_id(queue_id) else None
+
     def _shard_of_id(self, queue_id: str) -> int | None:
-        """The shard of an id, or None if it is malformed or that shard has no database."""
-        if not is_queue_id(queue_id):
-            return None
-        number = queue_shard(queue_id, self.store.shards)
+        """The shard of an id, or None if it is malformed or (single node)
+        that shard has no database."""
+        number = self.shard_of_id(queue_id)
+        if number is None or self.cluster is not None:
+            return number
         return number if number in self._shard_numbers() else None
 
     def _submit(self, number: int, intent: Callable[[Tx], Any]) -> Any:
-        _, committer = self.store.shard_by_number(number)
-        return committer.submit(intent)
+        # Through the role gate: StorageUnavailable unless this node leads the shard.
+        return self.store.submit_to(number, intent)
 
     def _submit_for(self, queue_id: str, intent: Callable[..., Any], **kwargs: Any) -> Any:
         number = self._shard_of_id(queue_id)
@@ -291,20 +409,30 @@ class OutboundQueue:
 
     # -- watchers ------------------------------------------------------------
 
-    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
-        """callback() on the hub after each committed enqueue/retry/release/flush."""
-        self._watchers.append(callback)
+    def watch(self, callback: Callable[..., None], *, entries: bool = False
+              ) -> Callable[[], None]:
+        """callback() on the hub after each committed enqueue/retry/release/flush.
+
+        With ``entries=True`` it is called as callback(entry) with the new
+        QueueEntry after an enqueue, and callback(None) after the others
+        (the queue runner dispatches new entries without a query).
+        """
+        item = (callback, entries)
+        self._watchers.append(item)
 
         def stop() -> None:
-            if callback in self._watchers:
-                self._watchers.remove(callback)
+            if item in self._watchers:
+                self._watchers.remove(item)
 
         return stop
 
-    def _notify(self) -> None:
-        for callback in list(self._watchers):
+    def _notify(self, entry: QueueEntry | None = None) -> None:
+        for callback, with_entry in list(self._watchers):
             try:
-                callback()
+                if with_entry:
+                    callback(entry)
+                else:
+                    callback()
             except Exception:
                 log.exception("queue watcher failed")
 
@@ -326,38 +454,47 @@ class OutboundQueue:
         """Queue one message; every recipient starts pending (their state
         fields are ignored).  Raises StorageError for invalid arguments before
         anything is written."""
-        rcpts = [
-            {
-                "address": _text(r.address, MAX_ADDRESS, "recipient"),
-                "notify": [n.upper() for n in r.notify],
-                "orcpt": None if r.orcpt is None else _text(r.orcpt, MAX_ADDRESS, "ORCPT"),
-            }
-            for r in recipients
-        ]
-        if not rcpts or len(rcpts) > MAX_RECIPIENTS:
-            raise StorageError(f"an entry needs 1..{MAX_RECIPIENTS} recipients")
-        if any(not r["address"] or any(n not in NOTIFY_VALUES for n in r["notify"])
-               for r in rcpts):
-            raise StorageError("bad recipient or NOTIFY value")
-        if ret not in RETS or body not in BODIES:
-            raise StorageError("bad RET or BODY value")
-        options = {
-            "envid": None if envid is None else _text(envid, MAX_ENVID, "ENVID"),
-            "ret": ret, "requiretls": bool(requiretls), "smtputf8": bool(smtputf8),
-            "body": body, "is_dsn": bool(is_dsn),
-        }
-        sender = _text(sender, MAX_ADDRESS, "sender")
+        args = enqueue_args(sender, recipients, envid=envid, ret=ret, requiretls=requiretls,
+                            smtputf8=smtputf8, body=body, is_dsn=is_dsn)
+        number = self._enqueue_shard()
+        if number is None:
+            return self._forward_enqueue(args, raw)
+        try:
+            return self.enqueue_checked(args, raw, number)
+        except StorageUnavailable:
+            if self.cluster is None or self._forward is None:
+                raise
+            return self._forward_enqueue(args, raw)  # lost the lead meanwhile
+
+    def enqueue_checked(self, args: dict, raw: bytes, number: int | None = None) -> QueueEntry:
+        """Enqueue ``enqueue_args`` output into shard ``number`` (default: one
+        chosen here); never forwards (the ``queue.enqueue`` RPC handler)."""
+        if number is None:
+            number = self._enqueue_shard()
+            if number is None:
+                raise StorageUnavailable("this node leads no queue shard")
         blob = self.store.blobs.put(raw)  # durable before the op that names it
-        number = secrets.randbelow(self.store.shards)
         entry = self._submit(number, functools.partial(
-            intent_enqueue, number=number, shards=self.store.shards, sender=sender,
-            recipients=rcpts, blob=blob, size=len(raw), options=options,
+            intent_enqueue, number=number, shards=self.store.shards, sender=args["sender"],
+            recipients=args["recipients"], blob=blob, size=len(raw), options=args["options"],
         ))
         self._shard_numbers()
         assert self._known is not None
         self._known.add(number)
-        self._notify()
+        self._notify(entry)
         return entry
+
+    def _enqueue_shard(self) -> int | None:
+        """A random shard (single node), or a random led shard (cluster; None if none)."""
+        if self.cluster is None:
+            return secrets.randbelow(self.store.shards)
+        led = self.cluster.local_primary_shards()
+        return random.choice(led) if led else None
+
+    def _forward_enqueue(self, args: dict, raw: bytes) -> QueueEntry:
+        if self._forward is None:
+            raise StorageUnavailable("this node leads no queue shard")
+        return self._forward(args, raw)
 
     def record_attempt(
         self,
@@ -403,10 +540,11 @@ class OutboundQueue:
         """Remove the entry without any report (operator action)."""
         self._submit_for(queue_id, intent_delete)
 
-    def flush(self) -> int:
-        """Make every non-held entry due now; returns how many."""
+    def flush(self, shards: Iterable[int] | None = None) -> int:
+        """Make every non-held entry due now (of ``shards``, default
+        ``local_shards()``); returns how many."""
         total = 0
-        for number in self._shard_numbers():
+        for number in self.local_shards(shards):
             total += self._submit(number, functools.partial(intent_retry, queue_id=None))
         self._notify()
         return total
@@ -421,27 +559,42 @@ class OutboundQueue:
         found = _read_entries(shard, "id = ?", (queue_id,))
         return found[0] if found else None
 
-    def due(self, now: float, limit: int) -> list[QueueEntry]:
-        """Entries not held with next_attempt <= now, earliest first, at most ``limit``."""
+    def due(self, now: float, limit: int, *, shards: Iterable[int] | None = None,
+            exclude: Collection[str] = ()) -> list[QueueEntry]:
+        """Entries not held with next_attempt <= now, earliest first, at most
+        ``limit``, from ``shards`` (default ``local_shards()``), leaving out
+        the ids in ``exclude``."""
         if limit <= 0:
             return []
-        found: list[QueueEntry] = []
-        for number in self._shard_numbers():
+        chosen: list[tuple] = []
+        for number in self.local_shards(shards):
             shard, _ = self.store.shard_by_number(number)
-            found += _read_entries(
-                shard, "held = 0 AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
-                (now, limit),
-            )
+            chosen += [(when, qid, number) for when, qid in _due_ids(shard, now, limit, exclude)]
+        chosen.sort()
+        by_shard: dict[int, list[str]] = {}
+        for _, qid, number in chosen[:limit]:
+            by_shard.setdefault(number, []).append(qid)
+        found: list[QueueEntry] = []
+        for number, ids in by_shard.items():
+            shard, _ = self.store.shard_by_number(number)
+            for i in range(0, len(ids), 500):  # SQLite's variable limit is far above
+                part = ids[i:i + 500]
+                found += _read_entries(
+                    shard, f"id IN ({','.join('?' * len(part))}) AND held = 0", tuple(part))
         found.sort(key=lambda e: (e.next_attempt, e.id))
-        return found[:limit]
+        return found
 
-    def next_due(self) -> float | None:
-        """The earliest next_attempt of a non-held entry, or None if there is none."""
+    def next_due(self, *, after: float | None = None,
+                 shards: Iterable[int] | None = None) -> float | None:
+        """The earliest next_attempt of a non-held entry (later than ``after``
+        if given) in ``shards`` (default ``local_shards()``), or None."""
         best: float | None = None
-        for number in self._shard_numbers():
+        where = "held = 0" if after is None else "held = 0 AND next_attempt > ?"
+        params: tuple = () if after is None else (after,)
+        for number in self.local_shards(shards):
             shard, _ = self.store.shard_by_number(number)
             (value,) = shard.reader.execute(
-                "SELECT min(next_attempt) FROM queue WHERE held = 0"
+                f"SELECT min(next_attempt) FROM queue WHERE {where}", params
             ).fetchone()
             if value is not None and (best is None or value < best):
                 best = value
@@ -453,12 +606,15 @@ class OutboundQueue:
         sender: str | None = None,
         older_than: float | None = None,
         now: float | None = None,
+        *,
+        shards: Iterable[int] | None = None,
     ) -> list[QueueEntry]:
-        """Every entry, oldest first, filtered by recipient domain, sender
-        (an address, or ``@domain``), and age in seconds -- all case-insensitive."""
+        """Every entry of ``shards`` (default ``local_shards()``), oldest
+        first, filtered by recipient domain, sender (an address, or
+        ``@domain``), and age in seconds -- all case-insensitive."""
         cutoff = None if older_than is None else (now or time.time()) - older_than
         out: list[QueueEntry] = []
-        for number in self._shard_numbers():
+        for number in self.local_shards(shards):
             shard, _ = self.store.shard_by_number(number)
             out += _read_entries(shard, "1 ORDER BY created", ())
         return sorted(

@@ -1,8 +1,13 @@
 """The queue runner: due entries out to the world, results back into the queue.
 
-Theory of operation.  One loop greenlet sleeps until ``queue.next_due()`` or
-a wakeup (``queue.watch``: enqueue, retry, release), then takes a bounded
-batch of due entries that are not already in flight.  Each entry's pending
+Theory of operation.  One loop greenlet sleeps until the next scheduled
+scan or a wakeup.  A new entry is handed over by the queue's watch
+(``queue.watch(..., entries=True)``) and dispatched at once, without a
+query; a *scan* (``queue.due`` excluding the ids in flight) runs only when
+the timer is due (the earliest future ``next_attempt`` or cooldown), after
+retry/release/flush, after a role change, or when a full batch left work
+behind -- so a submitted message costs O(1), not O(entries in flight).
+Each entry's pending
 recipients are grouped by destination domain into *jobs*; each destination
 keeps a FIFO of jobs and at most ``max_connections_per_domain`` worker
 greenlets, and every worker holds one of ``max_connections`` slots while it
@@ -21,6 +26,16 @@ pending and are tried (and reported) again.
 
 Mail for a local domain never leaves the cluster: the worker delivers it to
 the mail store, and ``_connect`` refuses to connect for a local route.
+
+Cluster mode (``ctx.cluster``): only entries of queue shards this node leads
+are attempted.  On ``on_role_change`` the runner rescans (a shard gained:
+its due entries start at once) and forgets the not-yet-started attempts of a
+shard it lost.  Before a planned leadership transfer the manager calls the
+hand-off hook (``handoff(shard)``): no new attempt starts for that shard,
+attempts not yet started are dropped, and the hook returns once every
+started attempt of the shard has recorded its result (bounded), so the new
+primary never repeats a delivery that succeeded here.  After a failure the
+new primary attempts whatever was not recorded (at-least-once).
 """
 
 from __future__ import annotations
@@ -44,6 +59,7 @@ from node.outbound.client import Connection, ConnectionLost, open_connection
 from node.outbound.client_protocol import DELIVERED, FAILED, PENDING, Envelope, Outcome, Recipient
 from node.outbound.dnsresolver import make_resolver
 from node.outbound.routing import Route, Router
+from storage.mailstore import shard_of
 from storage.model import RELAYED, QueuedRecipient, QueueEntry, RecipientResult, StorageError
 
 log = logging.getLogger("postroom.outbound")
@@ -56,6 +72,8 @@ MAX_IN_FLIGHT = 1000  # entries being delivered at once at most
 IDLE_WAIT = 60.0  # seconds between passes when nothing is due (wakeups come sooner)
 BUSY_WAIT = 1.0  # seconds between passes while entries are in flight
 COOLDOWN = 30.0  # seconds before an entry whose result could not be stored is retried
+HANDOFF_WAIT = 30.0  # seconds the hand-off hook waits for started attempts at most
+HANDOFF_HOLD = 60.0  # seconds a shard being handed off stays paused if we keep leading it
 
 
 def retry_delay(attempts_done: int, intervals: Sequence[int], rng: random.Random) -> float:
@@ -101,6 +119,9 @@ class _Attempt:
     remaining: int
     results: list[RecipientResult] = field(default_factory=list)
     local: set[str] = field(default_factory=set)  # delivered into the cluster
+    shard: int = 0  # the entry's queue shard
+    started: bool = False  # a worker took one of its jobs
+    abandoned: bool = False  # dropped before it started (the shard was lost)
 
 
 @dataclass
@@ -129,7 +150,8 @@ class QueueRunner:
                  rng: random.Random | None = None) -> None:
         assert ctx.queue is not None, "the queue runner needs ctx.queue"
         self.ctx = ctx
-        self.queue = ctx.queue
+        self.queue: Any = ctx.queue  # storage/queue.py OutboundQueue
+        self.cluster = ctx.cluster
         self.settings = ctx.config.outbound
         resolver = make_resolver(ctx.config)
         self.router = router or Router(ctx.config, resolver, ctx.directory.is_local_domain)
@@ -142,18 +164,31 @@ class QueueRunner:
         self._wakeup = gevent.event.Event()
         self._slots = gevent.lock.BoundedSemaphore(max(1, self.settings.max_connections))
         self._destinations: dict[str, _Destination] = {}
-        self._in_flight: set[str] = set()
+        self._in_flight: dict[str, _Attempt] = {}
         self._cooldown: dict[str, float] = {}
+        self._new: collections.deque[QueueEntry] = collections.deque()  # from the watch
+        self._rescan = True
+        self._backlog = False  # due entries were left behind for lack of room
+        self._next_scan = 0.0
+        self._handoff: dict[int, float] = {}  # shard -> paused until (hand-off running)
+        self._done = gevent.event.Event()  # set (and replaced) when an attempt ends
         self._workers: set[gevent.Greenlet] = set()
         self._loop: gevent.Greenlet | None = None
-        self._unwatch: Any = None
+        self._cancel: list[Any] = []
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
+        """Watch the queue (and, in cluster mode, shard roles and hand-offs); run."""
         self._stopping = False
-        self._unwatch = self.queue.watch(self.wake)
+        self._rescan = True
+        self._cancel = [self.queue.watch(self._on_queue_change, entries=True)]
+        if self.cluster is not None:
+            self._cancel.append(self.cluster.on_role_change(self._on_role_change))
+            add_hook = getattr(self.cluster, "add_handoff_hook", None)
+            if add_hook is not None:
+                self._cancel.append(add_hook(self.handoff))
         self._loop = gevent.spawn(self._run)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -162,8 +197,10 @@ class QueueRunner:
         A delivery cut short is simply attempted again later (at-least-once).
         """
         self._stopping = True
-        if self._unwatch is not None:
-            self._unwatch()
+        for cancel in self._cancel:
+            if callable(cancel):
+                cancel()
+        self._cancel = []
         self.wake()
         if self._loop is not None:
             self._loop.join(timeout)
@@ -172,47 +209,132 @@ class QueueRunner:
         gevent.killall(list(self._workers))
 
     def wake(self) -> None:
+        """Scan the queue now (after retry/release/flush or any outside change)."""
+        self._rescan = True
         self._wakeup.set()
 
+    # -- ownership (cluster mode) ------------------------------------------------------
+
+    def _shard_of(self, entry: QueueEntry) -> int:
+        return shard_of(entry.id, self.queue.store.shards) if self.cluster is not None else 0
+
+    def _owns(self, shard: int) -> bool:
+        if self.cluster is None:
+            return True
+        return shard not in self._handoff and self.cluster.is_local_primary(shard)
+
+    def _owned_shards(self) -> list[int] | None:
+        """Shards whose entries may be attempted; None: all (single node)."""
+        if self.cluster is None:
+            return None
+        return [n for n in self.cluster.local_primary_shards() if n not in self._handoff]
+
+    def _on_role_change(self, shard: int) -> None:
+        if not self.cluster.is_local_primary(shard):
+            self._handoff.pop(shard, None)
+            self._abandon(shard)
+        self.wake()
+
+    def _abandon(self, shard: int) -> None:
+        """Drop the attempts of ``shard`` that no worker has started."""
+        for qid, attempt in list(self._in_flight.items()):
+            if attempt.shard == shard and not attempt.started:
+                attempt.abandoned = True
+                del self._in_flight[qid]
+        self._signal_done()
+
+    def handoff(self, shard: int, timeout: float = HANDOFF_WAIT) -> bool:
+        """The manager's hand-off hook: pause ``shard`` and wait until its
+        started attempts have recorded their results.  True when none is
+        left; False if ``timeout`` passed first.  The pause ends when the
+        shard is lost, or after HANDOFF_HOLD seconds if it is still led."""
+        self._handoff[shard] = time.time() + HANDOFF_HOLD
+        self._next_scan = min(self._next_scan, self._handoff[shard])
+        self._abandon(shard)
+        deadline = time.monotonic() + timeout
+        while any(a.shard == shard for a in self._in_flight.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("hand-off of queue shard %d: attempts still running after %gs",
+                            shard, timeout)
+                return False
+            self._done.wait(left)
+        return True
+
+    def _signal_done(self) -> None:
+        done, self._done = self._done, gevent.event.Event()
+        done.set()
+
     # -- the loop --------------------------------------------------------------------
+
+    def _on_queue_change(self, entry: QueueEntry | None) -> None:
+        if entry is None:  # retry, release, flush
+            self.wake()
+        else:
+            self._new.append(entry)
+            self._wakeup.set()
 
     def _run(self) -> None:
         while not self._stopping:
             self._wakeup.clear()
             try:
-                taken = self._pass()
+                self._take_new()
+                now = time.time()
+                if self._rescan or now >= self._next_scan:
+                    self._rescan = False
+                    self._scan(now)
             except Exception:
                 log.exception("queue runner pass failed")
-                taken = 0
-            if taken:
-                gevent.sleep(0)
+                self._next_scan = time.time() + BUSY_WAIT
+            if self._rescan:
+                gevent.sleep(0)  # more due work: let the workers run first
                 continue
-            self._wakeup.wait(self._wait_time())
+            self._wakeup.wait(max(0.0, self._next_scan - time.time()))
 
-    def _pass(self) -> int:
-        now = time.time()
-        room = MAX_IN_FLIGHT - len(self._in_flight)
-        if room <= 0:
-            return 0
-        entries = self.queue.due(now, len(self._in_flight) + len(self._cooldown) + min(BATCH, room))
-        taken = 0
-        for entry in entries:
-            if entry.id in self._in_flight or self._cooldown.get(entry.id, 0) > now:
+    def _room(self) -> int:
+        return MAX_IN_FLIGHT - len(self._in_flight)
+
+    def _take_new(self) -> None:
+        """Dispatch the entries the queue handed over since the last turn."""
+        while self._new:
+            entry = self._new.popleft()
+            if entry.id in self._in_flight or entry.id in self._cooldown or entry.held:
                 continue
-            self._cooldown.pop(entry.id, None)
+            if not self._owns(self._shard_of(entry)):
+                continue
+            if self._room() <= 0:
+                self._backlog = True  # a scan takes it once there is room
+                continue
             self._dispatch(entry)
-            taken += 1
-            if taken >= room:
-                break
-        return taken
 
-    def _wait_time(self) -> float:
-        now = time.time()
-        limit = BUSY_WAIT if self._in_flight or self._cooldown else IDLE_WAIT
-        nxt = self.queue.next_due()
-        if nxt is None:
-            return limit
-        return max(0.0, min(nxt - now, limit)) if nxt > now else limit
+    def _scan(self, now: float) -> None:
+        """Dispatch due entries not in flight; schedule the next scan."""
+        for qid in [q for q, until in self._cooldown.items() if until <= now]:
+            del self._cooldown[qid]
+        owned = self._owned_shards()
+        for shard in [n for n, until in self._handoff.items() if until <= now]:
+            del self._handoff[shard]
+        room = min(BATCH, self._room())
+        if room > 0:
+            exclude = self._in_flight.keys() | self._cooldown.keys()
+            entries = self.queue.due(now, room, shards=owned, exclude=exclude)
+            for entry in entries:
+                self._dispatch(entry)
+            self._backlog = len(entries) >= room
+            self._rescan = self._backlog and self._room() > 0
+        else:
+            self._backlog = True
+        nxt = self.queue.next_due(after=now, shards=owned)
+        times = [now + IDLE_WAIT, *self._cooldown.values(), *self._handoff.values()]
+        if nxt is not None:
+            times.append(nxt)
+        self._next_scan = min(times)
+
+    def _schedule(self, when: float) -> None:
+        """Make sure a scan runs at ``when`` at the latest."""
+        if when < self._next_scan:
+            self._next_scan = when
+            self._wakeup.set()
 
     # -- dispatch --------------------------------------------------------------------
 
@@ -222,8 +344,8 @@ class QueueRunner:
             groups.setdefault(domain_of(rcpt.address), []).append(rcpt)
         if not groups:
             return
-        self._in_flight.add(entry.id)
-        attempt = _Attempt(entry, len(groups))
+        attempt = _Attempt(entry, len(groups), shard=self._shard_of(entry))
+        self._in_flight[entry.id] = attempt
         for domain, rcpts in groups.items():
             dest = self._destinations.get(domain)
             if dest is None:
@@ -252,6 +374,9 @@ class QueueRunner:
                 while True:
                     while dest.jobs:
                         job = dest.jobs.popleft()
+                        if job.attempt.abandoned:
+                            continue
+                        job.attempt.started = True
                         try:
                             conn = self._deliver_job(route, job, conn)
                         except Exception:
@@ -401,8 +526,11 @@ class QueueRunner:
             try:
                 self._complete(attempt)
             finally:
-                self._in_flight.discard(attempt.entry.id)
-                self.wake()
+                if self._in_flight.get(attempt.entry.id) is attempt:
+                    del self._in_flight[attempt.entry.id]
+                self._signal_done()
+                if self._backlog:
+                    self.wake()
 
     def _complete(self, attempt: _Attempt) -> None:
         """DSNs first, then one record_attempt for the whole entry."""
@@ -469,6 +597,10 @@ class QueueRunner:
             log.warning("queue %s: attempt result not stored (%s); retried in %gs",
                         entry.id, exc, COOLDOWN)
             self._cooldown[entry.id] = now + COOLDOWN
+            self._schedule(now + COOLDOWN)
+            return
+        if next_attempt is not None:
+            self._schedule(next_attempt)
 
     # -- logging ---------------------------------------------------------------------
 
