@@ -56,16 +56,20 @@ def merge(base: dict, overrides: Mapping) -> dict:
 
 
 class NodeProcess:
-    """One postroom node process and the CLI bound to its configuration."""
+    """One postroom node process and the CLI bound to its configuration.
 
-    host = "127.0.0.1"
+    ``host`` is the loopback address every listener binds (cluster tests run
+    nodes on 127.0.0.2, .3, ...)."""
 
-    def __init__(self, base_dir: Path, overrides: Mapping | None = None) -> None:
+    def __init__(
+        self, base_dir: Path, overrides: Mapping | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self.host = host
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.config_path = self.base_dir / "postroom.toml"
         self.ports = {
-            name: free_port()
+            name: free_port(host)
             for name in ("smtp", "imap", "imaps", "pop3", "pop3s", "submission", "submissions")
         }
         h = self.host
@@ -77,8 +81,8 @@ class NodeProcess:
                 "allow_plaintext_auth_on_loopback": True,
             },
             "etcd": {
-                "embedded_client_url": f"http://{h}:{free_port()}",
-                "embedded_peer_url": f"http://{h}:{free_port()}",
+                "embedded_client_url": f"http://{h}:{free_port(h)}",
+                "embedded_peer_url": f"http://{h}:{free_port(h)}",
             },
             "storage": {"shards": 4},
             "smtp": {"listen": [f"{h}:{self.ports['smtp']}"]},
