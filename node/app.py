@@ -156,7 +156,7 @@ class Node:
         router.register_handlers(self.rpc_server, self.store, self.manager)
         proxy.register_handlers(self.rpc_server, ctx)
         drill.register_fault_handler(self.rpc_server)
-        register_queue_handlers(self.rpc_server, ctx)
+        register_queue_handlers(self.rpc_server, ctx, self.rpc_client, cfg.cluster.rpc_timeout)
         self.rpc_server.start()
         self.manager.start()
 
