@@ -13,12 +13,25 @@ Commands (docs/queue.md): ``queue.list`` {domain?, sender?, older_than? (s)},
 ``queue.release`` {id}, ``queue.delete`` {id}, ``queue.flush`` {}, ``ping``.
 ``wake()`` is called after retry, release and flush so the queue runner acts
 at once.
+
+Cluster mode.  Each member answers for the queue shards it leads;
+``register_queue_handlers`` serves the ``queue.*`` RPC methods below and
+gives the queue a ``ClusterQueue``, through which the admin commands cover
+the whole cluster: list and flush fan out to every shard primary at once and
+merge the answers (shards without a reachable primary are reported in
+``missing_shards``); an operation on one id goes to the primary of its queue
+shard.  The same object forwards ``enqueue`` from a node that leads no shard.
+
+RPC methods (docs/cluster.md ``queue.*``; answered by the shard primary):
+``queue.enqueue`` {args} + [raw] -> {entry}; ``queue.list`` {domain?,
+sender?, older_than?} -> {entries, shards}; ``queue.show`` {id} -> {entry,
+headers}; ``queue.retry`` / ``queue.hold`` / ``queue.release`` /
+``queue.delete`` {id} -> {}; ``queue.flush`` {} -> {count, shards}.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -30,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from storage.model import NoSuchQueueEntry, QueueEntry, StorageError, StorageUnavailable
+from storage.queue import check_enqueue_args, entry_from_json, queue_shard
+from storage.queue import entry_to_json as entry_to_json
 
 log = logging.getLogger("postroom.admin")
 
@@ -70,13 +85,6 @@ def _sockaddr(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def entry_to_json(entry: QueueEntry) -> dict[str, Any]:
-    """A queue entry as plain JSON data (tuples become lists)."""
-    data = dataclasses.asdict(entry)
-    data["pending"] = len(entry.pending)
-    return data
-
-
 def header_section(raw: bytes, limit: int = MAX_HEADERS) -> str:
     """The header section of a message (RFC 5322 §2.1), at most ``limit`` octets."""
     end = len(raw)
@@ -94,6 +102,200 @@ def _str_arg(args: dict, name: str, required: bool = True) -> str | None:
     if not isinstance(value, str) or not value or len(value) > 1000:
         raise _BadRequest(f"argument {name!r}: expected a non-empty string")
     return value
+
+
+class LocalQueue:
+    """The admin operations on this node's queue (every shard, or in
+    cluster mode the shards led here); results are JSON data."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue  # storage/queue.py OutboundQueue
+
+    def list(self, domain: str | None, sender: str | None, older_than: float | None) -> dict:
+        shards = self.queue.local_shards()
+        entries = self.queue.list(domain=domain, sender=sender, older_than=older_than,
+                                  shards=shards)
+        return {"entries": [entry_to_json(e) for e in entries], "shards": shards}
+
+    def show(self, qid: str) -> dict:
+        self._require_lead(qid)
+        entry = self.queue.get(qid)
+        if entry is None:
+            raise NoSuchQueueEntry(qid)
+        try:
+            headers = header_section(self.queue.read_message(entry.blob))
+        except StorageError:
+            headers = ""
+        return {"entry": entry_to_json(entry), "headers": headers}
+
+    def act(self, action: str, qid: str) -> None:
+        """retry, hold, release or delete one entry."""
+        method = {"retry": self.queue.retry_now, "hold": self.queue.hold,
+                  "release": self.queue.release, "delete": self.queue.delete}[action]
+        method(qid)
+
+    def flush(self) -> dict:
+        shards = self.queue.local_shards()
+        return {"count": self.queue.flush(shards), "shards": shards}
+
+    def _require_lead(self, qid: str) -> None:
+        view = self.queue.cluster
+        number = self.queue.shard_of_id(qid)
+        if view is not None and number is not None and not view.is_local_primary(number):
+            raise StorageUnavailable(f"queue shard {number} is not led here")
+
+
+class ClusterQueue:
+    """The admin operations over every member (see the module docstring),
+    and ``enqueue`` forwarding for a node that leads no queue shard."""
+
+    def __init__(self, local: LocalQueue, view: Any, rpc: Any, timeout: float = 10.0) -> None:
+        self.local = local
+        self.view = view  # node.context.ClusterView
+        self.rpc = rpc  # cluster/rpc.py RpcClient
+        self.timeout = timeout
+
+    @property
+    def shards(self) -> int:
+        return self.local.queue.store.shards
+
+    def _call(self, node: str, method: str, args: dict, attachments: list[bytes] = ()) -> Any:
+        from cluster.router import remote_error
+        from cluster.rpc import RpcError
+
+        address = self.view.rpc_address(node)
+        if address is None:
+            raise StorageUnavailable(f"{node} is not a member")
+        try:
+            result, _ = self.rpc.call(address, method, args, list(attachments),
+                                      timeout=self.timeout)
+        except RpcError as exc:
+            raise remote_error(exc) from exc
+        return result
+
+    def _primary_of_id(self, qid: str) -> str | None:
+        """The member leading the id's queue shard; None when it is this node."""
+        number = queue_shard(qid, self.shards)
+        if self.view.is_local_primary(number):
+            return None
+        primary = self.view.primary_of(number)
+        if primary is None or primary == self.view.node_name:
+            raise StorageUnavailable(f"queue shard {number} has no primary now")
+        return primary
+
+    def _fan_out(self, method: str, args: dict, local: Callable[[], dict]) -> tuple[list, list]:
+        """(answers, missing shards): ``method`` on every primary at once."""
+        import gevent
+
+        nodes = {self.view.primary_of(n) for n in range(self.shards)} - {None}
+        nodes.discard(self.view.node_name)
+        jobs = {node: gevent.spawn(self._call, node, method, args) for node in sorted(nodes)}
+        answers = [local()]
+        gevent.joinall(list(jobs.values()))
+        for node, job in jobs.items():
+            if job.successful():
+                answers.append(job.value)
+            else:
+                log.warning("queue %s on %s failed: %s", method, node, job.exception)
+        covered = {n for a in answers for n in a.get("shards", ())}
+        return answers, sorted(set(range(self.shards)) - covered)
+
+    def list(self, domain: str | None, sender: str | None, older_than: float | None) -> dict:
+        args = {"domain": domain, "sender": sender, "older_than": older_than}
+        answers, missing = self._fan_out(
+            "queue.list", args, lambda: self.local.list(domain, sender, older_than))
+        seen: dict[str, dict] = {}
+        for answer in answers:
+            for entry in answer["entries"]:
+                seen.setdefault(entry["id"], entry)
+        entries = sorted(seen.values(), key=lambda e: (e["created"], e["id"]))
+        return {"entries": entries, "missing_shards": missing}
+
+    def show(self, qid: str) -> dict:
+        node = self._primary_of_id(qid)
+        return self.local.show(qid) if node is None else self._call(node, "queue.show",
+                                                                     {"id": qid})
+
+    def act(self, action: str, qid: str) -> None:
+        node = self._primary_of_id(qid)
+        if node is None:
+            self.local.act(action, qid)
+        else:
+            self._call(node, f"queue.{action}", {"id": qid})
+
+    def flush(self) -> dict:
+        answers, missing = self._fan_out("queue.flush", {}, self.local.flush)
+        return {"count": sum(a["count"] for a in answers), "missing_shards": missing}
+
+    def enqueue(self, args: dict, raw: bytes) -> QueueEntry:
+        """Forward a checked enqueue to the primary of a random queue shard."""
+        import random
+
+        led = [(n, p) for n in range(self.shards) if (p := self.view.primary_of(n))
+               and p != self.view.node_name]
+        if not led:
+            raise StorageUnavailable("no queue shard has a primary on another node")
+        _, node = random.choice(led)
+        result = self._call(node, "queue.enqueue", {"args": args}, [raw])
+        return entry_from_json(result["entry"])
+
+
+def _list_args(args: dict) -> tuple[str | None, str | None, float | None]:
+    older = args.get("older_than")
+    if older is not None and (
+        isinstance(older, bool) or not isinstance(older, (int, float))
+        or not math.isfinite(older) or older < 0
+    ):
+        raise _BadRequest("argument 'older_than': expected seconds >= 0")
+    return (_str_arg(args, "domain", required=False), _str_arg(args, "sender", required=False),
+            older)
+
+
+def register_queue_handlers(rpc_server: Any, ctx: Any, rpc_client: Any = None,
+                            timeout: float = 10.0) -> ClusterQueue | None:
+    """Serve the ``queue.*`` RPC methods for ``ctx.queue`` on this node's RPC
+    server (node/app.py, cluster mode), and put the queue in cluster mode
+    (``OutboundQueue.use_cluster``: writes to led shards only).  With
+    ``rpc_client`` it also forwards enqueues and the admin commands cover the
+    whole cluster; returns that ClusterQueue."""
+    local = LocalQueue(ctx.queue)
+
+    def handler(fn: Callable[[dict, list[bytes]], dict]) -> Callable:
+        def handle(peer: str, args: dict, attachments: list[bytes]) -> tuple[dict, list[bytes]]:
+            try:
+                return fn(args, attachments), []
+            except _BadRequest as exc:
+                raise StorageError(str(exc)) from None
+        return handle
+
+    def enqueue(args: dict, attachments: list[bytes]) -> dict:
+        if len(attachments) != 1:
+            raise StorageError("queue.enqueue needs the message as one attachment")
+        entry = ctx.queue.enqueue_checked(check_enqueue_args(args.get("args")), attachments[0])
+        return {"entry": entry_to_json(entry)}
+
+    def act(action: str) -> Callable[[dict, list[bytes]], dict]:
+        def run(args: dict, _: list[bytes]) -> dict:
+            qid = _str_arg(args, "id")
+            local._require_lead(qid)
+            local.act(action, qid)
+            return {}
+        return run
+
+    methods: dict[str, Callable[[dict, list[bytes]], dict]] = {
+        "queue.enqueue": enqueue,
+        "queue.list": lambda args, _: local.list(*_list_args(args)),
+        "queue.show": lambda args, _: local.show(_str_arg(args, "id")),
+        "queue.flush": lambda args, _: local.flush(),
+        **{f"queue.{a}": act(a) for a in ("retry", "hold", "release", "delete")},
+    }
+    for name, fn in methods.items():
+        rpc_server.register(name, handler(fn))
+    if ctx.cluster is None:
+        return None
+    remote = None if rpc_client is None else ClusterQueue(local, ctx.cluster, rpc_client, timeout)
+    ctx.queue.use_cluster(ctx.cluster, remote)
+    return remote
 
 
 class AdminServer:
@@ -229,57 +431,49 @@ class AdminServer:
 
     # -- commands ------------------------------------------------------------
 
+    def _target(self) -> LocalQueue | ClusterQueue:
+        """This node's queue, or the whole cluster's once the queue is in cluster mode."""
+        remote = getattr(self.queue, "remote", None)
+        return remote if isinstance(remote, ClusterQueue) else LocalQueue(self.queue)
+
+    @staticmethod
+    def _answer(result: dict, *keys: str) -> dict:
+        """``keys`` of a result, plus ``missing_shards`` when some went unanswered."""
+        out = {k: result[k] for k in keys}
+        if result.get("missing_shards"):
+            out["missing_shards"] = result["missing_shards"]
+        return out
+
     def _list(self, args: dict) -> dict:
-        older = args.get("older_than")
-        if older is not None and (
-            isinstance(older, bool) or not isinstance(older, (int, float))
-            or not math.isfinite(older) or older < 0
-        ):
-            raise _BadRequest("argument 'older_than': expected seconds >= 0")
-        entries = self.queue.list(
-            domain=_str_arg(args, "domain", required=False),
-            sender=_str_arg(args, "sender", required=False),
-            older_than=older,
-        )
-        return {"entries": [entry_to_json(e) for e in entries]}
+        return self._answer(self._target().list(*_list_args(args)), "entries")
 
     def _show(self, args: dict) -> dict:
-        qid = _str_arg(args, "id")
-        entry = self.queue.get(qid)
-        if entry is None:
-            raise NoSuchQueueEntry(qid)
-        try:
-            headers = header_section(self.queue.read_message(entry.blob))
-        except StorageError:
-            headers = ""
-        return {"entry": entry_to_json(entry), "headers": headers}
+        return self._target().show(_str_arg(args, "id"))
 
     def _retry(self, args: dict) -> dict:
         if args.get("all") is True:
-            count = self.queue.flush()
-        else:
-            self.queue.retry_now(_str_arg(args, "id"))
-            count = 1
+            return self._flush(args)  # {"count": n}
+        self._target().act("retry", _str_arg(args, "id"))
         self._wake()
-        return {"count": count}
+        return {"count": 1}
 
     def _hold(self, args: dict) -> dict:
-        self.queue.hold(_str_arg(args, "id"))
+        self._target().act("hold", _str_arg(args, "id"))
         return {}
 
     def _release(self, args: dict) -> dict:
-        self.queue.release(_str_arg(args, "id"))
+        self._target().act("release", _str_arg(args, "id"))
         self._wake()
         return {}
 
     def _delete(self, args: dict) -> dict:
-        self.queue.delete(_str_arg(args, "id"))
+        self._target().act("delete", _str_arg(args, "id"))
         return {}
 
     def _flush(self, args: dict) -> dict:
-        count = self.queue.flush()
+        result = self._target().flush()
         self._wake()
-        return {"count": count}
+        return self._answer(result, "count")
 
 
 class AdminClient:

@@ -359,13 +359,14 @@ class OutboundQueue:
         self._watchers: list[tuple[Callable[..., None], bool]] = []
         self._known: set[int] | None = None  # shards that may hold entries
         self.cluster: Any = None  # node.context.ClusterView in cluster mode
-        self._forward: Callable[[dict, bytes], QueueEntry] | None = None
+        self.remote: Any = None  # node/admin.py ClusterQueue in cluster mode
 
-    def use_cluster(self, view: Any, forward: Callable[[dict, bytes], QueueEntry] | None) -> None:
-        """Cluster mode: enqueue into led shards, else ``forward(args, raw)``
-        (args as ``enqueue_args``; it returns the entry a primary committed)."""
+    def use_cluster(self, view: Any, remote: Any) -> None:
+        """Cluster mode: enqueue into led shards, else ``remote.enqueue(args,
+        raw)`` (args from ``enqueue_args``; returns the entry a primary
+        committed).  ``remote`` None: StorageUnavailable instead."""
         self.cluster = view
-        self._forward = forward
+        self.remote = remote
 
     # -- shards ------------------------------------------------------------
 
@@ -462,7 +463,7 @@ class OutboundQueue:
         try:
             return self.enqueue_checked(args, raw, number)
         except StorageUnavailable:
-            if self.cluster is None or self._forward is None:
+            if self.cluster is None or self.remote is None:
                 raise
             return self._forward_enqueue(args, raw)  # lost the lead meanwhile
 
@@ -492,9 +493,9 @@ class OutboundQueue:
         return random.choice(led) if led else None
 
     def _forward_enqueue(self, args: dict, raw: bytes) -> QueueEntry:
-        if self._forward is None:
+        if self.remote is None:
             raise StorageUnavailable("this node leads no queue shard")
-        return self._forward(args, raw)
+        return self.remote.enqueue(args, raw)
 
     def record_attempt(
         self,
