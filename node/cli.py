@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", help="run this node")
     quick = sub.add_parser("quickstart", help="one node on loopback with a demo user")
     quick.add_argument("--data-dir", metavar="DIR", default=None)
-    sub.add_parser("status", help="etcd, members and directory counts")
+    status = sub.add_parser("status", help="etcd, members, shards and directory counts")
+    status.add_argument("--json", action="store_true", help="machine-readable (cluster view)")
 
     domain = sub.add_parser("domain", help="local domains").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -80,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     alias.add_parser("remove", help="remove an alias").add_argument("source")
     _add_queue_parser(sub)
     _add_dkim_parser(sub)
+    from node import clustercli
+
+    clustercli.add_parser(sub)  # cluster init|join|show
+    from node import statuscli
+
+    statuscli.add_parsers(sub)  # node drain|undrain, drill failover
     return parser
 
 
@@ -192,10 +199,9 @@ def read_password(confirm: bool = True) -> str:
 
 
 def _session(config: Config):
-    from cluster.etcd import EtcdSession
+    from cluster.etcd import session_from_config
 
-    endpoints = list(config.etcd.endpoints) or [config.etcd.embedded_client_url]
-    return EtcdSession(endpoints, config.etcd.prefix, config.etcd.lease_ttl, config.etcd.timeout)
+    return session_from_config(config.etcd)
 
 
 def _directory(config: Config):
@@ -216,10 +222,13 @@ def _age(seconds: float) -> str:
     return f"{s}s"
 
 
-def cmd_status(config: Config) -> int:
+def cmd_status(config: Config, as_json: bool = False) -> int:
     from cluster.membership import list_members
+    from node import statuscli
 
     session = _session(config)
+    if as_json or session.get(statuscli.META) is not None:  # a cluster (docs/operations.md)
+        return statuscli.cmd_status(session, as_json)
     status = session.status()
     version = status.get("version", "?")
     print(f"etcd: reachable at {session._endpoint_url()} (version {version})")
@@ -291,9 +300,19 @@ def run(args: argparse.Namespace) -> int:
         data_dir = args.data_dir or str(config.data_dir)
         return int(quickstart(data_dir) or 0)
     if command == "status":
-        return cmd_status(config)
+        return cmd_status(config, args.json)
+    if command in ("node", "drill"):
+        from node import statuscli
+
+        if command == "node":
+            return statuscli.cmd_node(_session(config), args)
+        return statuscli.cmd_drill(config, _session(config), args)
     if command == "queue":
         return cmd_queue(config, args)
+    if command == "cluster":
+        from node import clustercli
+
+        return clustercli.run(config, _session(config), args)
 
     action = args.action
     if command == "user" and action in ("add", "passwd"):
@@ -419,6 +438,7 @@ _USER_ERRORS = (
     ("cluster.etcd", "EtcdError"),
     ("cluster.embedded", "EmbeddedEtcdError"),
     ("node.admin", "AdminError"),
+    ("node.clustercli", "ClusterCliError"),
     ("node.outbound.dkim", "DkimError"),
 )
 
