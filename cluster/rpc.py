@@ -190,7 +190,14 @@ def _tune(sock: Any) -> None:
 
 
 def _wrap(sock: Any, context: ssl.SSLContext, server_side: bool) -> Any:
-    """A gevent TLS socket over ``sock`` (whatever class ``context`` is), not yet handshaken."""
+    """A gevent TLS socket over ``sock``, not yet handshaken.
+
+    A plain ``ssl.SSLContext`` (unpatched process) would wrap into a blocking
+    stdlib socket; gevent's SSLSocket accepts any context (as its own
+    SSLContext.wrap_socket does, through ``_context``).
+    """
+    if isinstance(context, gssl.SSLContext):
+        return context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
     return gssl.SSLSocket(
         sock=sock, server_side=server_side, do_handshake_on_connect=False, _context=context
     )
@@ -340,15 +347,27 @@ class RpcServer:
         answer, out = self._invoke(peer, rid, method, args, attachments)
         try:
             chunks = encode_frame(answer, out)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             log.warning("rpc: %s from %s: cannot send the result: %s", method, peer, exc)
             chunks = encode_frame(_error(rid, "BadResult", f"{method}: {exc}"))
+        timer = gevent.Timeout(RESPONSE_WRITE_TIMEOUT)
         try:
-            with gevent.Timeout(RESPONSE_WRITE_TIMEOUT), lock:
+            with lock:
+                timer.start()
                 send_chunks(sock, chunks)
-        except (OSError, ssl.SSLError, gevent.Timeout) as exc:
-            log.debug("rpc: answer to %s for %s lost: %r", peer, method, exc)
+        except (OSError, ssl.SSLError) as exc:
+            log.debug("rpc: answer to %s for %s lost: %s", peer, method, exc)
+            _close(sock)
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            log.warning("rpc: %s reads nothing for %.0f s; dropped", peer, RESPONSE_WRITE_TIMEOUT)
             _close(sock)  # a partly written frame leaves the stream unusable
+        except BaseException:
+            _close(sock)
+            raise
+        finally:
+            timer.close()
 
     def _invoke(
         self, peer: str, rid: Any, method: str, args: dict, attachments: list[bytes]
@@ -436,21 +455,24 @@ class _Connection:
         if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise RpcUnavailable(f"{self.address}: timed out waiting to write")
         timer = gevent.Timeout(max(0.001, deadline - time.monotonic()))
+        writing = False
         try:
             if self.dead:
                 raise RpcUnavailable(f"{self.address}: {self.dead}")
             timer.start()
+            writing = True
             send_chunks(self.sock, chunks)
+            writing = False
         except gevent.Timeout as exc:
             if exc is not timer:
                 raise
-            self.close("write timed out")
             raise RpcUnavailable(f"{self.address}: write timed out") from None
         except (OSError, ssl.SSLError) as exc:
-            self.close(f"connection lost: {exc}")
             raise RpcUnavailable(f"{self.address}: connection lost: {exc}") from None
         finally:
             timer.close()
+            if writing:  # cut short: the peer would take what follows for garbage
+                self.close("connection lost: a write was cut short")
             self._lock.release()
 
     def _read_loop(self) -> None:
