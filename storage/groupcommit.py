@@ -20,7 +20,10 @@ threadpool hop), the new ops are handed to ``replicate`` on the hub -- it
 returns once every in-sync follower has them durably, or raises -- and only
 then COMMITted (a second hop).  If it raises, or the shard's role changed
 meanwhile (``generation``), the batch is rolled back and every caller gets
-StorageUnavailable: a primary's log holds only replicated operations.
+StorageUnavailable: a primary's log holds only replicated operations.  Its
+followers may hold them though, so that epoch is then *fenced*: the
+MailStore refuses writes until the shard is made primary at a higher epoch
+(an index and epoch never name two different ops, which log matching needs).
 Without a hook a batch is one hop, exactly as on a single node.
 
 Each submission may carry a ``check`` run on the hub when its batch starts
@@ -65,6 +68,9 @@ class GroupCommitter:
         # Set by MailStore.set_role: called with a prepared batch's new ops.
         self.replicate: Callable[[list[Op]], None] | None = None
         self.generation = 0  # bumped on every role change of the shard
+        # The epoch of the last batch rolled back after ``replicate`` was
+        # called: followers may hold its ops, so that epoch may log no more.
+        self.fenced_epoch = -1
         self.batch_sizes: list[int] = []  # committed batch sizes (bounded), for tests/metrics
         self._queue: deque[_Item] = deque()
         self._lock = RLock()  # held while a batch runs, and by paused()
@@ -149,8 +155,8 @@ class GroupCommitter:
     def _replicated(self, intents: list[Intent], replicate: Callable[[list[Op]], None]) -> BatchResult:
         """prepare -> replicate (hub) -> commit; rolled back if any step fails."""
         pool = gevent.get_hub().threadpool
-        generation = self.generation
-        outcome, new_ops = pool.apply(self.shard.prepare_batch, (intents, self.shard.epoch))
+        generation, epoch = self.generation, self.shard.epoch
+        outcome, new_ops = pool.apply(self.shard.prepare_batch, (intents, epoch))
         try:
             if new_ops:
                 replicate(new_ops)
@@ -159,6 +165,12 @@ class GroupCommitter:
             pool.apply(self.shard.commit_prepared)
         except BaseException as exc:
             pool.apply(self.shard.rollback_prepared)
+            if new_ops:
+                # Followers may have these ops: reusing their (index, epoch)
+                # for other ops would pass log matching with other contents.
+                self.fenced_epoch = max(self.fenced_epoch, epoch)
+                log.warning("shard %s: batch rolled back after replication; epoch %d"
+                            " takes no more writes", self.shard.path, epoch)
             if isinstance(exc, Exception) and not isinstance(exc, StorageUnavailable):
                 log.warning("shard %s: replication failed: %s", self.shard.path, exc)
                 raise StorageUnavailable("replication failed") from exc

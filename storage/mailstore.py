@@ -129,6 +129,10 @@ class _OpenShard:
         """The write gate: StorageUnavailable unless this node leads the shard."""
         if self.role != "primary":
             raise StorageUnavailable(f"shard {self.number} is not led here")
+        if self.shard.epoch <= self.committer.fenced_epoch:
+            raise StorageUnavailable(
+                f"shard {self.number}: a batch of epoch {self.shard.epoch} failed to replicate;"
+                " writes resume at a higher epoch")
 
     def require_follower(self, epoch: int) -> None:
         """The replication gate: a follower, and ``epoch`` not stale (then known)."""
@@ -324,8 +328,9 @@ class MailStore:
         logs as primary; the known epoch becomes max(known, epoch).  A primary
         with ``replicate`` calls ``replicate(number, new_ops)`` on the hub
         between prepare and commit of every batch that logged ops; if it
-        raises, the batch is rolled back and its callers get
-        StorageUnavailable.  Raises StaleEpoch for a primary role of an epoch
+        raises, the batch is rolled back, its callers get StorageUnavailable,
+        and the epoch is fenced: writes fail until the shard is made primary
+        at a higher epoch (followers may hold the rolled-back ops).  Raises StaleEpoch for a primary role of an epoch
         older than the known one.  A change away from follower/none waits
         for the running batch, so no append of an older epoch lands after
         this returns; a batch of a primary that is being replicated is not
