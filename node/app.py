@@ -91,6 +91,8 @@ class Node:
             self.meta["shards"] if self.meta else cfg.storage.shards,
             fsync=cfg.storage.fsync,
             group_commit_max=cfg.storage.group_commit_max,
+            # cluster: no shard takes writes until the manager gives it a role
+            default_role="none" if self.meta else "primary",
         )
         self.store.open()
         self.queue = OutboundQueue(self.store)
