@@ -20,7 +20,8 @@ knows for it.  Only a primary takes client writes; every write path passes
 the gate twice, before any work (blob writes) and again on the hub when its
 batch starts, so a role change is never overtaken by a queued write.  A
 primary stamps its epoch on new ops and, given a ``replicate`` hook, commits
-each batch only after the hook returned (storage/groupcommit.py).  A
+each batch only after the hook returned (storage/groupcommit.py); after a
+batch rolled back behind the hook, its epoch takes no more writes.  A
 follower takes only ``apply_replicated`` appends whose epoch is at least the
 known one and whose ``prev`` matches its log (epoch fencing, log matching),
 or a whole snapshot.  The full-text indexer writes derived local state and
@@ -74,8 +75,11 @@ _INDEX_MAX_WAIT = 30.0  # seconds a message waits for the index at most, even un
 ROLES = ("primary", "follower", "none")
 
 
-def _index_intent(tx: Any, docs: list) -> None:
-    fts.index_docs(tx.conn, docs)  # a derived index: no op is logged
+def _index_intent(tx: Any, docs: list, shard: Shard, incarnation: int) -> None:
+    # A derived index: no op is logged.  Docs read before a snapshot was
+    # installed may describe other messages under the same (mailbox, uid).
+    if shard.incarnation == incarnation:
+        fts.index_docs(tx.conn, docs)
 
 
 class StoreLayoutError(StorageError):
@@ -768,11 +772,13 @@ class MailStore:
                     break
             try:
                 while self._is_open:
+                    incarnation = entry.shard.incarnation
                     rows = fts.pending_batch(entry.shard.reader, _INDEX_BATCH)
                     if not rows:
                         break
                     docs = pool.apply(fts.extract_batch, (rows, read))
-                    entry.committer.submit(functools.partial(_index_intent, docs=docs))
+                    entry.committer.submit(functools.partial(
+                        _index_intent, docs=docs, shard=entry.shard, incarnation=incarnation))
             except StorageError:
                 if self._is_open:  # closing the store stops it quietly
                     log.warning("full-text indexing stopped", exc_info=True)

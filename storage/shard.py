@@ -872,6 +872,7 @@ class Shard:
         self.fsync = fsync
         self.epoch = epoch
         self.commits = 0  # successful batch commits, for tests and metrics
+        self.incarnation = 0  # snapshots installed (``install``)
         # Test hook: called in the threadpool just before COMMIT; raising fails the batch.
         self.before_commit: Callable[[], None] | None = None
         self._writer: sqlite3.Connection | None = None
@@ -1002,6 +1003,7 @@ class Shard:
             for suffix in ("-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             os.replace(tmp, self.path)
+            self.incarnation += 1
             _fsync_dir(self.path.parent)
         finally:
             tmp.unlink(missing_ok=True)
