@@ -72,7 +72,7 @@ MAX_IN_FLIGHT = 1000  # entries being delivered at once at most
 IDLE_WAIT = 60.0  # seconds between passes when nothing is due (wakeups come sooner)
 BUSY_WAIT = 1.0  # seconds between passes while entries are in flight
 COOLDOWN = 30.0  # seconds before an entry whose result could not be stored is retried
-HANDOFF_WAIT = 30.0  # seconds the hand-off hook waits for started attempts at most
+HANDOFF_WAIT = 9.0  # seconds the hand-off hook waits at most (the manager allows 10)
 HANDOFF_HOLD = 60.0  # seconds a shard being handed off stays paused if we keep leading it
 
 
