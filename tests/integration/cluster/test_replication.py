@@ -1,0 +1,291 @@
+"""Replication with real pieces in one process: a real etcd, three MailStores,
+three RpcServers/RpcClients over real mTLS on 127.0.0.1 (certificates from
+cluster/ca.py) and three ClusterManagers.  The test writes /shards/0000 the
+way the controller would.
+
+Each scenario needs greenlets (watches, the lease refresher, RPC readers),
+so it runs in a gevent-patched child process (tests.support.etcd.run_patched).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import gevent
+import pytest
+
+from cluster import ca
+from cluster.etcd import EtcdSession
+from cluster.manager import ClusterManager
+from cluster.membership import Membership
+from cluster.placement import ShardRecord
+from cluster.replication import shard_key
+from cluster.rpc import RpcClient, RpcServer
+from node.config import ClusterSettings, Config
+from storage.mailstore import MailStore, shard_of
+from storage.model import StorageUnavailable
+from tests.support.etcd import EtcdServer, run_patched
+
+MODULE = "tests.integration.cluster.test_replication"
+PREFIX = "/repl-test"
+SHARDS = 2
+SHARD = 0
+CONFIG = Config(cluster=ClusterSettings(
+    enabled=True, ack_timeout=1.0, rpc_timeout=5.0, catchup_batch=4))
+
+
+def _wait(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        gevent.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _account(number: int, tag: str = "user") -> str:
+    for i in range(1000):
+        account = f"{tag}{i}@example.test"
+        if shard_of(account, SHARDS) == number:
+            return account
+    raise AssertionError("no account for that shard")
+
+
+def _message(n: int) -> bytes:
+    return (f"From: a@example.test\r\nTo: b@example.test\r\nSubject: message {n}\r\n\r\n"
+            f"body {n}\r\n" + "x" * 3000 * (n % 3) + "\r\n").encode()
+
+
+class Node:
+    """One cluster node's pieces (no protocol listeners)."""
+
+    def __init__(self, name: str, base: Path, etcd_url: str, ca_pem: tuple[bytes, bytes]) -> None:
+        self.name = name
+        self.dir = base / name
+        self.etcd_url = etcd_url
+        self.cert_dir = self.dir / "certs"
+        cert, key = ca.issue_node_cert(ca_pem[0], ca_pem[1], name, ["127.0.0.1"])
+        ca.write_node_files(self.cert_dir, ca_pem[0], cert, key)
+        self.port = 0
+        self.running = False
+
+    def start(self) -> None:
+        self.session = EtcdSession([self.etcd_url], PREFIX, lease_ttl=4, timeout=2.0)
+        self.session.start()
+        self.store = MailStore(self.dir / "mail", SHARDS, default_role="none")
+        self.store.open()
+        self.client = RpcClient(ca.client_context(self.cert_dir))
+        self.start_server()
+        self.manager = ClusterManager(CONFIG, self.session, self.store, self.server,
+                                      self.client, {"shards": SHARDS}, self.name)
+        Membership(self.session, self.name, {"rpc": self.address}).register()
+        self.manager.start()
+        self.running = True
+
+    def start_server(self) -> None:
+        self.server = RpcServer(f"127.0.0.1:{self.port}", ca.server_context(self.cert_dir))
+        self.server.start()
+        self.address = self.server.bound_address
+        self.port = int(self.address.rsplit(":", 1)[1])
+        if hasattr(self, "manager"):
+            self.manager.service.register(self.server)
+
+    def stop(self) -> None:
+        if not self.running:
+            return
+        self.running = False
+        self.manager.stop()
+        self.server.stop()
+        self.client.close()
+        self.store.close()
+        self.session.close()
+        del self.manager
+
+    @property
+    def lease(self) -> int:
+        return self.session.lease_id
+
+    def digest(self) -> tuple[tuple[int, int], str]:
+        return self.store.position_digest(SHARD)
+
+
+class Cluster:
+    def __init__(self, base: Path, etcd_url: str) -> None:
+        ca_pem = ca.create_ca("test")
+        self.nodes = {n: Node(n, base, etcd_url, ca_pem) for n in ("n1", "n2", "n3")}
+        self.admin = EtcdSession([etcd_url], PREFIX, lease_ttl=4, timeout=2.0)
+        for node in self.nodes.values():
+            node.start()
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def record(self) -> ShardRecord:
+        return ShardRecord.from_json(self.admin.get(shard_key(SHARD)).value)
+
+    def write_record(self, **changes) -> ShardRecord:
+        """Create or CAS /shards/0000 as the controller would."""
+        kv = self.admin.get(shard_key(SHARD))
+        if kv is None:
+            record = ShardRecord(epoch=1, primary="n1", primary_lease=self["n1"].lease,
+                                 replicas=("n1", "n2", "n3"), isr=("n1", "n2", "n3"))
+            record = ShardRecord.from_json({**record.to_json(), **changes})
+            assert self.admin.create_if_absent(shard_key(SHARD), record.to_json())
+            return record
+        record = ShardRecord.from_json({**kv.value, **changes})
+        assert self.admin.compare_and_swap(shard_key(SHARD), kv.mod_revision, record.to_json())
+        return record
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+        self.admin.close()
+
+
+def _start(base: str, url: str) -> Cluster:
+    cluster = Cluster(Path(base), url)
+    cluster.write_record()
+    _wait(lambda: cluster["n1"].manager.is_local_primary(SHARD), "n1 leads shard 0")
+    assert not cluster["n2"].manager.is_local_primary(SHARD)
+    assert cluster["n2"].store.role(SHARD) == ("follower", 1)
+    return cluster
+
+
+def _deliver(node: Node, account: str, n: int) -> None:
+    node.store.ensure_account(account)
+    node.store.deliver([account], _message(n))
+
+
+def _inbox(node: Node, account: str) -> list:
+    return node.store.messages(account, "INBOX")
+
+
+# -- scenarios (run in a patched child) -----------------------------------------
+
+
+def scenario_replicates_and_isr_shrinks_and_grows(base: str, url: str) -> None:
+    cluster = _start(base, url)
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    try:
+        account = _account(SHARD)
+        for i in range(3):
+            _deliver(n1, account, i)
+        # The commit waited for every ISR follower: they hold it already.
+        assert n1.digest() == n2.digest() == n3.digest()
+        assert n1.digest()[0][0] > 0
+        assert [m.blob for m in _inbox(n3, account)] == [m.blob for m in _inbox(n1, account)]
+        assert len(_inbox(n2, account)) == 3
+        assert n3.store.read_message(_inbox(n3, account)[0].blob) == _message(0)
+
+        n3.server.stop()
+        _deliver(n1, account, 3)
+        # Dropped from the ISR in etcd before the commit returned.
+        assert cluster.record().isr == ("n1", "n2")
+        assert n2.digest() == n1.digest()
+        assert n3.store.position(SHARD)[0] < n1.store.position(SHARD)[0]
+        for i in range(4, 14):  # more than one catch-up batch behind
+            _deliver(n1, account, i)
+        assert n3.store.position(SHARD)[0] + CONFIG.cluster.catchup_batch < \
+            n1.store.position(SHARD)[0]
+
+        n3.start_server()
+        _wait(lambda: "n3" in cluster.record().isr, "n3 back in the ISR")
+        assert n1.digest() == n2.digest() == n3.digest()
+        _deliver(n1, account, 14)
+        assert n1.digest() == n3.digest()
+        assert len(_inbox(n3, account)) == 15
+        assert cluster.record().epoch == 1
+        # /positions/<node> is published under each member's lease.
+        _wait(lambda: (cluster.admin.get("/positions/n3") or None) is not None
+              and cluster.admin.get("/positions/n3").value["shards"].get(str(SHARD))
+              == list(n1.store.position(SHARD)), "n3's published position")
+    finally:
+        cluster.close()
+
+
+def scenario_deposed_primary_commits_nothing(base: str, url: str) -> None:
+    cluster = _start(base, url)
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    try:
+        account = _account(SHARD)
+        _deliver(n1, account, 0)
+        # n1 stops seeing etcd's shard records (as if partitioned from etcd)
+        # while the controller makes n2 primary of epoch 2 without n1 (nothing
+        # contacts n1 about the change).
+        n1.manager._watches[1].cancel()
+        cluster.write_record(epoch=2, primary="n2", primary_lease=n2.lease,
+                             replicas=["n2", "n3"], isr=["n2", "n3"])
+        _wait(lambda: n2.manager.is_local_primary(SHARD), "n2 leads shard 0")
+        assert n1.manager.is_local_primary(SHARD)  # it does not know yet
+        before = n1.digest()
+        with pytest.raises(StorageUnavailable):
+            _deliver(n1, account, 1)
+        assert n1.digest() == before  # nothing committed
+        assert len(_inbox(n1, account)) == 1
+        _wait(lambda: not n1.manager.is_local_primary(SHARD), "n1 steps down")
+        assert cluster.record().epoch == 2 and cluster.record().primary == "n2"
+        # The new primary has everything n1 committed and goes on.
+        _deliver(n2, account, 2)
+        assert [m.blob for m in _inbox(n2, account)] == [m.blob for m in _inbox(n3, account)]
+        assert len(_inbox(n2, account)) == 2
+        assert n2.digest() == n3.digest()
+    finally:
+        cluster.close()
+
+
+def scenario_snapshot_catch_up_of_a_diverged_follower(base: str, url: str) -> None:
+    cluster = _start(base, url)
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    try:
+        account = _account(SHARD)
+        for i in range(3):
+            _deliver(n1, account, i)
+        n3.stop()
+        # n3's copy diverges: its data is wiped and it logs ops of its own.
+        shutil.rmtree(n3.dir / "mail")
+        with MailStore(n3.dir / "mail", SHARDS) as alone:
+            other = _account(SHARD, "stray")
+            alone.ensure_account(other)
+            alone.deliver([other], b"Subject: stray\r\n\r\nnot in the primary's log\r\n")
+            stray = alone.position(SHARD)
+        assert stray[1] == 0 and n1.store.op_epoch(SHARD, stray[0]) != 0
+        for i in range(3, 6):
+            _deliver(n1, account, i)
+        assert cluster.record().isr == ("n1", "n2")
+        n3.start()
+        _wait(lambda: "n3" in cluster.record().isr, "n3 resynced into the ISR", 30)
+        assert n1.digest() == n2.digest() == n3.digest()
+        assert n3.store.missing_blobs(SHARD) == []
+        assert not _has_inbox(n3, other)  # the stray op is gone with the old copy
+        for message in _inbox(n1, account):
+            assert n3.store.read_message(message.blob) == n1.store.read_message(message.blob)
+        _deliver(n1, account, 6)
+        assert n1.digest() == n3.digest()
+    finally:
+        cluster.close()
+
+
+def _has_inbox(node: Node, account: str) -> bool:
+    return any(box.name == "INBOX" for box in node.store.list_mailboxes(account))
+
+
+# -- tests ---------------------------------------------------------------------
+
+
+def test_replicates_and_isr_shrinks_and_grows(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    run_patched(MODULE, "scenario_replicates_and_isr_shrinks_and_grows",
+                str(tmp_path), etcd_server.client_url)
+
+
+def test_deposed_primary_commits_nothing(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    run_patched(MODULE, "scenario_deposed_primary_commits_nothing",
+                str(tmp_path), etcd_server.client_url)
+
+
+def test_snapshot_catch_up_of_a_diverged_follower(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    run_patched(MODULE, "scenario_snapshot_catch_up_of_a_diverged_follower",
+                str(tmp_path), etcd_server.client_url)
