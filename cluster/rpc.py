@@ -15,10 +15,13 @@ peer without a certificate from the cluster CA is logged and dropped.  The
 peer's name is its certificate's CN.  The first frame picks the mode:
 
 * ``{"mode": "rpc"}``: multiplexed calls.  Requests ``{id, method, args,
-  att}`` each run in their own greenlet (at most :data:`MAX_INFLIGHT` per
+  att, deadline}`` each run in their own greenlet (at most :data:`MAX_INFLIGHT` per
   connection; beyond that the server stops reading, which pushes back on the
   sender); answers ``{id, ok: true, result, att}`` or ``{id, ok: false, kind,
   message[, data]}`` go back in completion order, one writer at a time.
+  ``deadline`` is the caller's give-up time (wall clock, seconds): a request
+  that waited past it (plus :data:`CLOCK_SKEW`), e.g. in the buffers of a
+  node frozen by SIGSTOP, is answered ``Expired`` and never run.
 * ``{"mode": "stream", method, args}``: the server answers one frame
   ``{"ok": true}`` (or an error) and hands the TLS socket to the stream
   handler, which owns it until it returns.
@@ -63,9 +66,11 @@ MAX_HEADER = 16 * 1024 * 1024  # bytes of JSON header per frame
 MAX_ATTACHMENTS = 1024 * 1024 * 1024  # bytes of attachments per frame, in all
 MAX_INFLIGHT = 512  # requests handled at once per server connection
 HANDSHAKE_TIMEOUT = 10.0  # TLS handshake plus the first frame
+CLOCK_SKEW = 1.0  # seconds of clock difference between nodes tolerated for request deadlines
 RESPONSE_WRITE_TIMEOUT = 60.0  # a server answer that cannot be written in this time drops the peer
 _SMALL = 64 * 1024  # frames up to this size are sent in one write
 _CHUNK = 256 * 1024  # read size for attachments
+_BUFFER = 64 * 1024  # read-ahead of an rpc-mode connection
 _LEN = struct.Struct(">I")
 
 Handler = Callable[[str, dict, list[bytes]], tuple[dict, list[bytes]]]
@@ -129,12 +134,16 @@ def write_frame(sock: Any, header: dict, attachments: Sequence[bytes] = ()) -> N
 
 
 def read_frame(sock: Any) -> tuple[dict, list[bytes]]:
-    """Read one frame; _Closed on EOF, ProtocolError on anything malformed."""
-    (length,) = _LEN.unpack(_recv_exact(sock, 4))
+    """Read one frame, not a byte more; _Closed on EOF, ProtocolError if malformed."""
+    return _parse_frame(lambda n: _recv_exact(sock, n))
+
+
+def _parse_frame(read: Callable[[int], bytes]) -> tuple[dict, list[bytes]]:
+    (length,) = _LEN.unpack(read(4))
     if length > MAX_HEADER:
         raise ProtocolError(f"header of {length} bytes exceeds {MAX_HEADER}")
     try:
-        header = json.loads(_recv_exact(sock, length))
+        header = json.loads(read(length))
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -146,21 +155,53 @@ def read_frame(sock: Any) -> tuple[dict, list[bytes]]:
         or sum(sizes) > MAX_ATTACHMENTS
     ):
         raise ProtocolError(f"bad attachment lengths {str(sizes)[:80]}")
-    return header, [_recv_exact(sock, n) for n in sizes]
+    return header, [read(n) for n in sizes]
 
 
-def _recv_exact(sock: Any, n: int) -> bytes:
-    if n == 0:
-        return b""
-    parts = []
-    left = n
-    while left:
+def _recv_exact(sock: Any, n: int, parts: list[bytes] | None = None) -> bytes:
+    """``n`` bytes from ``sock`` (after the ``parts`` already in hand)."""
+    parts = parts or []
+    left = n - sum(len(p) for p in parts)
+    while left > 0:
         data = sock.recv(min(left, _CHUNK))
         if not data:
             raise _Closed("connection closed by peer")
         parts.append(data)
         left -= len(data)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class FrameReader:
+    """Reads the frames of an rpc-mode connection through a buffer.
+
+    One TLS read usually brings several small frames; only the connection's
+    own reader may use it (never before a stream hand-off: it reads ahead).
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def read_frame(self) -> tuple[dict, list[bytes]]:
+        return _parse_frame(self._read)
+
+    def _read(self, n: int) -> bytes:
+        end = self._pos + n
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[end - n : end]
+        head = self._buf[self._pos :]
+        self._buf, self._pos = b"", 0
+        if n - len(head) >= _BUFFER:  # a large attachment: read it straight
+            return _recv_exact(self.sock, n, [head] if head else [])
+        while len(head) < n:
+            data = self.sock.recv(_BUFFER)
+            if not data:
+                raise _Closed("connection closed by peer")
+            head += data
+        self._buf, self._pos = head, n
+        return head[:n]
 
 
 # ---------------------------------------------------------------- sockets
@@ -322,8 +363,9 @@ class RpcServer:
     def _serve_calls(self, sock: Any, peer: str) -> None:
         lock = Semaphore()
         pool = Pool(MAX_INFLIGHT)
+        reader = FrameReader(sock)
         while True:
-            header, attachments = read_frame(sock)
+            header, attachments = reader.read_frame()
             rid, method, args = header.get("id"), header.get("method"), header.get("args", {})
             if (
                 type(rid) not in (int, str)
@@ -331,7 +373,10 @@ class RpcServer:
                 or not isinstance(args, dict)
             ):
                 raise ProtocolError("request needs an id (int or str), a method and args (object)")
-            call = pool.spawn(self._run_call, sock, lock, peer, rid, method, args, attachments)
+            deadline = header.get("deadline")
+            call = pool.spawn(
+                self._run_call, sock, lock, peer, rid, method, args, attachments, deadline
+            )
             self._calls.add(call)
 
     def _run_call(
@@ -343,8 +388,13 @@ class RpcServer:
         method: str,
         args: dict,
         attachments: list[bytes],
+        deadline: Any,
     ) -> None:
-        answer, out = self._invoke(peer, rid, method, args, attachments)
+        if _expired(deadline):
+            log.debug("rpc: %s from %s arrived after its caller gave up", method, peer)
+            answer, out = _error(rid, "Expired", f"{method}: the caller's deadline passed"), ()
+        else:
+            answer, out = self._invoke(peer, rid, method, args, attachments)
         try:
             chunks = encode_frame(answer, out)
         except (TypeError, ValueError, RecursionError) as exc:
@@ -403,6 +453,13 @@ class RpcServer:
             log.warning("rpc: stream %s with %s failed", method, peer, exc_info=True)
 
 
+def _expired(deadline: Any) -> bool:
+    """True if a request's wall-clock deadline passed (beyond CLOCK_SKEW): never run it."""
+    if type(deadline) not in (int, float):
+        return False
+    return time.time() > deadline + CLOCK_SKEW
+
+
 def _error(rid: Any, kind: str, message: str, data: Any = None) -> dict:
     answer = {"id": rid, "ok": False, "kind": kind, "message": message}
     if isinstance(data, dict):
@@ -438,7 +495,9 @@ class _Connection:
         self, method: str, args: dict, attachments: Sequence[bytes], deadline: float
     ) -> tuple[dict, list[bytes]]:
         rid = next(self._ids)
-        chunks = encode_frame({"id": rid, "method": method, "args": args}, attachments)
+        header = {"id": rid, "method": method, "args": args}
+        header["deadline"] = round(time.time() + max(0.0, deadline - time.monotonic()), 3)
+        chunks = encode_frame(header, attachments)
         waiter = AsyncResult()
         self._pending[rid] = waiter
         try:
@@ -477,9 +536,10 @@ class _Connection:
 
     def _read_loop(self) -> None:
         reason = "connection closed"
+        reader = FrameReader(self.sock)
         try:
             while True:
-                header, attachments = read_frame(self.sock)
+                header, attachments = reader.read_frame()
                 self._dispatch(header, attachments)
         except gevent.GreenletExit:
             reason = self.dead or "connection closed"

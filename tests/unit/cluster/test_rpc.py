@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,10 +30,12 @@ from cluster import ca
 from cluster.rpc import (
     MAX_ATTACHMENTS,
     MAX_HEADER,
+    FrameReader,
     RpcClient,
     RpcError,
     RpcServer,
     RpcUnavailable,
+    encode_frame,
     read_frame,
     write_frame,
 )
@@ -425,6 +428,59 @@ def test_raw_frames_on_the_wire(server, certs):
         assert _wait_closed(sock) == b""
     finally:
         sock.close()
+
+
+def test_request_past_its_deadline_is_never_run(server, certs, handlers):
+    """A request that sat in buffers after its caller gave up is answered Expired."""
+    sock = _raw_tls(server.bound_address, _gevent_context(certs["beta"], certs["alpha"]))
+    try:
+        write_frame(sock, {"mode": "rpc"})
+        now = time.time()
+        write_frame(sock, {"id": 1, "method": "echo", "args": {}, "deadline": now - 60})
+        assert read_frame(sock)[0]["kind"] == "Expired"
+        assert handlers.calls == 0
+        write_frame(sock, {"id": 2, "method": "echo", "args": {}, "deadline": now + 60})
+        assert read_frame(sock)[0]["ok"] is True
+        assert handlers.calls == 1
+    finally:
+        sock.close()
+
+
+class _Chunks:
+    """A byte stream delivered in given pieces (what TLS reads may return)."""
+
+    def __init__(self, data: bytes, cuts: list[int]) -> None:
+        points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+        self.pieces = [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+    def recv(self, n: int) -> bytes:
+        if not self.pieces:
+            return b""
+        piece = self.pieces.pop(0)
+        if len(piece) > n:
+            self.pieces.insert(0, piece[n:])
+        return piece[:n]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    frames=st.lists(
+        st.tuples(
+            st.dictionaries(st.text(max_size=5), st.integers(), max_size=3),
+            st.lists(st.sampled_from([0, 1, 7, 65535, 65536, 65537, 131_073]), max_size=3),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    cuts=st.lists(st.integers(min_value=0), max_size=30),
+)
+def test_frame_reader_reassembles_frames_split_anywhere(frames, cuts):
+    sent = [(header, [os.urandom(n) for n in sizes]) for header, sizes in frames]
+    wire = b"".join(b"".join(bytes(c) for c in encode_frame(h, a)) for h, a in sent)
+    reader = FrameReader(_Chunks(wire, cuts))
+    assert [reader.read_frame() for _ in sent] == sent
+    with pytest.raises(Exception, match="closed"):
+        reader.read_frame()
 
 
 # ---------------------------------------------------------------- fuzz
