@@ -16,6 +16,12 @@ forms included), EXPUNGE.  An expunge learned at another point is kept in
 `View.gone` until it may be reported, so sequence numbers never shift under
 the client mid-command.  \\Recent is not tracked: RECENT is always 0 (the
 flag is gone from IMAP4rev2, RFC 9051 §7.3.2; see docs/imap.md).
+
+Cluster mode (ctx.cluster set): a login for an account whose shard another
+node leads sets `want_proxy` instead of logging in; the server hands the
+connection to that primary (cluster/proxy.py), where `resume` continues
+the session authenticated.  A session logged in here ends with
+`* BYE [UNAVAILABLE]` once this node stops leading the account's shard.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import importlib
 import ipaddress
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +180,9 @@ class Session:
         self.enabled: set[str] = set()  # ENABLEd capabilities, upper-case (RFC 5161)
         self.notify: Any = None  # active NOTIFY SET (node/imap/notify.py, RFC 5465)
         self.idle_tag: str | None = None
+        self.want_proxy: tuple[str, str] | None = None  # (tag, account): hand over (cluster)
+        self.moved = False  # this node stopped leading the account's shard (cluster)
+        self._unrole: Callable[[], None] | None = None
         self._auth_tag: str | None = None
         self._auth_failures = 0
         self._dirty = False
@@ -237,6 +246,9 @@ class Session:
 
     def close(self) -> None:
         self.closed = True
+        if self._unrole is not None:
+            unrole, self._unrole = self._unrole, None
+            unrole()
         if self._unwatch is not None:
             unwatch, self._unwatch = self._unwatch, None
             try:
@@ -254,7 +266,8 @@ class Session:
         """Process received bytes; replies go to send().  Stops early (and
         drops the rest) when the session closes or STARTTLS begins."""
         self.framer.receive(data)
-        while not self.closed and not self.want_starttls and not self.want_compress:
+        while (not self.closed and not self.want_starttls and not self.want_compress
+               and self.want_proxy is None):
             ev = self.framer.next_event()
             if ev is NEED_DATA:
                 break
@@ -405,21 +418,86 @@ class Session:
             password = secret.value.decode("utf-8")
         except UnicodeDecodeError:
             return self._auth_failed()
-        return self._login(user, password)
+        return self._login(cmd.tag, user, password)
 
-    def _login(self, user: str, password: str) -> Reply:
+    def _login(self, tag: str, user: str, password: str) -> Reply | None:
         account = self.ctx.directory.authenticate(user, password)
         if account is None:
             return self._auth_failed()
+        if self._led_elsewhere(account):
+            self.want_proxy = (tag, account)  # the server hands over (cluster/proxy.py)
+            return None
+        return self._start(account)
+
+    def _start(self, account: str) -> Reply:
+        """Enter the authenticated state for ``account`` (led here)."""
         self.ctx.store.ensure_account(account)
+        self._unwatch = self.ctx.store.watch(account, self._on_change)
+        cluster = self.ctx.cluster
+        if cluster is not None:
+            self._unrole = cluster.on_role_change(self._on_role_change)
         self.account = account
         self.state = State.AUTHENTICATED
         # LITERAL+ once authenticated (RFC 7888 §4); before, LITERAL- bounds them.
         self.limits = dataclasses.replace(self.limits, max_nonsync_literal=None)
         self.framer.limits = self.limits
-        self._unwatch = self.ctx.store.watch(account, self._on_change)
         log.info("imap: %s logged in from %s", account, self.peer_ip)
         return ok("logged in", f"CAPABILITY {self.capabilities()}")
+
+    def _led_elsewhere(self, account: str) -> bool:
+        cluster = self.ctx.cluster
+        return cluster is not None and not cluster.is_local_primary(cluster.shard_of(account))
+
+    # ---------------------------------------------------- cluster hand-over
+
+    def resume(self, tag: str, account: str, enabled: Iterable[str] = ()) -> None:
+        """Continue a session another node authenticated (cluster/proxy.py):
+        answers its login ``tag`` here, as a local login would have."""
+        self.enabled.update(e.upper() for e in enabled)
+        if "IMAP4REV2" in self.enabled:  # ENABLE needs a login: normally empty here
+            self.limits = dataclasses.replace(self.limits, utf8_mailboxes=True)
+            self.framer.limits = self.limits
+        if self._led_elsewhere(account):
+            reply = no("try again later", "UNAVAILABLE")
+        else:
+            reply = self._guarded("LOGIN", self._start, account) or no("failed", "SERVERBUG")
+        self._write(tagged(tag, reply.status, reply.text, reply.code))
+        if reply.status != "OK":
+            self.close()
+        self.flush()
+
+    def proxy_refused(self, line: bytes | None) -> None:
+        """The hand-over did not happen: send the primary's answer ``line``
+        (or NO [UNAVAILABLE]), stay unauthenticated, go on with pipelined input."""
+        assert self.want_proxy is not None
+        tag, _ = self.want_proxy
+        self.want_proxy = None
+        self._write(line if line is not None else tagged(tag, "NO", "try again later",
+                                                          "UNAVAILABLE"))
+        self.feed(b"")
+
+    def proxy_started(self) -> None:
+        """The primary serves the client from now on; this session is over."""
+        assert self.want_proxy is not None
+        self.account = self.want_proxy[1]
+        self.want_proxy = None
+        self.close()
+
+    def _on_role_change(self, shard: int) -> None:
+        """ClusterView callback (on the hub): never does I/O itself."""
+        cluster = self.ctx.cluster
+        if (cluster is None or self.account is None or self.closed
+                or shard != cluster.shard_of(self.account) or cluster.is_local_primary(shard)):
+            return
+        self.moved = True
+        if self.wakeup is not None:
+            self.wakeup()
+
+    def end_moved(self) -> None:
+        """RFC 9051 §7.1.5: the mailbox is led by another node now."""
+        self._write(status_untagged("BYE", "Mailbox moved, reconnect", "UNAVAILABLE"))
+        self.flush()
+        self.close()
 
     def _auth_failed(self) -> Reply:
         self._auth_failures += 1
@@ -456,7 +534,7 @@ class Session:
         if authz and authz.lower() != user.lower():
             reply: Reply | None = no("proxy authorization not supported", "AUTHORIZATIONFAILED")
         else:
-            reply = self._guarded("AUTHENTICATE", self._login, user, password)
+            reply = self._guarded("AUTHENTICATE", self._login, tag, user, password)
         if reply is not None:
             self._write(tagged(tag, reply.status, reply.text, reply.code))
 

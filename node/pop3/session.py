@@ -18,6 +18,11 @@ Promises kept here:
   `+OK` is sent only after that commit; if it fails the client gets
   `-ERR [SYS/TEMP]` and nothing is deleted (RFC 1939 §6, RFC 3206 §4).  A
   dropped connection deletes nothing.
+- Cluster mode (ctx.cluster set): a login for an account whose shard another
+  node leads answers a `Response` with `handoff` set; the server hands the
+  connection to that primary (cluster/proxy.py), where `open_maildrop`
+  continues.  A session whose maildrop is led here ends with
+  `-ERR [SYS/TEMP] mailbox moved` once this node stops leading the shard.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import base64
 import binascii
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from node.context import NodeContext
@@ -59,6 +64,7 @@ ERR_CANCELLED = p.err("authentication cancelled")  # RFC 5034 §4
 ERR_TOO_MANY_ERRORS = p.err("too many bad commands, closing")
 ERR_ALREADY_TLS = p.err("already using TLS")
 ERR_NO_TLS = p.err("TLS not available")
+ERR_MOVED = p.err("mailbox moved", p.RespCode.SYS_TEMP)  # cluster: reconnect to the new primary
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Response:
     close: bool = False
     starttls: bool = False
     delay: float = 0.0
+    handoff: str | None = None  # cluster: serve this account on its primary
 
 
 def _reply(reply: p.Reply, **kw: object) -> Response:
@@ -112,6 +119,9 @@ class Pop3Session:
         self._uidvalidity = 0
         self._rows: list[MessageRow] = []
         self._deleted: set[int] = set()  # message numbers, 1-based
+        self.moved = False  # this node stopped leading the maildrop's shard (cluster)
+        self.on_moved: Callable[[], None] | None = None  # set by the server
+        self._unrole: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ server API
 
@@ -150,6 +160,9 @@ class Pop3Session:
 
     def close(self) -> None:
         """End the session: release the maildrop lock; deletes nothing."""
+        if self._unrole is not None:
+            unrole, self._unrole = self._unrole, None
+            unrole()
         if self.account is not None:
             self.locks.release(self.account)
             self.account = None
@@ -284,6 +297,19 @@ class Pop3Session:
             return self._failed(ERR_AUTH_FAILED)
         if authzid and authzid.lower() not in (username.lower(), account.lower()):
             return self._failed(ERR_AUTH_FAILED)  # no proxy authorization
+        if self._led_elsewhere(account):
+            return Response([], handoff=account)  # the server hands over (cluster/proxy.py)
+        return self.open_maildrop(account)
+
+    def _led_elsewhere(self, account: str) -> bool:
+        cluster = self.ctx.cluster
+        return cluster is not None and not cluster.is_local_primary(cluster.shard_of(account))
+
+    def open_maildrop(self, account: str) -> Response:
+        """Lock and open ``account``'s maildrop (TRANSACTION state); also how a
+        session handed over by another node starts (cluster/proxy.py)."""
+        if self._led_elsewhere(account):
+            return _reply(ERR_SYS_TEMP)
         if not self.locks.acquire(account):
             return _reply(ERR_IN_USE)
         try:
@@ -299,9 +325,22 @@ class Pop3Session:
         self._rows = list(rows)
         self._deleted = set()
         self.conn.transition(p.State.TRANSACTION)
+        if self.ctx.cluster is not None:
+            self._unrole = self.ctx.cluster.on_role_change(self._on_role_change)
         log.info("pop3: %s logged in from %s (%d messages)", account, self.peer_ip, len(rows))
         count, size = self._live()
         return _reply(p.ok(f"maildrop has {count} messages ({size} octets)"))
+
+    def _on_role_change(self, shard: int) -> None:
+        """ClusterView callback (on the hub): never does I/O itself."""
+        cluster = self.ctx.cluster
+        account = self.account
+        if (cluster is None or account is None or shard != cluster.shard_of(account)
+                or cluster.is_local_primary(shard)):
+            return
+        self.moved = True
+        if self.on_moved is not None:
+            self.on_moved()
 
     # ------------------------------------------------------------ TRANSACTION
 

@@ -1,0 +1,258 @@
+"""IMAP and POP3 sessions proxied to the account's primary after login.
+
+Theory of operation: any node accepts IMAP/POP3 clients.  Greeting,
+STARTTLS/STLS and authentication happen on the node the client reached (the
+directory is replicated everywhere).  When the authenticated account's
+shard is led here the session simply goes on.  When another node leads it,
+the protocol server (node/imap/server.py, node/pop3/server.py) calls
+`hand_over_imap` / `hand_over_pop3`, which
+
+1. opens an `imap.session` / `pop3.session` stream (cluster/rpc.py, mTLS) to
+   the primary with what the session needs: account, login tag, client IP,
+   whether the client's connection is TLS, ENABLEd capabilities;
+2. reads the primary's answer to the login: the primary starts the session
+   in the authenticated state (`Session.resume`, `Pop3Session.open_maildrop`)
+   and writes the login's reply itself (`tag OK [CAPABILITY ...]`, `+OK
+   maildrop has ...`).  Anything else (say `-ERR [IN-USE]`), or no stream at
+   all (no primary, unreachable: `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`), is
+   answered locally and the client stays unauthenticated;
+3. forwards that reply, then the bytes the client pipelined after its login,
+   then pipes both directions until either side closes.  COMPRESS, IDLE and
+   everything else after login are the primary's business: bytes pass
+   through unchanged.
+
+A piped session costs two greenlets (one per direction) blocked in recv,
+and one role-change callback; nothing polls.  When the view says the
+shard's primary changed, the proxy closes the stream, sends `* BYE
+[UNAVAILABLE] Mailbox moved, reconnect` (RFC 9051 §7.1.5) or `-ERR [SYS/TEMP]
+mailbox moved` and hangs up; the client reconnects and lands on the new
+primary.  Sessions served on a primary that loses the shard end the same way
+(node/imap/session.py, node/pop3/session.py).  The notice goes out between
+two chunks of the primary's output, so a client may see it after a response
+cut short: the session is over either way.
+
+The RPC client and timeout are those of the node's ClusterStore (ctx.store
+in cluster mode, cluster/router.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from cluster.router import ClusterStore
+from cluster.rpc import RpcError, RpcServer
+from node.context import NodeContext
+from node.pop3.session import ERR_SYS_TEMP
+
+log = logging.getLogger("postroom.cluster.proxy")
+
+MOVED_IMAP = b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
+MOVED_POP3 = b"-ERR [SYS/TEMP] mailbox moved\r\n"
+PIPE_SIZE = 65536
+MAX_FIRST_LINE = 16384  # octets of the primary's answer to the login
+
+
+# ---------------------------------------------------------- the proxy side
+
+
+def hand_over_imap(ctx: NodeContext, conn: Any) -> bool:
+    """Serve an IMAP login (``conn.session.want_proxy``) on the account's
+    primary; True once the piped session is over, False if the login was
+    answered here instead (node/imap/server.py Connection)."""
+    session = conn.session
+    tag, account = session.want_proxy
+    args = {"account": account, "tag": tag, "peer_ip": session.peer_ip, "tls": session.tls,
+            "enabled": sorted(session.enabled)}
+    pipe = Pipe.open(ctx, "imap.session", account, args, MOVED_IMAP)
+    if pipe is not None and not pipe.first.startswith(f"{tag} OK".encode()):
+        answer = pipe.first.split(b"\n", 1)[0] + b"\n" if b"\n" in pipe.first else None
+        pipe.close()
+        pipe = None
+    else:
+        answer = None
+    if pipe is None:
+        with conn.lock:
+            session.proxy_refused(answer)
+        return False
+    with conn.lock:
+        pending = session.framer.take_buffer()
+        session.proxy_started()
+    log.info("imap: %s from %s proxied to %s", account, session.peer_ip, pipe.primary)
+    pipe.run(conn.sock, pending)
+    return True
+
+
+def hand_over_pop3(ctx: NodeContext, sock: Any, session: Any, account: str) -> bool:
+    """The same for a POP3 login (node/pop3/server.py); False: the client
+    got the refusal and the session stays in the AUTHORIZATION state."""
+    args = {"account": account, "peer_ip": session.peer_ip, "tls": session.secure}
+    pipe = Pipe.open(ctx, "pop3.session", account, args, MOVED_POP3)
+    if pipe is None or not pipe.first.startswith(b"+OK"):
+        answer = ERR_SYS_TEMP.encode()
+        if pipe is not None and pipe.first.startswith(b"-ERR") and b"\n" in pipe.first:
+            answer = pipe.first.split(b"\n", 1)[0] + b"\n"
+        if pipe is not None:
+            pipe.close()
+        sock.sendall(answer)
+        return False
+    pending = session.discard_input()
+    session.close()
+    log.info("pop3: %s from %s proxied to %s", account, session.peer_ip, pipe.primary)
+    pipe.run(sock, pending)
+    return True
+
+
+class Pipe:
+    """A stream to the account's primary, piped to a client socket."""
+
+    def __init__(self, upstream: Any, primary: str, goodbye: bytes) -> None:
+        self.upstream = upstream
+        self.primary = primary
+        self.goodbye = goodbye
+        self.first = b""  # the primary's first output: the answer to the login
+        self.moved = False
+        self._cancel: Callable[[], None] | None = None
+
+    @classmethod
+    def open(cls, ctx: NodeContext, method: str, account: str, args: dict,
+             goodbye: bytes) -> Pipe | None:
+        """Open the stream and read the primary's answer; None if there is
+        no primary to reach (the caller answers "unavailable")."""
+        view, store = ctx.cluster, ctx.store
+        if view is None or not isinstance(store, ClusterStore):
+            return None
+        number = view.shard_of(account)
+        primary = view.primary_of(number)
+        address = view.rpc_address(primary) if primary else None
+        if primary is None or primary == view.node_name or address is None:
+            log.info("%s: no primary to serve %s (shard %d)", method, account, number)
+            return None
+        pipe: Pipe | None = None
+
+        def changed(shard: int) -> None:
+            if shard == number and view.primary_of(number) != primary and pipe is not None:
+                pipe.primary_moved()
+
+        try:
+            upstream = store.rpc.open_stream(address, method, args, timeout=store.timeout)
+        except RpcError as exc:
+            log.info("%s: primary %s of %s unreachable: %s", method, primary, account, exc)
+            return None
+        pipe = cls(upstream, primary, goodbye)
+        pipe._cancel = view.on_role_change(changed)
+        if view.primary_of(number) != primary or not pipe._read_first(store.timeout):
+            pipe.close()
+            return None
+        return pipe
+
+    def _read_first(self, timeout: float) -> bool:
+        try:
+            self.upstream.settimeout(timeout)
+            while b"\n" not in self.first and len(self.first) < MAX_FIRST_LINE:
+                data = self.upstream.recv(PIPE_SIZE)
+                if not data:
+                    break
+                self.first += data
+            self.upstream.settimeout(None)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.info("primary %s did not answer the login: %s", self.primary, exc)
+            return False
+        return bool(self.first)
+
+    def primary_moved(self) -> None:
+        """The shard's primary changed: end the session with the notice."""
+        self.moved = True
+        _close(self.upstream)  # wakes both directions
+
+    def close(self) -> None:
+        if self._cancel is not None:
+            cancel, self._cancel = self._cancel, None
+            cancel()
+        _close(self.upstream)
+
+    def run(self, client: Any, pending: bytes) -> None:
+        """Forward the answer and the client's pipelined bytes, then copy
+        both ways until either side closes; closes both."""
+        try:
+            client.settimeout(None)  # the primary's session times out, not the pipe
+            client.sendall(self.first)
+            if pending:
+                self.upstream.sendall(pending)
+        except (OSError, ssl.SSLError, ValueError):
+            self.close()
+            self._down(client)  # the notice, if the primary moved meanwhile
+            return
+        down = gevent.spawn(self._down, client)
+        try:
+            _copy(client, self.upstream)
+        finally:
+            _close(self.upstream)
+            down.join()
+            self.close()
+
+    def _down(self, client: Any) -> None:
+        """Primary -> client, then the notice if the primary moved; closing
+        the client ends the other direction."""
+        try:
+            if not self.moved:
+                _copy(self.upstream, client)
+            if self.moved:
+                client.sendall(self.goodbye)
+        except (OSError, ssl.SSLError, ValueError):
+            pass
+        finally:
+            _close(client)
+
+
+def _copy(src: Any, dst: Any) -> None:
+    """Bytes from src to dst until src ends or either fails."""
+    try:
+        while True:
+            data = src.recv(PIPE_SIZE)
+            if not data:
+                return
+            dst.sendall(data)
+            gevent.idle()  # a bulk transfer must not keep the hub to itself
+    except (OSError, ssl.SSLError, ValueError):
+        # ValueError: gevent's TLS socket read after it was closed elsewhere.
+        return
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+# -------------------------------------------------------- the primary side
+
+
+def register_handlers(rpc_server: RpcServer, ctx: NodeContext) -> None:
+    """Serve `imap.session` and `pop3.session` streams: sessions other nodes
+    authenticated, for accounts of shards led here."""
+
+    def imap_session(peer: str, args: dict, sock: Any) -> None:
+        from node.imap.server import Connection
+
+        conn = Connection(ctx, sock, str(args.get("peer_ip", "")), tls=bool(args.get("tls")))
+        with conn.lock:
+            conn.session.resume(str(args.get("tag", "*")), str(args.get("account", "")),
+                                [str(e) for e in args.get("enabled") or ()])
+        log.debug("imap: session of %s handed over by %s", args.get("account"), peer)
+        conn.serve(greet=False)
+
+    def pop3_session(peer: str, args: dict, sock: Any) -> None:
+        from node.pop3.server import serve_resumed
+
+        log.debug("pop3: session of %s handed over by %s", args.get("account"), peer)
+        serve_resumed(ctx, sock, peer_ip=str(args.get("peer_ip", "")),
+                      secure=bool(args.get("tls")), account=str(args.get("account", "")))
+
+    rpc_server.register_stream("imap.session", imap_session)
+    rpc_server.register_stream("pop3.session", pop3_session)
