@@ -314,8 +314,12 @@ class MailStore:
         return entry.committer.submit(functools.partial(ops.intent_apply_ops, ops=ops_))
 
     def ops_since(self, number: int, index: int, limit: int = 10_000) -> list[Op]:
-        """Committed log entries after ``index``, ascending, at most ``limit``."""
-        return self._entry(number).shard.ops_since(index, limit)
+        """Committed log entries after ``index``, ascending, at most ``limit``
+        (more than a few are read and decoded in the threadpool)."""
+        shard = self._entry(number).shard
+        if limit <= 64:
+            return shard.ops_since(index, limit)
+        return gevent.get_hub().threadpool.apply(shard.read_ops, (index, limit))
 
     # -- roles and replication (docs/cluster.md) -------------------------------
 

@@ -1048,6 +1048,11 @@ class Shard:
                     h.update(b"\n")
         return position, h.hexdigest()
 
+    def read_ops(self, index: int, limit: int) -> list[Op]:
+        """``ops_since`` on a private connection (threadpool: many ops to decode)."""
+        with self._snapshot_reader() as conn:
+            return _read_ops(conn, index, limit)
+
     def blob_names(self) -> set[str]:
         """Every blob the messages and the queue reference.  Threadpool."""
         with self._snapshot_reader() as conn:

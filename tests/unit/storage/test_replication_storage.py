@@ -418,3 +418,43 @@ def test_digest_ignores_the_full_text_index_but_not_state(pair):
     a.set_role(N, "primary", 1)
     a.set_metadata(ALICE, None, [("/private/comment", b"y")])
     assert a.digest(N) != b.digest(N)
+
+
+def test_role_change_during_replication_rolls_the_batch_back(pair):
+    a, b, link = pair
+    a.ensure_account(ALICE)
+    before = a.position_digest(N)
+
+    def deposed(number: int, new_ops: list[Op]) -> None:
+        link(number, new_ops)  # B has the ops ...
+        a.set_role(number, "follower", 2)  # ... but A lost the lead meanwhile
+
+    a.set_role(N, "primary", 1, deposed)
+    with pytest.raises(StorageUnavailable, match="role changed"):
+        a.create_mailbox(ALICE, "Gone")
+    assert a.position_digest(N) == before
+    assert b.position(N) == (before[0][0] + 1, 1)
+    assert a.role(N) == ("follower", 2)
+
+
+def test_commit_failure_after_replication_fences_the_epoch(pair):
+    a, b, link = pair
+    a.ensure_account(ALICE)
+    before = a.position_digest(N)
+    shard = a.shard_by_number(N)[0]
+
+    def disk_error() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    shard.before_commit = disk_error
+    with pytest.raises(StorageUnavailable):
+        a.create_mailbox(ALICE, "Lost")
+    shard.before_commit = None
+    assert a.position_digest(N) == before
+    assert b.position(N)[0] == before[0][0] + 1  # the follower kept the tail
+    with pytest.raises(StorageUnavailable, match="higher epoch"):
+        a.create_mailbox(ALICE, "Again")
+    # Reads and the follower's log matching are unaffected.
+    assert a.list_mailboxes(ALICE)
+    with pytest.raises(LogMismatch):
+        b.apply_replicated(N, 2, before[0], [], {})
