@@ -1038,36 +1038,51 @@ def shard_of(account: str, shards: int) -> int:
 # ---------------------------------------------------------------- RTO
 
 
-def probe(ledger: Ledger, by_shard: dict[int, str], nodes: list[Endpoint],
-          timeout: float = 5.0) -> list[str]:
-    """One new message to an account of every shard, in parallel; the shards
-    whose message got no 250 (empty: every shard served)."""
-    smtp = [n.smtp for n in nodes if n.smtp]
-    failed: list[str] = []
-    lock = threading.Lock()
+PROBE_TIMEOUT = 2.0  # seconds per probe message before the next one is sent
 
-    def one(i: int, shard: int, account: str) -> None:
-        address = smtp[i % len(smtp)]
-        ok = False
-        try:
-            with smtplib.SMTP(*split_hostport(address), local_hostname=f"probe.{DRILL_DOMAIN}",
-                              timeout=timeout) as conn:
-                ok = send_once(conn, ledger, (account,), f"probe {address}")[0].acked
-        except (OSError, smtplib.SMTPException):
-            pass
-        if not ok:
-            with lock:
-                failed.append(f"{shard}")
 
-    if not smtp:
-        return ["no SMTP listener"]
-    threads = [threading.Thread(target=one, args=(i, s, a), daemon=True)
-               for i, (s, a) in enumerate(sorted(by_shard.items()))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout * 4)
-    return failed
+class Prober:
+    """One thread per shard sending probe messages (each new, each once) to
+    an account of that shard through the current entry nodes, until one gets
+    250; ``served[shard]`` is the monotonic time of that answer."""
+
+    def __init__(self, ledger: Ledger, by_shard: dict[int, str],
+                 timeout: float = PROBE_TIMEOUT) -> None:
+        self.ledger = ledger
+        self.by_shard = by_shard
+        self.timeout = timeout
+        self.nodes: list[Endpoint] = []
+        self.served: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._probe, args=(i, shard, account),
+                                          daemon=True, name=f"drill-probe-{shard}")
+                         for i, (shard, account) in enumerate(sorted(by_shard.items()))]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(self.timeout * 3)
+
+    def _probe(self, turn: int, shard: int, account: str) -> None:
+        while not self._stop.is_set():
+            smtp = [n.smtp for n in self.nodes if n.smtp]
+            if smtp:
+                address = smtp[turn % len(smtp)]
+                turn += 1
+                try:
+                    with smtplib.SMTP(*split_hostport(address), timeout=self.timeout,
+                                      local_hostname=f"probe.{DRILL_DOMAIN}") as conn:
+                        delivery, _ = send_once(conn, self.ledger, (account,), f"probe {address}")
+                    if delivery.acked:
+                        self.served[shard] = delivery.end
+                        return
+                except (OSError, smtplib.SMTPException):
+                    self.ledger.error("probe connect")
+            self._stop.wait(0.2)
 
 
 def wait_for_rto(session, ledger: Ledger, by_shard: dict[int, str], t_fault: float,
@@ -1076,20 +1091,29 @@ def wait_for_rto(session, ledger: Ledger, by_shard: dict[int, str], t_fault: flo
     """Seconds from t_fault until every shard has a live primary and a probe
     delivery to an account of every shard got 250 (None: not before deadline).
     Probes enter through members other than ``exclude`` (the faulted node)."""
-    while time.monotonic() < deadline:
-        try:
-            snap = read_snapshot(session)
-        except EtcdError:
+    prober = Prober(ledger, by_shard)
+    led_at = None
+    started = False
+    try:
+        while time.monotonic() < deadline:
+            try:
+                snap = read_snapshot(session)
+            except EtcdError:
+                time.sleep(0.2)
+                continue
+            if on_snapshot is not None:
+                on_snapshot(snap)
+            prober.nodes = [n for n in endpoints(snap) if n.name != exclude]
+            if not started:
+                prober.start()
+                started = True
+            led_at = None if snap.leaderless() else (led_at or time.monotonic())
+            if led_at is not None and len(prober.served) == len(by_shard):
+                return max(led_at, *prober.served.values()) - t_fault
             time.sleep(0.2)
-            continue
-        if on_snapshot is not None:
-            on_snapshot(snap)
-        if not snap.leaderless():
-            nodes = [n for n in endpoints(snap) if n.name != exclude]
-            if not probe(ledger, by_shard, nodes):
-                return time.monotonic() - t_fault
-        time.sleep(0.2)
-    return None
+        return None
+    finally:
+        prober.stop()
 
 
 def wait_refused(address: str, deadline: float) -> bool:
