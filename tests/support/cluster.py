@@ -1,0 +1,298 @@
+"""A real postroom cluster for tests: N nodes on 127.0.0.2.. over a real etcd
+cluster with TLS and authentication (tests/support/etcd_cluster.py).
+
+Theory of operation
+-------------------
+``ClusterHarness(base_dir)`` is everything an operator does, by the book:
+
+1. start (or take) an :class:`EtcdCluster` (3 members, TLS, auth);
+2. write one TOML per node: node i (0-based) is named ``n<i+1>``, binds every
+   listener and its RPC port on ``127.0.0.<i+2>`` (free ports), has
+   ``[cluster] enabled = true``, labels ``{host = "h<i+1>", zone = "z<i+1>"}``,
+   ``[etcd] lease_ttl = 3`` and the etcd cluster's TLS/auth settings;
+3. ``postroom cluster init --shards 8`` once, ``postroom cluster join`` per node;
+4. ``postroom domain add`` / ``user add`` for example.test, alice and bob
+   (tests/support/node.py USERS);
+5. ``python -m node --config X serve`` per node (in parallel), each ready
+   when it prints "postroom ready".
+
+Processes are tracked by PID: ``node(i).kill()`` (SIGKILL), ``.stop()``
+(SIGSTOP, a freeze), ``.cont()``, ``.terminate()`` (SIGTERM, graceful),
+``.restart()``.  ``shard_record(n)`` / ``shard_records()`` / ``members()``
+read etcd directly; ``wait_until`` polls a predicate up to a deadline.
+``close()`` (or leaving the ``with`` block) thaws, stops and reaps every
+process it started.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.etcd import free_port, skip_without_etcd
+from tests.support.etcd_cluster import HOSTS, EtcdCluster
+from tests.support.node import DOMAIN, USERS, NodeProcess
+
+SHARDS = 8
+LEASE_TTL = 3
+
+
+class ClusterNode(NodeProcess):
+    """One cluster member process; ``stop()`` freezes it (SIGSTOP)."""
+
+    def __init__(self, index: int, base_dir: Path, etcd: EtcdCluster, shards: int) -> None:
+        self.index = index
+        self.name = f"n{index + 1}"
+        host = HOSTS[index]
+        self.rpc_port = free_port(host)
+        overrides = {
+            "node": {"hostname": f"{self.name}.example.test"},
+            "etcd": {**etcd.settings(), "lease_ttl": LEASE_TTL},
+            "storage": {"shards": shards},
+            "cluster": {
+                "enabled": True,
+                "name": self.name,
+                "listen": f"{host}:{self.rpc_port}",
+                "labels": {"host": f"h{index + 1}", "zone": f"z{index + 1}"},
+            },
+        }
+        super().__init__(base_dir, overrides, host=host)
+        self.frozen = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    @property
+    def running(self) -> bool:
+        return self.pid is not None
+
+    @property
+    def rpc_address(self) -> str:
+        return f"{self.host}:{self.rpc_port}"
+
+    def address(self, service: str) -> tuple[str, int]:
+        """(host, port) of a listener: smtp, imap, imaps, pop3, submission, ..."""
+        return self.host, self.ports[service]
+
+    def kill(self) -> None:
+        """SIGKILL now (a crash) and reap."""
+        self.frozen = False
+        super().kill()
+
+    def stop(self) -> None:  # type: ignore[override]
+        """SIGSTOP: the process freezes (sockets open, lease not refreshed)."""
+        if self.pid is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+            self.frozen = True
+
+    def cont(self) -> None:
+        """SIGCONT after stop()."""
+        if self.pid is not None:
+            self.proc.send_signal(signal.SIGCONT)
+        self.frozen = False
+
+    def terminate(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM (graceful shutdown) and wait; SIGKILL after timeout."""
+        self.cont()
+        return NodeProcess.stop(self, timeout)
+
+    def restart(self) -> None:
+        """Terminate if running, then start again with the same data."""
+        if self.running:
+            self.terminate()
+        self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+
+class ClusterHarness:
+    """``nodes`` postroom nodes in cluster mode over a TLS+auth etcd cluster."""
+
+    def __init__(self, base_dir: Path, nodes: int = 3, etcd: EtcdCluster | None = None,
+                 shards: int = SHARDS) -> None:
+        self.base_dir = Path(base_dir)
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        self._own_etcd = etcd is None
+        self.etcd = etcd if etcd is not None else EtcdCluster(self.base_dir / "etcd")
+        self.shards = shards
+        self.count = nodes
+        self.nodes: list[ClusterNode] = []
+        self._session: Any = None
+        self.cluster_id = ""
+
+    # -- setup -----------------------------------------------------------
+
+    def setup(self) -> None:
+        """etcd up, configs written, cluster init, every node joined, users provisioned."""
+        if not any(m.pid for m in self.etcd.members):
+            self.etcd.start()
+        self.nodes = [self._make_node(i) for i in range(self.count)]
+        # Two rounds of CLI processes in parallel: (init, domain add), then
+        # (join per node, user add per user).
+        first = self._parallel(self.cli, [("cluster", "init", "--shards", str(self.shards)),
+                                          ("domain", "add", DOMAIN)], star=True)
+        self.cluster_id = first[0].split()[2].rstrip(":")
+        steps: list[Callable[[], Any]] = [lambda n=n: self._join(n) for n in self.nodes]
+        steps += [lambda a=a, p=p: self.cli("user", "add", a, input=p + "\n")
+                  for a, p in USERS.items()]
+        self._parallel(lambda step: step(), steps)
+
+    def _make_node(self, i: int) -> ClusterNode:
+        return ClusterNode(i, self.base_dir / f"n{i + 1}", self.etcd, self.shards)
+
+    def _join(self, node: ClusterNode) -> None:
+        result = node.cli("cluster", "join")
+        if result.returncode != 0:
+            raise RuntimeError(f"cluster join {node.name} failed: {result.stderr.strip()}")
+
+    @staticmethod
+    def _parallel(fn: Callable[..., Any], items: list, star: bool = False) -> list:
+        """fn(item) (or fn(*item)) for every item in threads; results in order."""
+        with ThreadPoolExecutor(max_workers=max(1, len(items))) as pool:
+            futures = [pool.submit(fn, *item) if star else pool.submit(fn, item)
+                       for item in items]
+            return [f.result() for f in futures]
+
+    def start(self) -> None:
+        """setup() (first time) and start every node that is not running."""
+        if not self.nodes:
+            self.setup()
+        self._parallel(lambda n: n.start(), [n for n in self.nodes if not n.running])
+
+    def add_node(self, start: bool = True) -> ClusterNode:
+        """Another node (n4 on 127.0.0.5, ...): configured, joined, started."""
+        node = self._make_node(len(self.nodes))
+        self.nodes.append(node)
+        self._join(node)
+        if start:
+            node.start()
+        return node
+
+    def cli(self, *args: str, input: str | None = None, node: int = 0) -> str:
+        """`postroom ARGS` with node's configuration; stdout, or RuntimeError."""
+        result = self.nodes[node].cli(*args, input=input)
+        if result.returncode != 0:
+            raise RuntimeError(f"postroom {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    # -- access ----------------------------------------------------------
+
+    def node(self, i: int) -> ClusterNode:
+        return self.nodes[i]
+
+    def by_name(self, name: str) -> ClusterNode:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    @property
+    def session(self) -> Any:
+        """An EtcdSession (TLS + auth) for reading cluster state from the test."""
+        if self._session is None:
+            from cluster.etcd import EtcdSession
+
+            s = self.etcd.settings()
+            self._session = EtcdSession(
+                s["endpoints"], s["prefix"], LEASE_TTL, 3.0, ca_cert=s["ca_cert"],
+                cert=s["cert"], key=s["key"], username=s.get("username", ""),
+                password=self.etcd.password if self.etcd.auth else "",
+            )
+        return self._session
+
+    def shard_record(self, n: int) -> dict | None:
+        kv = self.session.get(f"/shards/{n:04d}")
+        return None if kv is None else kv.value
+
+    def shard_records(self) -> dict[int, dict]:
+        kvs, _ = self.session.get_prefix("/shards/")
+        return {int(kv.key.rsplit("/", 1)[1]): kv.value for kv in kvs}
+
+    def members(self) -> dict[str, dict]:
+        kvs, _ = self.session.get_prefix("/members/")
+        return {kv.key.rsplit("/", 1)[1]: kv.value for kv in kvs}
+
+    def primaries(self) -> dict[int, str | None]:
+        return {n: r.get("primary") for n, r in self.shard_records().items()}
+
+    @staticmethod
+    def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition",
+                   interval: float = 0.1) -> Any:
+        """Poll predicate until it returns something truthy (returned) or raise
+        TimeoutError after timeout seconds.  Exceptions count as "not yet"."""
+        deadline = time.monotonic() + timeout
+        last: BaseException | None = None
+        while time.monotonic() < deadline:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except Exception as exc:  # etcd briefly unavailable, node restarting
+                last = exc
+            time.sleep(interval)  # poll interval only; the predicate decides
+        raise TimeoutError(f"timed out after {timeout}s waiting for {what}"
+                           + (f" (last error: {last})" if last else ""))
+
+    def all_shards_led(self) -> bool:
+        """Every shard record exists and names a running member as primary."""
+        records = self.shard_records()
+        live = set(self.members())
+        return len(records) == self.shards and all(
+            r.get("primary") in live for r in records.values())
+
+    def log_tails(self, lines: int = 30) -> str:
+        return "\n".join(f"--- {n.name} ---\n{n.log_tail(lines)}" for n in self.nodes)
+
+    # -- teardown --------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop every node (thawing frozen ones), then the etcd we started."""
+        def finish(node: ClusterNode) -> None:
+            try:
+                node.terminate(timeout=10.0)
+            except (OSError, subprocess.SubprocessError):
+                node.kill()
+
+        self._parallel(finish, self.nodes)
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        if self._own_etcd:
+            self.etcd.stop_all()
+
+    def __enter__(self) -> ClusterHarness:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster with TLS and authentication (about 3 s to start)."""
+    skip_without_etcd()
+    with EtcdCluster(tmp_path_factory.mktemp("etcd-cluster")) as etcd:
+        yield etcd
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[ClusterHarness]:
+    """A running 3-node cluster (example.test, alice, bob) over its own etcd cluster."""
+    skip_without_etcd()
+    harness = ClusterHarness(tmp_path_factory.mktemp("cluster"))
+    with harness:
+        yield harness
