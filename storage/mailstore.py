@@ -338,11 +338,12 @@ class MailStore:
         between prepare and commit of every batch that logged ops; if it
         raises, the batch is rolled back, its callers get StorageUnavailable,
         and the epoch is fenced: writes fail until the shard is made primary
-        at a higher epoch (followers may hold the rolled-back ops).  Raises StaleEpoch for a primary role of an epoch
-        older than the known one.  A change away from follower/none waits
-        for the running batch, so no append of an older epoch lands after
-        this returns; a batch of a primary that is being replicated is not
-        waited for: it fails (role changed) unless it already committed.
+        at a higher epoch (followers may hold the rolled-back ops).  Raises
+        StaleEpoch for a primary role of an epoch older than the known one.
+        A change away from follower/none waits for the running batch, so no
+        append of an older epoch lands after this returns; a batch of a
+        primary that is being replicated is not waited for: it fails (role
+        changed) unless it already committed.
         """
         if role not in ROLES:
             raise ValueError(f"bad role {role!r}")
@@ -446,12 +447,12 @@ class MailStore:
         snapshot's last epoch).  Blobs are not part of it: see missing_blobs.
         """
         entry = self._entry(number)
-        if entry.role == "primary":
-            raise StorageUnavailable(f"shard {number} is led here")
-        if epoch < entry.known_epoch:
-            raise StaleEpoch(entry.known_epoch)
         shard = entry.shard
         with entry.committer.paused():
+            if entry.role == "primary":
+                raise StorageUnavailable(f"shard {number} is led here")
+            if epoch < entry.known_epoch:
+                raise StaleEpoch(entry.known_epoch)
             shard.close_reader()
             try:
                 position = gevent.get_hub().threadpool.apply(shard.install, (Path(path),))
