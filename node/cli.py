@@ -397,6 +397,14 @@ def _show_entry(shown: dict, now: float) -> None:
         print(f"  {line}")
 
 
+def _warn_missing(result: dict) -> None:
+    """Cluster mode: say which queue shards gave no answer (no primary, unreachable)."""
+    if result.get("missing_shards"):
+        shards = ", ".join(str(n) for n in result["missing_shards"])
+        print(f"warning: queue shards without an answer (no primary or unreachable): {shards}",
+              file=sys.stderr)
+
+
 def cmd_queue(config: Config, args: argparse.Namespace) -> int:
     """``postroom queue ...`` through the running node's admin socket (node/admin.py)."""
     from node.admin import AdminClient
@@ -406,7 +414,9 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
     if action == "list":
         query = {k: v for k, v in (("domain", args.domain), ("sender", args.sender),
                                    ("older_than", args.older_than)) if v is not None}
-        entries = client.call("queue.list", **query)["entries"]
+        listed = client.call("queue.list", **query)
+        _warn_missing(listed)
+        entries = listed["entries"]
         if not entries:
             print("no matching messages" if query else "queue is empty")
             return 0
@@ -421,8 +431,9 @@ def cmd_queue(config: Config, args: argparse.Namespace) -> int:
     elif action == "show":
         _show_entry(client.call("queue.show", id=args.id), now)
     elif action == "flush" or (action == "retry" and args.all):
-        count = client.call("queue.flush")["count"]
-        print(f"{count} message(s) scheduled for delivery now")
+        flushed = client.call("queue.flush")
+        _warn_missing(flushed)
+        print(f"{flushed['count']} message(s) scheduled for delivery now")
     else:
         done = {"retry": "scheduled for delivery now", "hold": "on hold",
                 "release": "released", "delete": "deleted"}[action]
