@@ -335,7 +335,9 @@ class RpcServer:
                 sock.do_handshake()
                 peer = peer_name(sock)
             except (OSError, ssl.SSLError) as exc:
-                log.warning("rpc: refused %s: no valid cluster certificate (%s)", where, exc)
+                log.warning(
+                    "rpc: refused %s: TLS handshake failed (not a cluster node?): %s", where, exc
+                )
                 return
             header, _ = read_frame(sock)
             sock.settimeout(None)
@@ -652,6 +654,9 @@ class RpcClient:
             except (OSError, ssl.SSLError) as exc:
                 _close(sock)
                 raise RpcUnavailable(f"{address}: {exc}") from None
+            if self._closed:  # closed while we were connecting
+                _close(sock)
+                raise RpcUnavailable(f"{address}: client closed")
             connection = _Connection(sock, address, self._forget)
             self._connections[address] = connection
             return connection
@@ -662,7 +667,10 @@ class RpcClient:
         """Connect and handshake within connect_timeout (and the call's deadline)."""
         if self._closed:
             raise RpcUnavailable(f"{address}: client closed")
-        host, port = split_address(address)
+        try:
+            host, port = split_address(address)
+        except ValueError as exc:
+            raise RpcUnavailable(str(exc)) from None
         timeout = max(0.001, min(self.connect_timeout, deadline - time.monotonic()))
         sock = None
         try:

@@ -249,6 +249,8 @@ def test_unreachable_peer_is_unavailable(certs, client):
         client.call(address, "echo", {})
     with pytest.raises(RpcUnavailable, match="cannot connect"):
         client.open_stream(address, "echo", {})
+    with pytest.raises(RpcUnavailable, match="bad node address"):
+        client.call("no-port-here", "echo", {})
 
 
 def test_pending_calls_fail_at_once_when_the_connection_breaks(server, client, handlers):
