@@ -447,6 +447,7 @@ class Load:
             try:
                 with smtplib.SMTP(*split_hostport(address), local_hostname=f"drill.{DRILL_DOMAIN}",
                                   timeout=self.timeout) as smtp:
+                    smtp.ehlo()
                     while not self._stop.is_set():
                         count = 2 if rng.random() < 0.2 else 1
                         to = tuple(rng.sample(self.names, min(count, len(self.names))))
@@ -1076,6 +1077,7 @@ class Prober:
                 try:
                     with smtplib.SMTP(*split_hostport(address), timeout=self.timeout,
                                       local_hostname=f"probe.{DRILL_DOMAIN}") as conn:
+                        conn.ehlo()
                         delivery, _ = send_once(conn, self.ledger, (account,), f"probe {address}")
                     if delivery.acked:
                         self.served[shard] = delivery.end
