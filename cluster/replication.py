@@ -305,7 +305,8 @@ class Replicator:
         self.lease = lease
         self.store = host.store
         self._stopped = False
-        self._next_index = 0  # index the next batch must start at (0: not synced)
+        self._synced = False  # promotion sync done
+        self._last = (0, 0)  # (index, epoch) of the last op replicated (the log's last)
         self._catchups: dict[str, gevent.Greenlet] = {}
         self._handoff: gevent.Greenlet | None = None
         self.acks = 0  # batches replicated (tests, metrics)
@@ -406,7 +407,7 @@ class Replicator:
         except BaseException:
             gevent.spawn(self.check_fenced)  # the committer fences our epoch after this
             raise
-        self._next_index = ops[-1].index + 1
+        self._last = (ops[-1].index, ops[-1].epoch)
         self.acks += 1
 
     def check_fenced(self) -> None:
@@ -428,10 +429,10 @@ class Replicator:
         pairs may be held by followers, so they must never name other ops.  We
         take a new epoch (a CAS naming ourselves again) and re-sync."""
         self._mine()
-        if ops[0].index == self._next_index:
+        if ops[0].index == self._last[0] + 1:
             return
         log.error("shard %d: batch starts at %d, expected %d; re-fencing with a new epoch",
-                  self.shard, ops[0].index, self._next_index)
+                  self.shard, ops[0].index, self._last[0] + 1)
         self.stop()
         gevent.spawn(self._refence)
         raise Deposed("a replicated batch was rolled back")
@@ -454,7 +455,7 @@ class Replicator:
 
     def _replicate(self, ops: list[Op]) -> None:
         wire_ops, names, attachments = self._payload(ops)
-        prev = (ops[0].index - 1, self._prev_epoch(ops[0].index))
+        prev = self._last
         target = (ops[-1].index, ops[-1].epoch)
         acked: set[str] = set()
         backoff = RETRY_MIN
@@ -472,14 +473,6 @@ class Replicator:
                 continue  # re-check against the record we just wrote
             gevent.sleep(backoff)  # etcd unreachable: keep trying until deposed
             backoff = min(backoff * 2, RETRY_MAX)
-
-    def _prev_epoch(self, index: int) -> int:
-        if index <= 1:
-            return 0
-        epoch = self.store.op_epoch(self.shard, index - 1)
-        if epoch is None:
-            raise model.StorageUnavailable(f"shard {self.shard}: op {index - 1} not in the log")
-        return epoch
 
     def _send_all(
         self, nodes: list[str], prev: tuple[int, int], target: tuple[int, int],
@@ -552,7 +545,8 @@ class Replicator:
                 continue
             bad = self._sync_followers(followers, positions)
             if not bad:
-                self._next_index = self.store.position(self.shard)[0] + 1
+                self._last = self.store.position(self.shard)
+                self._synced = True
                 return
             if self._shrink(set(bad)):
                 backoff = RETRY_MIN
@@ -674,7 +668,7 @@ class Replicator:
         self.check_handoff()
 
     def _start_catchups(self) -> None:
-        if self._stopped or self._next_index == 0:
+        if self._stopped or not self._synced:
             return
         record = self.host.records.record(self.shard)
         if record is None:
@@ -725,8 +719,8 @@ class Replicator:
             pos = self._ship(node, pos, self.host.rpc_timeout)
         with self.store.paused(self.shard):
             mine = self.store.position(self.shard)
-            while pos[0] < mine[0]:
-                pos = self._ship(node, pos, self.host.rpc_timeout)
+            while pos[0] < mine[0]:  # writes wait meanwhile: a batch's timeout
+                pos = self._ship(node, pos, self.host.ack_timeout)
             if pos != mine:
                 raise Retry(f"{node} is at {pos}, we are at {mine}")
             self._grow(node)
@@ -749,7 +743,7 @@ class Replicator:
 
     def check_handoff(self) -> None:
         record = self.host.records.record(self.shard)
-        if (self._stopped or self._next_index == 0 or record is None
+        if (self._stopped or not self._synced or record is None
                 or not record.transfer_to or record.transfer_to == self.me):
             return
         if self._handoff is None or self._handoff.dead:

@@ -267,6 +267,77 @@ def scenario_snapshot_catch_up_of_a_diverged_follower(base: str, url: str) -> No
         cluster.close()
 
 
+def scenario_new_primary_takes_the_tail_of_a_follower_ahead(base: str, url: str) -> None:
+    cluster = _start(base, url)
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    try:
+        account = _account(SHARD)
+        _deliver(n1, account, 0)
+        # n1 dies in the middle of a batch: n3 has fsynced it, n2 never got
+        # it, and n1 never committed it (its client got no answer).
+        replicator = n1.manager.replicator(SHARD)
+
+        def replicate_to_n3_then_die(shard: int, ops: list) -> None:
+            wire_ops, names, attachments = replicator._payload(ops)
+            replicator._append("n3", replicator._last, wire_ops, names, attachments, 5.0)
+            raise StorageUnavailable("n1 dies before its commit")
+
+        n1.store.set_role(SHARD, "primary", 1, replicate_to_n3_then_die)
+        with pytest.raises(StorageUnavailable):
+            _deliver(n1, account, 1)
+        n1.stop()
+        assert n3.store.position(SHARD)[0] == n2.store.position(SHARD)[0] + 1
+        cluster.write_record(epoch=2, primary="n2", primary_lease=n2.lease, isr=["n2", "n3"])
+        _wait(lambda: n2.manager.is_local_primary(SHARD), "n2 leads shard 0")
+        # n2 appended n3's tail (keeping its epoch) before taking writes.
+        assert n2.digest() == n3.digest()
+        assert n2.store.op_epoch(SHARD, n2.store.position(SHARD)[0]) == 1
+        assert [m.blob for m in _inbox(n2, account)] == [m.blob for m in _inbox(n3, account)]
+        assert len(_inbox(n2, account)) == 2
+        _deliver(n2, account, 2)
+        assert n2.digest() == n3.digest()
+        assert n2.store.position(SHARD)[1] == 2
+    finally:
+        cluster.close()
+
+
+def scenario_hand_off_and_session_loss(base: str, url: str) -> None:
+    cluster = _start(base, url)
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    try:
+        account = _account(SHARD)
+        hooks: list[int] = []
+        n1.manager.add_handoff_hook(hooks.append)
+        changes: list[int] = []
+        n1.manager.on_role_change(changes.append)
+        _deliver(n1, account, 0)
+        cluster.write_record(transfer_to="n2")
+        _wait(lambda: n2.manager.is_local_primary(SHARD), "n2 leads shard 0")
+        assert hooks == [SHARD] and changes and changes[-1] == SHARD
+        record = cluster.record()
+        assert (record.epoch, record.primary, record.primary_lease, record.transfer_to) == \
+            (2, "n2", n2.lease, None)
+        assert not n1.manager.is_local_primary(SHARD)
+        assert n1.store.role(SHARD) == ("follower", 2)
+        with pytest.raises(StorageUnavailable):
+            _deliver(n1, account, 1)
+        _deliver(n2, account, 2)
+        assert n1.digest() == n2.digest() == n3.digest()
+        assert len(_inbox(n1, account)) == 2
+
+        # n2 loses its etcd session (its lease is revoked, as an expiry
+        # would): it stops leading at once, before anyone names a new primary.
+        cluster.admin._post("kv/lease/revoke", {"ID": n2.lease})
+        _wait(lambda: not n2.manager.is_local_primary(SHARD), "n2 steps down")
+        assert n2.store.role(SHARD)[0] == "follower"
+        with pytest.raises(StorageUnavailable):
+            _deliver(n2, account, 3)
+        assert cluster.record().primary == "n2"  # only the controller changes that
+        assert n1.digest() == n2.digest() == n3.digest()
+    finally:
+        cluster.close()
+
+
 def _has_inbox(node: Node, account: str) -> bool:
     return any(box.name == "INBOX" for box in node.store.list_mailboxes(account))
 
@@ -288,4 +359,16 @@ def test_snapshot_catch_up_of_a_diverged_follower(
     etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     run_patched(MODULE, "scenario_snapshot_catch_up_of_a_diverged_follower",
+                str(tmp_path), etcd_server.client_url)
+
+
+def test_new_primary_takes_the_tail_of_a_follower_ahead(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    run_patched(MODULE, "scenario_new_primary_takes_the_tail_of_a_follower_ahead",
+                str(tmp_path), etcd_server.client_url)
+
+
+def test_hand_off_and_session_loss(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    run_patched(MODULE, "scenario_hand_off_and_session_loss",
                 str(tmp_path), etcd_server.client_url)
