@@ -66,6 +66,8 @@ CALLABLE = frozenset({
     "rows", "uid_flags", "store_flags", "expunge", "copy", "move", "changes_since",
     "search_text", "usage", "savedates", "get_metadata", "set_metadata",
 })
+# RPC error kinds meaning the call never ran there (cluster/rpc.py): try later.
+NOT_RUN = frozenset({"Expired", "NoSuchMethod"})
 # Result types rebuilt by `decode` (storage/model.py dataclasses, by name).
 DATACLASSES: dict[str, type] = {
     cls.__name__: cls
@@ -128,6 +130,8 @@ def remote_error(exc: RpcError) -> StorageError:
     """
     if isinstance(exc, RpcUnavailable):
         return StorageUnavailable(f"primary unreachable: {exc}")
+    if getattr(exc, "kind", None) in NOT_RUN:
+        return StorageUnavailable(f"the primary did not run the call: {exc}")
     cls = getattr(model, getattr(exc, "kind", "") or "", None)
     message = getattr(exc, "message", None) or str(exc)
     if isinstance(cls, type) and issubclass(cls, StorageError):

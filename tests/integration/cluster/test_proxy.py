@@ -14,6 +14,7 @@ the test needs exact bytes (pipelining, COMPRESS).
 
 from __future__ import annotations
 
+import base64
 import imaplib
 import poplib
 import zlib
@@ -295,6 +296,21 @@ def test_pipelined_commands_and_compress_pass_through(cluster) -> None:
     c.sock.close()
 
 
+def test_authenticate_plain_is_proxied_too(cluster) -> None:
+    a, b = cluster["a"], cluster["b"]
+    c = RawImap(a.imap_port)
+    c.send(b"t AUTHENTICATE PLAIN\r\n")
+    assert c.line() == b"+ \r\n"
+    c.send(base64.b64encode(f"\0{BOB}\0{PASSWORD}".encode()) + b"\r\n")
+    assert c.line().startswith(b"t OK [CAPABILITY ")
+    c.send(b"c CREATE Projects\r\n")
+    assert c.line().startswith(b"c OK ")
+    assert "Projects" in [m.name for m in b.store.list_mailboxes(BOB)]
+    c.send(b"o LOGOUT\r\n")
+    assert c.until(b"o OK")[0].startswith(b"* BYE")
+    c.sock.close()
+
+
 def test_login_answers_unavailable_without_a_reachable_primary(cluster) -> None:
     a, b, placement = cluster["a"], cluster["b"], cluster["placement"]
     placement.move(shard(ALICE), None)
@@ -355,3 +371,18 @@ def test_pop3_on_a_is_served_by_primary_b(cluster) -> None:
     assert in_thread(pop.file.readline) == b"-ERR [SYS/TEMP] mailbox moved\r\n"
     assert in_thread(pop.file.readline) == b""
     in_thread(pop.close)
+
+
+def test_pop3_pipelined_login_reaches_the_primary(cluster) -> None:
+    a, b = cluster["a"], cluster["b"]
+    b.store.ensure_account(BOB)
+    b.store.append(BOB, "INBOX", MESSAGE)
+    c = RawImap(a.pop3_port)  # line-based bytes: POP3 works the same
+    assert c.greeting.startswith(b"+OK")
+    c.send(f"USER {BOB}\r\nPASS {PASSWORD}\r\nSTAT\r\nQUIT\r\n".encode())
+    assert [c.line() for _ in range(4)] == [
+        b"+OK send PASS\r\n", b"+OK maildrop has 1 messages (%d octets)\r\n" % len(MESSAGE),
+        b"+OK 1 %d\r\n" % len(MESSAGE), b"+OK postroom signing off (1 messages left)\r\n"]
+    with pytest.raises(EOFError):
+        c.line()
+    c.sock.close()

@@ -106,6 +106,8 @@ def test_remote_errors_become_the_same_storage_class() -> None:
     assert type(remote_error(RpcError("NoSuchMailbox", "Foo"))) is NoSuchMailbox
     assert type(remote_error(RpcError("StorageUnavailable", "x"))) is StorageUnavailable
     assert type(remote_error(RpcUnavailable("down"))) is StorageUnavailable
+    assert type(remote_error(RpcError("Expired", "late"))) is StorageUnavailable
+    assert type(remote_error(RpcError("NoSuchMethod", "store.call"))) is StorageUnavailable
     other = remote_error(RpcError("KeyError", "k"))
     assert type(other) is StorageError and "KeyError" in str(other)
     assert type(remote_error(RpcError("Exception", "k"))) is StorageError
