@@ -1255,7 +1255,8 @@ class Drill:
             self.report.rto = wait_for_rto(
                 self.session, self.ledger, by_shard, t_fault, t_fault + o.settle, exclude,
                 lambda s: load.set_nodes(endpoints(s)))
-            self.progress(f"RTO {self.report.rto}")
+            rto = self.report.rto
+            self.progress("RTO " + ("not reached" if rto is None else f"{rto:.2f} s"))
             self._refresh_until(load, max(started + o.duration, time.monotonic() + 2))
         finally:
             load.stop()
