@@ -28,6 +28,7 @@ from storage.model import (
 from storage.queue import OutboundQueue, queue_shard
 from storage.shard import Op
 from tests.unit.storage.storage_testlib import META, msg, open_store
+from tests.unit.storage.test_storage_shard import busy_workload
 
 SHARDS = 2
 ALICE = "alice@example.test"
@@ -458,3 +459,17 @@ def test_commit_failure_after_replication_fences_the_epoch(pair):
     assert a.list_mailboxes(ALICE)
     with pytest.raises(LogMismatch):
         b.apply_replicated(N, 2, before[0], [], {})
+
+
+def test_every_op_kind_under_concurrency_keeps_replicas_equal(pair):
+    a, b, link = pair
+    a.ensure_account(ALICE)
+    jobs = [gevent.spawn(busy_workload, a)]
+    jobs += [gevent.spawn(a.deliver, [ALICE, BOB], msg(100 + i)) for i in range(40)]
+    gevent.joinall(jobs, raise_error=True)
+    assert any(len(batch) > 1 for _, batch in link.shipped)  # group commit still groups
+    for number in range(SHARDS):
+        assert a.position(number)[0] > 0
+        assert in_sync(a, b, number)
+        assert b.missing_blobs(number) == []
+        assert a.ops_since(number, 0) == b.ops_since(number, 0)
