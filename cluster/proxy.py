@@ -69,15 +69,10 @@ def hand_over_imap(ctx: NodeContext, conn: Any) -> bool:
     args = {"account": account, "tag": tag, "peer_ip": session.peer_ip, "tls": session.tls,
             "enabled": sorted(session.enabled)}
     pipe = Pipe.open(ctx, "imap.session", account, args, MOVED_IMAP)
-    if pipe is not None and not pipe.first.startswith(f"{tag} OK".encode()):
-        answer = pipe.first.split(b"\n", 1)[0] + b"\n" if b"\n" in pipe.first else None
-        pipe.close()
-        pipe = None
-    else:
-        answer = None
-    if pipe is None:
+    refusal = _refusal(pipe, f"{tag} OK ".encode(), f"{tag} NO ".encode())
+    if pipe is None or refusal is not None:
         with conn.lock:
-            session.proxy_refused(answer)
+            session.proxy_refused(refusal or None)  # b"": NO [UNAVAILABLE]
         return False
     with conn.lock:
         pending = session.framer.take_buffer()
@@ -92,19 +87,26 @@ def hand_over_pop3(ctx: NodeContext, sock: Any, session: Any, account: str) -> b
     got the refusal and the session stays in the AUTHORIZATION state."""
     args = {"account": account, "peer_ip": session.peer_ip, "tls": session.secure}
     pipe = Pipe.open(ctx, "pop3.session", account, args, MOVED_POP3)
-    if pipe is None or not pipe.first.startswith(b"+OK"):
-        answer = ERR_SYS_TEMP.encode()
-        if pipe is not None and pipe.first.startswith(b"-ERR") and b"\n" in pipe.first:
-            answer = pipe.first.split(b"\n", 1)[0] + b"\n"
-        if pipe is not None:
-            pipe.close()
-        sock.sendall(answer)
+    refusal = _refusal(pipe, b"+OK", b"-ERR ")
+    if pipe is None or refusal is not None:
+        sock.sendall(refusal or ERR_SYS_TEMP.encode())
         return False
     pending = session.discard_input()
     session.close()
     log.info("pop3: %s from %s proxied to %s", account, session.peer_ip, pipe.primary)
     pipe.run(sock, pending)
     return True
+
+
+def _refusal(pipe: Pipe | None, accepted: bytes, refused: bytes) -> bytes | None:
+    """None if the primary accepted the login (its answer starts with
+    ``accepted``); else the primary's refusal line to forward (b"" when it
+    gave none usable), and the pipe is closed."""
+    if pipe is None or pipe.first.startswith(accepted):
+        return None
+    pipe.close()
+    line, newline, _ = pipe.first.partition(b"\n")
+    return line + newline if newline and line.startswith(refused) else b""
 
 
 class Pipe:
