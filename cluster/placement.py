@@ -19,8 +19,8 @@ Per shard, the first rule that applies wins (docs/cluster.md, "Placement"):
    alive ISR only (never a replica outside it: it may lack committed
    operations), ``epoch + 1``.  With no alive ISR member the record gets
    ``primary = None`` (``epoch + 1``, ISR kept) until one returns.
-3. **Repair**: a pending ``transfer_to`` is left alone unless its target died
-   or left the ISR (then cleared).  Dead members leave ``isr``; a missing
+3. **Repair**: a pending ``transfer_to`` is left alone unless its target died,
+   left the ISR or began to drain (then cleared).  Dead members leave ``isr``; a missing
    replica is replaced by the best live non-replica (it enters ``isr`` only
    when the primary has caught it up); dead replicas are dropped once enough
    live replicas exist.
@@ -293,7 +293,7 @@ class _Planner:
         """Rules 3 and 4 for a record whose primary is alive."""
         t = rec.transfer_to
         if t is not None:
-            if not self.alive(t) or t not in rec.isr or t == rec.primary:
+            if not self.alive(t) or self.draining(t) or t not in rec.isr or t == rec.primary:
                 return replace(rec, transfer_to=None)
             return None  # the primary hands off; nothing else until then
         dead_isr = [n for n in rec.isr if not self.alive(n)]

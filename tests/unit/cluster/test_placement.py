@@ -380,6 +380,14 @@ def test_transfer_to_a_member_outside_the_isr_is_cleared() -> None:
     assert plan_fmt(records, ms, 1, 3) == {0: "e2 n1 [n1 n2 n3] isr [n1 n2]"}
 
 
+def test_transfer_to_a_draining_member_is_cleared_then_it_leaves() -> None:
+    ms = members("n1", "n2", "n3", draining=("n3",))
+    records = {0: rec(2, "n1", "n1 n2 n3", "n1 n2 n3", ms=ms, transfer_to="n3")}
+    step = plan(records, ms, 1, 3)
+    assert fmt(step[0]) == "e2 n1 [n1 n2 n3] isr [n1 n2 n3]"
+    assert plan_fmt(step, ms, 1, 3) == {0: "e2 n1 [n1 n2] isr [n1 n2]"}
+
+
 # -- join and drain -----------------------------------------------------------
 
 
@@ -486,7 +494,7 @@ def apply_event(sim: Sim, kind: str, name: str, lease: int) -> None:
 
 
 @settings(
-    max_examples=int(os.environ.get("PLACEMENT_EXAMPLES", "250")),
+    max_examples=int(os.environ.get("PLACEMENT_EXAMPLES", "200")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
@@ -535,7 +543,7 @@ def any_record(draw) -> ShardRecord:
                        tuple(replicas), tuple(isr), transfer)  # fmt: skip
 
 
-@settings(max_examples=int(os.environ.get("PLACEMENT_EXAMPLES", "400")), deadline=None)
+@settings(max_examples=int(os.environ.get("PLACEMENT_EXAMPLES", "200")), deadline=None)
 @given(
     records=st.lists(st.one_of(st.none(), any_record()), min_size=1, max_size=5),
     alive=st.dictionaries(st.sampled_from(NAMES), st.tuples(st.integers(1, 3), st.booleans())),
