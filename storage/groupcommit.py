@@ -68,6 +68,7 @@ class GroupCommitter:
         # Set by MailStore.set_role: called with a prepared batch's new ops.
         self.replicate: Callable[[list[Op]], None] | None = None
         self.generation = 0  # bumped on every role change of the shard
+        self.replicating = False  # a batch is inside ``replicate`` now
         # The epoch of the last batch rolled back after ``replicate`` was
         # called: followers may hold its ops, so that epoch may log no more.
         self.fenced_epoch = -1
@@ -159,7 +160,11 @@ class GroupCommitter:
         outcome, new_ops = pool.apply(self.shard.prepare_batch, (intents, epoch))
         try:
             if new_ops:
-                replicate(new_ops)
+                self.replicating = True
+                try:
+                    replicate(new_ops)
+                finally:
+                    self.replicating = False
                 if self.generation != generation:
                     raise StorageUnavailable("shard role changed during replication")
             pool.apply(self.shard.commit_prepared)

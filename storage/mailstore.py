@@ -341,9 +341,9 @@ class MailStore:
         at a higher epoch (followers may hold the rolled-back ops).  Raises
         StaleEpoch for a primary role of an epoch older than the known one.
         A change away from follower/none waits for the running batch, so no
-        append of an older epoch lands after this returns; a batch of a
-        primary that is being replicated is not waited for: it fails (role
-        changed) unless it already committed.
+        append of an older epoch lands after this returns; a batch that is
+        being replicated is not waited for: it fails (role changed) unless
+        it already committed.
         """
         if role not in ROLES:
             raise ValueError(f"bad role {role!r}")
@@ -351,7 +351,9 @@ class MailStore:
         if role == "primary" and epoch < entry.known_epoch:
             raise StaleEpoch(entry.known_epoch)
         committer = entry.committer
-        if entry.role == "primary":
+        if entry.role == "primary" or committer.replicating:
+            # A primary's batch may wait in replicate for long: it is not
+            # waited for, and it fails as its role changed (generation).
             self._change_role(entry, role, epoch, replicate)
         else:
             with committer.paused():

@@ -12,6 +12,7 @@ import functools
 import sqlite3
 
 import gevent
+import gevent.event
 import pytest
 
 from storage import fts
@@ -473,3 +474,27 @@ def test_every_op_kind_under_concurrency_keeps_replicas_equal(pair):
         assert in_sync(a, b, number)
         assert b.missing_blobs(number) == []
         assert a.ops_since(number, 0) == b.ops_since(number, 0)
+
+
+def test_role_changes_do_not_wait_for_a_batch_in_replication(pair):
+    a, b, link = pair
+    a.ensure_account(ALICE)
+    before = a.position_digest(N)
+    release = gevent.event.Event()
+    entered = gevent.event.Event()
+
+    def slow(number: int, new_ops: list[Op]) -> None:
+        entered.set()
+        release.wait()  # an ISR follower that does not answer yet
+        link(number, new_ops)
+
+    a.set_role(N, "primary", 1, slow)
+    job = gevent.spawn(a.create_mailbox, ALICE, "Slow")
+    assert entered.wait(timeout=10)
+    a.set_role(N, "none", 2)
+    a.set_role(N, "follower", 2)  # returns while the batch still waits
+    assert a.role(N) == ("follower", 2) and not job.ready()
+    release.set()
+    job.join(timeout=10)
+    assert isinstance(job.exception, StorageUnavailable)
+    assert a.position_digest(N) == before
