@@ -45,6 +45,7 @@ SHARDS = 8
 ALICE, BOB = "alice@example.test", "bob@example.test"
 PASSWORD = "secret-pw-1234"
 MESSAGE = b"From: x@example.test\r\nSubject: proxied\r\n\r\nhello through the proxy\r\n"
+MOVED_BYE = b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
 DEADLINE = 10.0  # seconds any single client read may wait
 
 
@@ -158,7 +159,9 @@ def cluster(tmp_path: Path, directory: EtcdDirectory) -> Iterator[dict[str, Any]
     cert, key = ensure_self_signed(tmp_path, "localhost")
     tls = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(cert, key)
-    nodes = {}
+    client_tls = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+    client_tls.load_verify_locations(cafile=str(cert))
+    nodes: dict[str, Any] = {}
     for name in ("a", "b"):
         node_cert, node_key = ca.issue_node_cert(ca_cert, ca_key, name, ["127.0.0.1"])
         ca.write_node_files(tmp_path / name / "certs", ca_cert, node_cert, node_key)
@@ -167,7 +170,7 @@ def cluster(tmp_path: Path, directory: EtcdDirectory) -> Iterator[dict[str, Any]
     placement = Placement({n: nodes[n].rpc_server.bound_address for n in nodes}, "b")
     for node in nodes.values():
         node.start(placement)
-    yield {"placement": placement, **nodes}
+    yield {"placement": placement, "client_tls": client_tls, **nodes}
     for node in nodes.values():
         node.stop()
 
@@ -204,6 +207,11 @@ class RawImap:
         self.inflate: Any = None
         self.deflate: Any = None
         self.greeting = self.line()
+
+    def starttls(self, context: gssl.SSLContext) -> None:
+        self.send(b"s STARTTLS\r\n")
+        assert self.line() == b"s OK begin TLS negotiation now\r\n"
+        self.sock = context.wrap_socket(self.sock, server_hostname="localhost")
 
     def send(self, data: bytes) -> None:
         if self.deflate is not None:
@@ -259,7 +267,7 @@ def test_imap_on_a_is_served_by_primary_b_until_the_primary_moves(cluster, first
     # whether the proxy (a) or the old primary (b) learns it first.
     placement.move(shard(ALICE), "a", tell=(first,))
     lines = read_until(client, b"* BYE")
-    assert lines[-1] == b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
+    assert lines[-1] == MOVED_BYE
     assert in_thread(client.readline) == b""  # and the connection is closed
     in_thread(client.shutdown)
     placement.move(shard(ALICE), "a")  # now both know
@@ -277,7 +285,7 @@ def test_session_on_a_primary_that_loses_the_shard_ends(cluster) -> None:
     in_thread(client.send, b"i1 IDLE\r\n")
     assert in_thread(client.readline).startswith(b"+ ")
     placement.move(shard(ALICE), "a")
-    assert read_until(client, b"* BYE")[-1] == b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
+    assert read_until(client, b"* BYE")[-1] == MOVED_BYE
     assert in_thread(client.readline) == b""  # and the connection is closed
     in_thread(client.shutdown)
 
@@ -314,6 +322,25 @@ def test_authenticate_plain_is_proxied_too(cluster) -> None:
     assert "Projects" in [m.name for m in b.store.list_mailboxes(BOB)]
     c.send(b"o LOGOUT\r\n")
     assert c.until(b"o OK")[0].startswith(b"* BYE")
+    c.sock.close()
+
+
+def test_starttls_on_a_then_proxied_session_over_tls(cluster) -> None:
+    a, b, placement = cluster["a"], cluster["b"], cluster["placement"]
+    b.store.ensure_account(BOB)
+    b.store.append(BOB, "INBOX", MESSAGE)
+    c = RawImap(a.imap_port)
+    c.starttls(cluster["client_tls"])
+    c.send(f"l LOGIN {BOB} {PASSWORD}\r\n".encode())
+    assert c.line().startswith(b"l OK [CAPABILITY ")
+    c.send(b"s EXAMINE INBOX\r\n")
+    assert b"* 1 EXISTS\r\n" in c.until(b"s OK")
+    c.send(b"i IDLE\r\n")
+    assert c.line().startswith(b"+ ")
+    placement.move(shard(BOB), "a", tell=("a",))
+    assert c.line() == MOVED_BYE
+    with pytest.raises(EOFError):
+        c.line()
     c.sock.close()
 
 
