@@ -231,18 +231,7 @@ class ShardRecords:
         return True
 
     def fetch(self, number: int) -> Tracked:
-        """Read the record from etcd (raises EtcdError) and return what we know."""
-        kv = self.session.get(shard_key(number))
-        if kv is None:
-            self.observe(number, None, 0)
-        else:
-            self.observe(number, ShardRecord.from_json(kv.value), kv.mod_revision)
-        known = self._records.get(number)
-        if known is None or not known.exact:  # our CAS is newer than what etcd answered
-            return self.fetch_exact(number)
-        return known
-
-    def fetch_exact(self, number: int) -> Tracked:
+        """Read the record from etcd (linearizable: the newest there is); raises EtcdError."""
         kv = self.session.get(shard_key(number))
         record = ShardRecord.from_json(kv.value) if kv is not None else None
         tracked = Tracked(record, kv.mod_revision if kv is not None else 0, True)
@@ -308,6 +297,7 @@ class Replicator:
         self._synced = False  # promotion sync done
         self._last = (0, 0)  # (index, epoch) of the last op replicated (the log's last)
         self._catchups: dict[str, gevent.Greenlet] = {}
+        self._snapshot_for: set[str] = set()  # replicas the log cannot catch up
         self._handoff: gevent.Greenlet | None = None
         self.acks = 0  # batches replicated (tests, metrics)
         self.shrinks = 0
@@ -642,7 +632,10 @@ class Replicator:
         for op in ops:
             blob = op.args.get("blob")
             if is_blob_name(blob):
-                size += self.store.blobs.path(blob).stat().st_size
+                try:
+                    size += self.store.blobs.path(blob).stat().st_size
+                except FileNotFoundError:
+                    raise model.NoSuchBlob(blob) from None
             if chunk and size > CATCHUP_BYTES:
                 break
             chunk.append(op)
@@ -705,14 +698,26 @@ class Replicator:
         pos, known = self._position(node)
         if known > self.epoch:
             raise Retry(f"{node} knows epoch {known}")
-        if not self._in_my_log(pos):
-            log.info("shard %d: %s is at %s, not in our log: snapshot", self.shard, node, pos)
+        snapshot = node in self._snapshot_for
+        if snapshot or not self._in_my_log(pos):
+            log.info("shard %d: %s is at %s, %s: snapshot", self.shard, node, pos,
+                     "our log lacks blobs it needs" if snapshot else "not in our log")
             result, _ = self.host.rpc_client.call(
                 self._address(node), "repl.resync", {"shard": self.shard, "epoch": self.epoch},
                 timeout=RESYNC_TIMEOUT)
             pos = _pos(result.get("last"))
+            self._snapshot_for.discard(node)
             if not self._in_my_log(pos):
                 raise Retry(f"after the snapshot {node} is at {pos}")
+        try:
+            self._ship_until_close(node, pos)
+        except model.NoSuchBlob:
+            # An old op names a blob we do not hold (we were resynced from a
+            # snapshot ourselves): only a snapshot can bring it up to date.
+            self._snapshot_for.add(node)
+            raise
+
+    def _ship_until_close(self, node: str, pos: tuple[int, int]) -> None:
         batch = self.host.catchup_batch
         while self.store.position(self.shard)[0] - pos[0] > batch:
             self._mine()

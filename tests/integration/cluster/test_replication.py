@@ -33,7 +33,7 @@ PREFIX = "/repl-test"
 SHARDS = 2
 SHARD = 0
 CONFIG = Config(cluster=ClusterSettings(
-    enabled=True, ack_timeout=1.0, rpc_timeout=5.0, catchup_batch=4))
+    enabled=True, ack_timeout=5.0, rpc_timeout=10.0, catchup_batch=4))
 
 
 def _wait(predicate, what: str, timeout: float = 20.0) -> None:
