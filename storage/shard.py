@@ -1241,7 +1241,10 @@ def _read_ops(conn: sqlite3.Connection, index: int, limit: int | None) -> list[O
 
 
 def _position(conn: sqlite3.Connection) -> tuple[int, int]:
-    return _meta_get(conn, "last_index"), _meta_get(conn, "last_epoch")
+    # One statement: one read snapshot, so both values are of the same commit.
+    found = dict(conn.execute(
+        "SELECT key, value FROM shard_meta WHERE key IN ('last_index', 'last_epoch')"))
+    return found.get("last_index", 0), found.get("last_epoch", 0)
 
 
 def _snapshot_position(path: Path, check: bool = True) -> tuple[int, int]:
