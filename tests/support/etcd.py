@@ -40,11 +40,20 @@ def find_etcd() -> str | None:
     return None
 
 
+_GIVEN: set[int] = set()  # ports free_port handed out in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now on host (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port that is free right now on host (the kernel picks it), never
+    one this process got before (the kernel may pick a just-closed port again,
+    and a node binding it later would find it taken by another listener)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def wait_healthy(client_url: str, deadline: float, proc: subprocess.Popen | None = None) -> None:
