@@ -35,7 +35,7 @@ and :class:`EtcdError` (etcd answered, but not usefully).
   etcd's simple tokens expire (5 minutes idle by default) and a restarted
   member forgets them: a request refused as unauthenticated (invalid token,
   empty user name, old auth revision: never applied) re-authenticates once
-  and is sent again; a watch cancelled for permissions drops the token and
+  and is sent again; a watch cancelled for such a reason drops the token and
   re-arms with a fresh one.  ``session_from_config`` builds a session from
   the ``[etcd]`` settings, the same way for the node and the CLI.
 
@@ -136,10 +136,25 @@ def _one_line(exc: BaseException) -> str:
     except (ValueError, TypeError):
         pass
     text = " ".join(str(text).split())
+    tls = _tls_reason(text)
+    if tls:
+        return tls
     errno_at = text.rfind("[Errno ")
     if errno_at >= 0:  # urllib3's nested wrappers: keep the OS reason only
         text = text[errno_at:].rstrip("'\")} ")
     return text[:300]
+
+
+def _tls_reason(text: str) -> str:
+    """urllib3's nested SSLError text -> "TLS handshake failed: <reason>" ("" if none)."""
+    at = text.find("[SSL: ")
+    if at >= 0:
+        reason = text[at:].split(" (_ssl.c", 1)[0].rstrip("'\")} ")
+        return f"TLS handshake failed: {reason}"
+    if "SSLEOFError" in text or "EOF occurred in violation of protocol" in text:
+        return ("TLS handshake failed: the server closed the connection"
+                " (client certificate missing or refused?)")
+    return ""
 
 
 class _Retry(Exception):
@@ -259,7 +274,7 @@ class Watch:
                     return
                 message = _one_line(exc)
                 log.info("etcd watch %s: re-arming after: %s", self._key, message)
-                if self._token and ("permission denied" in message or _is_auth_retry(message)):
+                if self._token and _is_auth_retry(message):
                     self._session._drop_token(self._token)  # re-authenticate, same member
                 else:
                     self._session._rotate()
