@@ -9,7 +9,7 @@ Theory of operation
 2. write one TOML per node: node i (0-based) is named ``n<i+1>``, binds every
    listener and its RPC port on ``127.0.0.<i+2>`` (free ports), has
    ``[cluster] enabled = true``, labels ``{host = "h<i+1>", zone = "z<i+1>"}``,
-   ``[etcd] lease_ttl = 3`` and the etcd cluster's TLS/auth settings;
+   ``[etcd] lease_ttl = 3`` (the ``lease_ttl`` argument) and the etcd cluster's TLS/auth settings;
 3. ``postroom cluster init --shards 8`` once, ``postroom cluster join`` per node;
 4. ``postroom domain add`` / ``user add`` for example.test, alice and bob
    (tests/support/node.py USERS);
@@ -47,14 +47,15 @@ LEASE_TTL = 3
 class ClusterNode(NodeProcess):
     """One cluster member process; ``stop()`` freezes it (SIGSTOP)."""
 
-    def __init__(self, index: int, base_dir: Path, etcd: EtcdCluster, shards: int) -> None:
+    def __init__(self, index: int, base_dir: Path, etcd: EtcdCluster, shards: int,
+                 lease_ttl: int = LEASE_TTL) -> None:
         self.index = index
         self.name = f"n{index + 1}"
         host = HOSTS[index]
         self.rpc_port = free_port(host)
         overrides = {
             "node": {"hostname": f"{self.name}.example.test"},
-            "etcd": {**etcd.settings(), "lease_ttl": LEASE_TTL},
+            "etcd": {**etcd.settings(), "lease_ttl": lease_ttl},
             "storage": {"shards": shards},
             "cluster": {
                 "enabled": True,
@@ -118,12 +119,13 @@ class ClusterHarness:
     """``nodes`` postroom nodes in cluster mode over a TLS+auth etcd cluster."""
 
     def __init__(self, base_dir: Path, nodes: int = 3, etcd: EtcdCluster | None = None,
-                 shards: int = SHARDS) -> None:
+                 shards: int = SHARDS, lease_ttl: int = LEASE_TTL) -> None:
         self.base_dir = Path(base_dir)
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._own_etcd = etcd is None
         self.etcd = etcd if etcd is not None else EtcdCluster(self.base_dir / "etcd")
         self.shards = shards
+        self.lease_ttl = lease_ttl  # [etcd] lease_ttl of every node (the default is 10)
         self.count = nodes
         self.nodes: list[ClusterNode] = []
         self._session: Any = None
@@ -147,7 +149,7 @@ class ClusterHarness:
         self._parallel(lambda step: step(), steps)
 
     def _make_node(self, i: int) -> ClusterNode:
-        return ClusterNode(i, self.base_dir / f"n{i + 1}", self.etcd, self.shards)
+        return ClusterNode(i, self.base_dir / f"n{i + 1}", self.etcd, self.shards, self.lease_ttl)
 
     def _join(self, node: ClusterNode) -> None:
         result = node.cli("cluster", "join")
