@@ -145,6 +145,9 @@ class Pipe:
         except RpcError as exc:
             log.info("%s: primary %s of %s unreachable: %s", method, primary, account, exc)
             return None
+        except Exception:  # e.g. a malformed address: the login is answered "unavailable"
+            log.exception("%s: cannot open a stream to %s at %s", method, primary, address)
+            return None
         pipe = cls(upstream, primary, goodbye)
         pipe._cancel = view.on_role_change(changed)
         if view.primary_of(number) != primary or not pipe._read_first(store.timeout):

@@ -119,11 +119,11 @@ class Connection:
             # pipelines faster than we answer would keep the hub to itself.
             # idle(), not sleep(0): other sockets are polled first.
             gevent.idle()
-            if session.want_proxy is not None and not session.closed:
+            while session.want_proxy is not None and not session.closed:
                 from cluster.proxy import hand_over_imap  # cluster mode only
 
-                if hand_over_imap(self.ctx, self):
-                    break
+                if hand_over_imap(self.ctx, self):  # else a pipelined login may want it again
+                    return
             if session.want_starttls and not session.closed:
                 try:
                     self.sock = starttls(self.sock, self.ctx.tls, TLS_HANDSHAKE_TIMEOUT)

@@ -357,6 +357,16 @@ def test_login_answers_unavailable_without_a_reachable_primary(cluster) -> None:
     assert in_thread(client.login, ALICE, PASSWORD)[0] == "OK"
     in_thread(client.logout)
 
+    # Two pipelined logins: the first is refused here, the second proxied.
+    placement.move(shard(ALICE), None)
+    assert shard(ALICE) != shard(BOB)
+    c = RawImap(a.imap_port)
+    c.send(f"l1 LOGIN {ALICE} {PASSWORD}\r\nl2 LOGIN {BOB} {PASSWORD}\r\nn NOOP\r\n".encode())
+    assert c.line() == b"l1 NO [UNAVAILABLE] try again later\r\n"
+    assert c.line().startswith(b"l2 OK [CAPABILITY ")
+    assert c.line() == b"n OK NOOP completed\r\n"
+    c.sock.close()
+
     b.rpc_server.stop()  # b unreachable
     client = in_thread(imaplib.IMAP4, "127.0.0.1", a.imap_port, DEADLINE)
     with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):
