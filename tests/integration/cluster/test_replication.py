@@ -17,6 +17,7 @@ import gevent
 import pytest
 
 from cluster import ca
+from cluster.controller import Controller
 from cluster.etcd import EtcdSession
 from cluster.manager import ClusterManager
 from cluster.membership import Membership
@@ -338,6 +339,45 @@ def scenario_hand_off_and_session_loss(base: str, url: str) -> None:
         cluster.close()
 
 
+def scenario_controller_failover(base: str, url: str) -> None:
+    """With the real controller on every node: the primary of shard 0 dies,
+    another node takes over at a higher epoch, and nothing acknowledged is lost."""
+    cluster = Cluster(Path(base), url)
+    meta = {"shards": SHARDS, "replication_factor": 3}
+    controllers = [Controller(node.session, node.name, meta) for node in cluster.nodes.values()]
+    try:
+        for controller in controllers:
+            controller.start()
+
+        def leaders(number: int) -> list[str]:
+            return [n.name for n in cluster.nodes.values()
+                    if n.running and n.manager.is_local_primary(number)]
+
+        _wait(lambda: all(len(leaders(n)) == 1 for n in range(SHARDS)), "a primary per shard")
+        accounts = [_account(n) for n in range(SHARDS)]
+        for i in range(6):
+            number = i % SHARDS
+            _deliver(cluster[leaders(number)[0]], accounts[number], i)
+        old = cluster.record()
+        dead = cluster[old.primary]
+        for controller in controllers:
+            if controller.node_name == dead.name:
+                controller.stop()
+        dead.stop()  # its lease is revoked: dead to the cluster at once
+        _wait(lambda: leaders(SHARD) and leaders(SHARD)[0] != dead.name, "a new primary", 30)
+        new = cluster[leaders(SHARD)[0]]
+        assert cluster.record().epoch > old.epoch and dead.name not in cluster.record().isr
+        assert len(_inbox(new, accounts[SHARD])) == 3
+        _deliver(new, accounts[SHARD], 6)
+        survivors = [n for n in cluster.nodes.values() if n.running]
+        assert survivors[0].digest() == survivors[1].digest()
+        assert len(_inbox(survivors[0], accounts[SHARD])) == 4
+    finally:
+        for controller in controllers:
+            controller.stop()
+        cluster.close()
+
+
 def _has_inbox(node: Node, account: str) -> bool:
     return any(box.name == "INBOX" for box in node.store.list_mailboxes(account))
 
@@ -372,3 +412,7 @@ def test_new_primary_takes_the_tail_of_a_follower_ahead(
 def test_hand_off_and_session_loss(etcd_server: EtcdServer, tmp_path: Path) -> None:
     run_patched(MODULE, "scenario_hand_off_and_session_loss",
                 str(tmp_path), etcd_server.client_url)
+
+
+def test_controller_failover(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    run_patched(MODULE, "scenario_controller_failover", str(tmp_path), etcd_server.client_url)
