@@ -911,12 +911,8 @@ class ReplicationService:
                 [self.store.blobs.read(n) for n in names])
 
     def digest(self, peer: str, args: dict, attachments: list[bytes]) -> tuple[dict, list]:
-        number = self._shard(args)
-        while True:
-            before = self.store.position(number)
-            value = self.store.digest(number)
-            if self.store.position(number) == before:
-                return {"last": list(before), "digest": value}, []
+        position, value = self.store.position_digest(self._shard(args))
+        return {"last": list(position), "digest": value}, []
 
     def resync(self, peer: str, args: dict, attachments: list[bytes]) -> tuple[dict, list]:
         """The primary (peer) asks us to replace our copy by its snapshot."""
@@ -952,14 +948,13 @@ class ReplicationService:
                 raise RpcError(str(header["error"]))
             size = int(header["size"])
             digest = hashlib.sha256()
+            pool = gevent.get_hub().threadpool
             with open(path, "wb") as f:
                 remaining = size
                 while remaining:
-                    chunk = sock.recv(min(remaining, SNAPSHOT_CHUNK))
-                    if not chunk:
-                        raise RpcUnavailable("snapshot stream ended early")
+                    chunk = _recv_exact(sock, min(remaining, SNAPSHOT_CHUNK))
                     digest.update(chunk)
-                    f.write(chunk)
+                    pool.apply(f.write, (chunk,))
                     remaining -= len(chunk)
             if digest.hexdigest() != header.get("sha256"):
                 raise RpcUnavailable("snapshot checksum mismatch")

@@ -22,11 +22,12 @@ from cluster.etcd import EtcdSession
 from cluster.manager import ClusterManager
 from cluster.membership import Membership
 from cluster.placement import ShardRecord
-from cluster.replication import shard_key
+from cluster.replication import ShardRecords, blob_refs, op_from_wire, op_to_wire, shard_key
 from cluster.rpc import RpcClient, RpcServer
 from node.config import ClusterSettings, Config
 from storage.mailstore import MailStore, shard_of
-from storage.model import StorageUnavailable
+from storage.model import StorageError, StorageUnavailable
+from storage.shard import Op
 from tests.support.etcd import EtcdServer, run_patched
 
 MODULE = "tests.integration.cluster.test_replication"
@@ -197,6 +198,8 @@ def scenario_replicates_and_isr_shrinks_and_grows(base: str, url: str) -> None:
         _deliver(n1, account, 14)
         assert n1.digest() == n3.digest()
         assert len(_inbox(n3, account)) == 15
+        answer, _ = n1.client.call(n3.address, "repl.digest", {"shard": SHARD})
+        assert (tuple(answer["last"]), answer["digest"]) == n3.digest()
         assert cluster.record().epoch == 1
         # /positions/<node> is published under each member's lease.
         _wait(lambda: (cluster.admin.get("/positions/n3") or None) is not None
@@ -383,6 +386,27 @@ def _has_inbox(node: Node, account: str) -> bool:
 
 
 # -- tests ---------------------------------------------------------------------
+
+
+def test_wire_ops_round_trip_and_are_checked() -> None:
+    op = Op(7, 2, 1700000000.5, "append", {"blob": "ab" * 32, "uid": 3})
+    assert op_from_wire(op_to_wire(op)) == op
+    assert blob_refs([op, op, Op(8, 2, 0.0, "expunge", {"blob": "not a blob name"})]) == ["ab" * 32]
+    for bad in ([7, 2, 0.0, "append"], [7, "2", 0.0, "append", {}], {"index": 7}, [7, 2, 0.0, 1, {}]):
+        with pytest.raises(StorageError):
+            op_from_wire(bad)
+
+
+def test_shard_records_never_go_back_to_an_older_revision() -> None:
+    changed: list[int] = []
+    records = ShardRecords(None, on_change=changed.append)  # type: ignore[arg-type]
+    one = ShardRecord(1, "n1", 5, ("n1", "n2"), ("n1", "n2"))
+    two = ShardRecord(1, "n1", 5, ("n1", "n2"), ("n1",))
+    assert records.observe(0, one, 10) and records.record(0) == one
+    assert not records.observe(0, two, 9) and not records.observe(0, two, 10)
+    assert records.record(0) == one and changed == [0]
+    assert records.observe(0, two, 11) and records.get(0).exact and changed == [0, 0]
+    assert records.observe(0, None, 12) and records.record(0) is None
 
 
 def test_replicates_and_isr_shrinks_and_grows(etcd_server: EtcdServer, tmp_path: Path) -> None:
