@@ -429,3 +429,20 @@ def test_pop3_pipelined_login_reaches_the_primary(cluster) -> None:
     with pytest.raises(EOFError):
         c.line()
     c.sock.close()
+
+
+def test_pop3_session_on_a_primary_that_loses_the_shard_ends(cluster) -> None:
+    b, placement = cluster["b"], cluster["placement"]
+    pop = in_thread(poplib.POP3, "127.0.0.1", b.pop3_port, DEADLINE)  # served locally
+    in_thread(pop.user, ALICE)
+    assert in_thread(pop.pass_, PASSWORD).startswith(b"+OK maildrop has 0 messages")
+    placement.move(shard(ALICE), "a")
+    assert in_thread(pop.file.readline) == b"-ERR [SYS/TEMP] mailbox moved\r\n"
+    assert in_thread(pop.file.readline) == b""
+    in_thread(pop.close)
+    # The maildrop lock on b was released with the session.
+    placement.move(shard(ALICE), "b")
+    again = in_thread(poplib.POP3, "127.0.0.1", b.pop3_port, DEADLINE)
+    in_thread(again.user, ALICE)
+    assert in_thread(again.pass_, PASSWORD).startswith(b"+OK")
+    in_thread(again.quit)
