@@ -39,7 +39,16 @@ class Membership:
     def start(self) -> None:
         """Start the session (if needed) and register under its lease."""
         self.session.start()
-        self.register()
+        lease = self.session.lease_id
+        try:
+            self.register()
+        except EtcdError as exc:
+            # The lease expired under the put (a loaded machine): the session
+            # notices, takes a new lease and its restore registers us.
+            if self.session.lease_id == lease and "lease not found" not in str(exc):
+                raise
+            log.warning("membership: lease %x lost while registering; the new lease registers",
+                        lease)
 
     def register(self) -> None:
         """Write our record under the session lease.
