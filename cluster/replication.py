@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 SHARDS = "/shards/"
 CATCHUP_BYTES = 32 * 1024 * 1024  # blob bytes per catch-up append at most (one op at least)
+APPEND_BYTES = 256 * 1024 * 1024  # blob bytes per live append (a bigger batch is split)
 BLOB_REPLY_BYTES = 64 * 1024 * 1024  # repl.blobs answers at most this much (one blob at least)
 BLOBS_PER_REQUEST = 64
 FETCH_LIMIT = 1000  # ops per repl.fetch answer
@@ -171,6 +172,16 @@ def _parallel(calls: Mapping[str, Callable[[], Any]], timeout: float | None) -> 
             job.kill(block=False)
             out[key] = _TIMED_OUT
     return out
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One repl.append of a batch: wire ops, blob names, blob bytes, last (index, epoch)."""
+
+    ops: list
+    names: list[str]
+    blobs: list[bytes]
+    end: tuple[int, int]
 
 
 class Deposed(Exception):
@@ -382,6 +393,43 @@ class Replicator:
         names = blob_refs(ops)
         return [op_to_wire(op) for op in ops], names, [self.store.blobs.read(n) for n in names]
 
+    def _chunks(self, ops: list[Op]) -> list[_Chunk]:
+        """The batch as appends of at most APPEND_BYTES of blobs (one op at least)."""
+        chunks: list[_Chunk] = []
+        part: list[Op] = []
+        size = 0
+        for op in ops:
+            blob = op.args.get("blob")
+            extra = len(self.store.blobs.read(blob)) if is_blob_name(blob) else 0
+            if part and size + extra > APPEND_BYTES:
+                chunks.append(_Chunk(*self._payload(part), (part[-1].index, part[-1].epoch)))
+                part, size = [], 0
+            part.append(op)
+            size += extra
+        chunks.append(_Chunk(*self._payload(part), (part[-1].index, part[-1].epoch)))
+        return chunks
+
+    def _append_chunks(
+        self, node: str, prev: tuple[int, int], chunks: list[_Chunk], timeout: float
+    ) -> tuple[int, int]:
+        """Send a batch's chunks in order; a follower that already holds some
+        (an earlier try got through) answers LogMismatch at a chunk's end:
+        go on from there."""
+        ends = [c.end for c in chunks]
+        i, pos = 0, prev
+        while i < len(chunks):
+            chunk = chunks[i]
+            try:
+                pos = self._append(node, pos, chunk.ops, chunk.names, chunk.blobs, timeout)
+            except RpcError as exc:
+                last = error_fields(exc).get("last") if exc.kind == "LogMismatch" else None
+                if not isinstance(last, list) or tuple(last) not in ends[i:]:
+                    raise
+                pos = tuple(last)
+                i = ends.index(pos)
+            i += 1
+        return pos
+
     # -- replicate (the committer's hook) ----------------------------------------
 
     def replicate(self, shard: int, ops: list[Op]) -> None:
@@ -444,7 +492,7 @@ class Replicator:
             gevent.sleep(RETRY_MIN)
 
     def _replicate(self, ops: list[Op]) -> None:
-        wire_ops, names, attachments = self._payload(ops)
+        chunks = self._chunks(ops)
         prev = self._last
         target = (ops[-1].index, ops[-1].epoch)
         acked: set[str] = set()
@@ -453,7 +501,7 @@ class Replicator:
             tracked = self._mine()
             needed = set(self._followers(tracked.record))
             todo = sorted(needed - acked)
-            failed = self._send_all(todo, prev, target, wire_ops, names, attachments)
+            failed = self._send_all(todo, prev, target, chunks)
             acked.update(n for n in todo if n not in failed)
             missing = needed - acked
             if not missing:
@@ -466,15 +514,15 @@ class Replicator:
 
     def _send_all(
         self, nodes: list[str], prev: tuple[int, int], target: tuple[int, int],
-        wire_ops: list, names: list[str], attachments: list[bytes],
+        chunks: list[_Chunk],
     ) -> dict[str, str]:
         """Append to nodes in parallel; node -> why for those that did not ack."""
         if not nodes:
             return {}
         timeout = self.host.ack_timeout
         answers = _parallel(
-            {n: functools.partial(self._append, n, prev, wire_ops, names, attachments, timeout)
-             for n in nodes}, timeout + 1.0)
+            {n: functools.partial(self._append_chunks, n, prev, chunks, timeout) for n in nodes},
+            timeout * len(chunks) + 1.0)
         failed: dict[str, str] = {}
         stale = 0
         for node, answer in answers.items():
@@ -486,10 +534,7 @@ class Replicator:
             elif isinstance(answer, RpcError) and answer.kind == "StaleEpoch":
                 stale = max(stale, int(error_fields(answer).get("known_epoch", 0)))
             elif isinstance(answer, RpcError) and answer.kind == "LogMismatch":
-                last = error_fields(answer).get("last")
-                if isinstance(last, list) and tuple(last) == target:
-                    continue  # it has this batch already (an earlier attempt got through)
-                failed[node] = f"log mismatch: it has {last}"
+                failed[node] = f"log mismatch: it has {error_fields(answer).get('last')}"
             else:
                 failed[node] = f"{type(answer).__name__}: {answer}"
         if stale:

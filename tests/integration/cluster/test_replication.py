@@ -16,7 +16,7 @@ from pathlib import Path
 import gevent
 import pytest
 
-from cluster import ca
+from cluster import ca, replication
 from cluster.controller import Controller
 from cluster.etcd import EtcdSession
 from cluster.manager import ClusterManager
@@ -180,6 +180,14 @@ def scenario_replicates_and_isr_shrinks_and_grows(base: str, url: str) -> None:
         assert [m.blob for m in _inbox(n3, account)] == [m.blob for m in _inbox(n1, account)]
         assert len(_inbox(n2, account)) == 3
         assert n3.store.read_message(_inbox(n3, account)[0].blob) == _message(0)
+        # A batch with more blob bytes than one append may carry goes in chunks.
+        replication.APPEND_BYTES = 4000
+        gevent.joinall([gevent.spawn(_deliver, n1, account, i) for i in range(100, 106)],
+                       raise_error=True)
+        replication.APPEND_BYTES = 256 * 1024 * 1024
+        assert max(n1.store.shard_by_number(SHARD)[1].batch_sizes) > 1
+        assert n1.digest() == n2.digest() == n3.digest()
+        assert len(_inbox(n3, account)) == 9
 
         n3.server.stop()
         _deliver(n1, account, 3)
@@ -197,7 +205,7 @@ def scenario_replicates_and_isr_shrinks_and_grows(base: str, url: str) -> None:
         assert n1.digest() == n2.digest() == n3.digest()
         _deliver(n1, account, 14)
         assert n1.digest() == n3.digest()
-        assert len(_inbox(n3, account)) == 15
+        assert len(_inbox(n3, account)) == 21
         answer, _ = n1.client.call(n3.address, "repl.digest", {"shard": SHARD})
         assert (tuple(answer["last"]), answer["digest"]) == n3.digest()
         assert cluster.record().epoch == 1
