@@ -4,6 +4,9 @@
 statistics to PATH when it returns (``{pid}`` in PATH becomes the process
 id).  Only the hub's thread is profiled (threadpool work is not), and
 greenlet switches blur cumulative times; per-function own time is reliable.
+``POSTROOM_PROFILE_CLOCK=cpu`` times with the hub thread's CPU clock instead
+of the wall clock, so time the process spends preempted on a loaded machine
+is not charged to whatever function was running.
 For benchmarks (tests/bench/cluster.py --profile), never in production.
 """
 
@@ -20,8 +23,10 @@ from node.cli import main  # noqa: E402
 def profiled(path: str) -> int:
     """main() under cProfile; the stats go to path on any exit."""
     import cProfile
+    import time
 
-    profiler = cProfile.Profile()
+    clock = os.environ.get("POSTROOM_PROFILE_CLOCK")
+    profiler = cProfile.Profile(time.thread_time) if clock == "cpu" else cProfile.Profile()
     try:
         return profiler.runcall(main)
     finally:
