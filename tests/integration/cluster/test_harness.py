@@ -1,142 +1,24 @@
-"""The cluster test harness itself: a 3-member etcd with TLS + auth works with
-EtcdSession, `cluster init`/`join` give every node a certificate from the
-cluster CA, and three nodes start in cluster mode.
-
-Scenarios that need greenlets (watches, the lease refresher) run in a
-gevent-patched child process (tests.support.etcd.run_patched).
+"""The cluster test harness itself (tests/support/cluster.py): `cluster init` /
+`join` through the CLI give every node a certificate from the cluster CA
+that works for mTLS, three nodes start in cluster mode over a 3-member etcd
+with TLS + auth, and the harness freezes, kills, restarts and adds nodes.
 """
 
 from __future__ import annotations
 
 import socket
-import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import gevent
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from cluster import ca
-from cluster.etcd import EtcdError, WatchEvent, session_from_config
-from node.config import EtcdSettings
 from tests.support.cluster import ClusterHarness
-from tests.support.etcd import run_patched
 from tests.support.etcd_cluster import EtcdCluster
 from tests.support.node import USERS
-
-MODULE = "tests.integration.cluster.test_harness"
-
-
-def _settings(etcd: EtcdCluster, **changes) -> EtcdSettings:
-    return EtcdSettings(**{**etcd.settings(), "lease_ttl": 3, "timeout": 3.0, **changes})
-
-
-# -- etcd over TLS with authentication ------------------------------------
-
-
-def scenario_session_over_tls_with_auth() -> None:
-    """KV, lease and watch through TLS with a token; an expired token is
-    renewed; a member crash loses no watch event."""
-    with tempfile.TemporaryDirectory() as tmp, EtcdCluster(Path(tmp), token_ttl=1) as etcd:
-        session = session_from_config(_settings(etcd))
-        session.start()
-        assert session.lease_id and session.authentications == 1
-        seen: list[WatchEvent] = []
-        _, revision = session.get_prefix("/q/")
-        session.watch_prefix("/q/", seen.append, revision + 1)
-        for i in range(5):
-            session.put(f"/q/{i}", i)
-        session.put("/q/leased", "x", lease=True)
-        assert session.get("/q/leased").lease == session.lease_id
-        _wait(lambda: len(seen) == 6, "events before the crash")
-
-        # Sessions without a lease refresher let their tokens go idle: etcd
-        # drops them after token_ttl.  The next request re-authenticates once;
-        # a watch re-armed with the dead token is refused, re-authenticates
-        # and resumes where it was.
-        idle = session_from_config(_settings(etcd))
-        idle.put("/idle", 1)
-        watcher = session_from_config(_settings(etcd))
-        watched: list[WatchEvent] = []
-        idle_watch = watcher.watch_prefix("/q/", watched.append, revision + 1)
-        _wait(lambda: len(watched) == 6, "the second watch's first events")
-        assert (idle.authentications, watcher.authentications) == (1, 1)
-        gevent.sleep(etcd.token_ttl + 1.5)  # let the tokens expire (etcd checks every 1 s)
-        assert idle.get("/idle").value == 1
-        assert idle.authentications == 2
-        idle_watch.rearm()
-        _wait(lambda: watcher.authentications == 2, "the watch to re-authenticate")
-
-        member = session._index  # crash the member this session talks to
-        etcd.kill(member)
-        for i in range(5, 8):
-            session.put(f"/q/{i}", i)  # served by the others
-        etcd.start(member)
-        session._index = member
-        for i in range(8, 10):
-            session.put(f"/q/{i}", i)
-        _wait(lambda: len(seen) == 11 and len(watched) == 11, "events after the crash")
-        gevent.sleep(0.3)  # nothing more may arrive (no duplicates)
-        for events in (seen, watched):
-            values = [e.value for e in events if e.key != "/q/leased"]
-            assert values == list(range(10)), values
-            revisions = [e.mod_revision for e in events]
-            assert revisions == sorted(set(revisions))
-        watcher.close()
-        session.close()
-        print("ok")
-
-
-def _wait(predicate, what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        gevent.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_session_over_tls_with_auth() -> None:
-    assert "ok" in run_patched(MODULE, "scenario_session_over_tls_with_auth")
-
-
-def test_requests_without_credentials_are_refused(etcd_cluster: EtcdCluster) -> None:
-    good = session_from_config(_settings(etcd_cluster))
-    good.put("/probe", 1)
-
-    anonymous = session_from_config(_settings(etcd_cluster, username="", password_file=""))
-    with pytest.raises(EtcdError, match="user name is empty"):
-        anonymous.get("/probe")
-    with pytest.raises(EtcdError, match="user name is empty"):
-        anonymous.put("/probe", 2)
-
-    wrong = Path(etcd_cluster.base_dir / "wrong.password")
-    wrong.write_text("wrong\n")
-    with pytest.raises(EtcdError, match="authentication as 'postroom' failed"):
-        session_from_config(_settings(etcd_cluster, password_file=str(wrong))).get("/probe")
-
-    with pytest.raises(EtcdError, match="permission denied"):  # outside the role's prefix
-        session_from_config(_settings(etcd_cluster, prefix="/elsewhere")).put("/x", 1)
-
-    no_cert = session_from_config(_settings(etcd_cluster, cert="", key=""))
-    with pytest.raises(EtcdError, match="TLS handshake failed"):  # etcd requires a client cert
-        no_cert.get("/probe")
-
-    stranger_ca = etcd_cluster.base_dir / "stranger-ca.crt"
-    stranger_ca.write_bytes(ca.create_ca("stranger")[0])
-    with pytest.raises(EtcdError, match=r"TLS handshake failed: \[SSL: CERTIFICATE_VERIFY_FAILED\]"):
-        session_from_config(_settings(etcd_cluster, ca_cert=str(stranger_ca))).get("/probe")
-
-    # The raw gateway without a token: refused, nothing written.
-    status, body = etcd_cluster.request(
-        0, "/v3/kv/put", {"key": "L3Bvc3Ryb29tL3Byb2Jl", "value": "Mg=="})  # /postroom/probe
-    assert status in (401, 403) and "error" in body
-    assert good.get("/probe").value == 1
-
 
 # -- init / join through the harness --------------------------------------
 
@@ -212,3 +94,29 @@ def test_three_nodes_start_in_cluster_mode(harness: ClusterHarness) -> None:
         assert record["pid"] == node.pid
     harness.wait_until(harness.all_shards_led, what="a primary for every shard")
 
+
+
+def test_harness_freezes_kills_restarts_and_adds_nodes(harness: ClusterHarness) -> None:
+    harness.start()  # no-op when the previous test left every node running
+    n1, n3 = harness.node(0), harness.node(2)
+    lease = harness.members()["n3"]["lease"]
+    n3.stop()  # SIGSTOP: its lease is not refreshed, its member key expires
+    harness.wait_until(lambda: "n3" not in harness.members(), what="frozen n3's key to expire")
+    n3.cont()
+    harness.wait_until(lambda: harness.members().get("n3", {}).get("lease") not in (None, lease),
+                       what="n3 registered again under a new lease")
+
+    pid = n1.pid
+    n1.kill()
+    assert not n1.running
+    harness.wait_until(lambda: "n1" not in harness.members() and harness.all_shards_led(),
+                       what="n1 gone and every shard led by a live member")
+    n1.restart()
+    assert n1.pid not in (None, pid)
+    harness.wait_until(lambda: harness.members().get("n1", {}).get("pid") == n1.pid,
+                       what="restarted n1 registered")
+
+    n4 = harness.add_node()
+    assert (n4.name, n4.host) == ("n4", "127.0.0.5")
+    record = harness.wait_until(lambda: harness.members().get("n4"), what="n4 registered")
+    assert record["labels"] == {"host": "h4", "zone": "z4"}
