@@ -313,6 +313,35 @@ def scenario_new_primary_takes_the_tail_of_a_follower_ahead(base: str, url: str)
         cluster.close()
 
 
+def scenario_failed_commit_takes_a_new_epoch(base: str, url: str) -> None:
+    cluster = _start(base, url)
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    try:
+        account = _account(SHARD)
+        _deliver(n1, account, 0)
+        shard = n1.store.shard_by_number(SHARD)[0]
+
+        def fail_once() -> None:
+            shard.before_commit = None
+            raise OSError("disk full")
+
+        # The followers fsynced the batch, then n1's own commit fails: the
+        # epoch is fenced (its index and epoch are taken), so n1 takes epoch 2
+        # in etcd and promotes itself again.
+        shard.before_commit = fail_once
+        with pytest.raises(StorageUnavailable):
+            n1.store.deliver([account], _message(1))
+        _wait(lambda: cluster.record().epoch == 2 and n1.manager.role(SHARD) == ("primary", 2),
+              "n1 leads at epoch 2")
+        assert cluster.record().primary == "n1" and cluster.record().isr == ("n1", "n2", "n3")
+        _deliver(n1, account, 2)
+        assert n1.digest() == n2.digest() == n3.digest()
+        # The failed batch was kept (the followers had it): at least once.
+        assert len(_inbox(n1, account)) == 3
+    finally:
+        cluster.close()
+
+
 def scenario_hand_off_and_session_loss(base: str, url: str) -> None:
     cluster = _start(base, url)
     n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
@@ -448,3 +477,8 @@ def test_hand_off_and_session_loss(etcd_server: EtcdServer, tmp_path: Path) -> N
 
 def test_controller_failover(etcd_server: EtcdServer, tmp_path: Path) -> None:
     run_patched(MODULE, "scenario_controller_failover", str(tmp_path), etcd_server.client_url)
+
+
+def test_failed_commit_takes_a_new_epoch(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    run_patched(MODULE, "scenario_failed_commit_takes_a_new_epoch",
+                str(tmp_path), etcd_server.client_url)
