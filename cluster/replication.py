@@ -14,9 +14,10 @@ our epoch -- and only then is the batch committed without it.  A follower
 that knows a newer epoch answers ``StaleEpoch``: we are deposed, the batch is
 rolled back, and the manager steps us down.  ``replicate`` therefore raises
 (StorageUnavailable) only when we are deposed or stopping; while etcd cannot
-be reached it keeps retrying, since rolling back a batch some followers
-already hold and then reusing its (index, epoch) for other ops would make
-logs that look equal but are not (see ``_check_continuity``).
+be reached it keeps retrying: a batch rolled back after followers stored it
+fences its epoch in the MailStore (reusing its (index, epoch) for other ops
+would make logs that look equal but are not), and a fenced primary must take
+a new epoch before it writes again (``check_fenced``).
 
 Before a new primary accepts writes, :meth:`Replicator.sync` (promotion
 sync) brings every ISR follower to its log: a follower that is behind gets
