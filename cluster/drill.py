@@ -1248,7 +1248,7 @@ class Drill:
         load.start()
         try:
             self._refresh_until(load, started + o.duration / 3)
-            t_fault = self._inject(snap, sorted(passwords)[0])
+            t_fault = self._inject(read_snapshot(self.session), sorted(passwords)[0])
             self.report.fault_at = t_fault - started
             self.progress(f"fault injected on {self.report.victim}")
             exclude = self.report.victim if o.target != "etcd-member" else None
