@@ -234,7 +234,10 @@ class SmtpPeer:
                     rcpts.append(line)
                 send(reply)
             elif verb == "DATA":
-                reply = self._reply("DATA", "354 go ahead")
+                # RFC 5321 §3.3 / RFC 2920 §3.1: no accepted recipient, no
+                # data (what Postfix answers to a pipelined DATA after them).
+                reply = self._reply("DATA", "354 go ahead" if rcpts else
+                                    "554 5.5.1 Error: no valid recipients")
                 send(reply)
                 if not reply.startswith("3"):
                     continue
