@@ -11,10 +11,11 @@ decisions live in node/outbound/client_protocol.py.  A ``Connection``:
   dropped and EHLO is sent again (RFC 3207 §4.2).  An opportunistic
   handshake failure is retried once in plaintext on a new connection; a
   required one is never sent in clear;
-- sends transactions (``send``): MAIL/RCPT pipelined when offered
-  (RFC 2920), then DATA (dot-stuffed) or BDAT chunks (RFC 3030), each phase
-  under its RFC 5321 §4.5.3.2 timeout; RSET before each further message on
-  the same connection.
+- sends transactions (``send``): with PIPELINING (RFC 2920) RSET (on a
+  reused connection), MAIL, every RCPT and DATA in one write, then the
+  dot-stuffed message: two round trips per message; without it each command
+  on its own, RSET before each further message; BDAT chunks (RFC 3030) when
+  offered; each phase under its RFC 5321 §4.5.3.2 timeout.
 
 Connection-level failures raise ``ConnectFailed`` (with ``next_host``: try
 the next address/MX, RFC 5321 §5.1) or ``ConnectionLost`` mid-transaction.
@@ -196,44 +197,87 @@ class Connection:
         unusable.  A refusal decided before sending (SIZE, SMTPUTF8, ...)
         sends nothing and keeps the connection usable.
         """
-        s = self.settings
-        if self.messages:
-            try:
-                reset = self._command(b"RSET\r\n", s.command_timeout)
-            except ConnectionLost as exc:
-                raise ConnectionLost(exc.outcome, before_transaction=True) from None
-            if not reset.positive:
-                self.close(quit=True)
-                raise ConnectionLost(deferred(451, "4.4.2", f"RSET refused: {reset}"),
-                                     before_transaction=True)
+        reused = self.messages > 0
+        if reused and not self.ext.pipelining:
+            self._reset()
         self.messages += 1
         refusal = check_transaction(env, self.ext)
         if refusal is not None:
             return [refusal] * len(env.recipients)
+        try:
+            replies, data = self._envelope(env, reset=reused and self.ext.pipelining)
+        except ConnectionLost as exc:
+            if not reused:
+                raise
+            # Nothing of the message was sent: a reused connection that died
+            # idle; the caller may try a new one at once.
+            raise ConnectionLost(exc.outcome, before_transaction=True) from None
+        mail = replies[0]
+        rcpt_outcomes = [Outcome.from_reply(r) for r in replies[1:]]
+        accepted = mail.positive and any(o.state == DELIVERED for o in rcpt_outcomes)
+        if not accepted:
+            if data is not None and data.code == 354:
+                self._payload(b".\r\n")  # RFC 2920 §3.1: end the DATA nobody needs
+            if not mail.positive:
+                return [Outcome.from_reply(mail)] * len(env.recipients)
+            return rcpt_outcomes
+        if data is None:
+            final = self._data(env, raw) if not self.ext.chunking else self._bdat(env, raw)
+        else:
+            final = data if data.code != 354 else self._payload(dot_stuff(raw))
+        outcome = Outcome.from_reply(final)
+        return [outcome if o.state == DELIVERED else o for o in rcpt_outcomes]
+
+    def _reset(self) -> None:
+        """RSET on its own (servers without PIPELINING)."""
+        try:
+            reset = self._command(b"RSET\r\n", self.settings.command_timeout)
+        except ConnectionLost as exc:
+            raise ConnectionLost(exc.outcome, before_transaction=True) from None
+        if not reset.positive:
+            self.close(quit=True)
+            raise ConnectionLost(deferred(451, "4.4.2", f"RSET refused: {reset}"),
+                                 before_transaction=True)
+
+    def _envelope(self, env: Envelope, *, reset: bool) -> tuple[list[Reply], Reply | None]:
+        """(MAIL and RCPT replies, DATA reply or None).
+
+        With PIPELINING (RFC 2920 §3.1) one write carries RSET (on a reused
+        connection), MAIL, every RCPT and -- unless CHUNKING is used -- DATA,
+        the last command of a group: one round trip instead of three.
+        """
+        s = self.settings
+        groups = envelope_plan(env, self.ext)
+        with_data = self.ext.pipelining and not self.ext.chunking
+        if with_data:
+            groups[-1] = groups[-1] + [b"DATA\r\n"]
+        if reset:
+            groups[0] = [b"RSET\r\n"] + groups[0]
         replies: list[Reply] = []
-        for group in envelope_plan(env, self.ext):
+        for group in groups:
             self._write(b"".join(group), s.command_timeout)
             for _ in group:
                 replies.append(self._read(s.command_timeout))
             if len(replies) == 1 and not replies[0].positive and not self.ext.pipelining:
                 break  # MAIL refused: no RCPT without pipelining
-        mail = replies[0]
-        if not mail.positive:
-            return [Outcome.from_reply(mail)] * len(env.recipients)
-        rcpt_outcomes = [Outcome.from_reply(r) for r in replies[1:]]
-        accepted = [i for i, o in enumerate(rcpt_outcomes) if o.state == DELIVERED]
-        if not accepted:
-            return rcpt_outcomes
-        final = self._data(env, raw) if not self.ext.chunking else self._bdat(env, raw)
-        outcome = Outcome.from_reply(final)
-        return [outcome if o.state == DELIVERED else o for o in rcpt_outcomes]
+        if reset:
+            rset = replies.pop(0)
+            if not rset.positive:
+                self.close(quit=True)
+                raise ConnectionLost(deferred(451, "4.4.2", f"RSET refused: {rset}"))
+        data = replies.pop() if with_data else None
+        return replies, data
 
     def _data(self, env: Envelope, raw: bytes) -> Reply:
         s = self.settings
         start = self._command(b"DATA\r\n", s.data_init_timeout)
         if start.code != 354:
             return start
-        payload = dot_stuff(raw)
+        return self._payload(dot_stuff(raw))
+
+    def _payload(self, payload: bytes) -> Reply:
+        """The message after a 354 (dot-stuffed, ending CRLF.CRLF); the final reply."""
+        s = self.settings
         for i in range(0, len(payload), WRITE_BLOCK):
             self._write(payload[i : i + WRITE_BLOCK], s.data_block_timeout)
         return self._read(s.data_end_timeout)

@@ -305,8 +305,9 @@ def envelope_plan(env: Envelope, ext: Extensions) -> list[list[bytes]]:
     """Groups of commands to write before reading their replies.
 
     With PIPELINING (RFC 2920 §3.1) MAIL and every RCPT go in one write;
-    without it each command is its own group.  DATA/BDAT is never part of a
-    group: it is sent only once at least one RCPT was accepted.
+    without it each command is its own group.  BDAT is never part of a group;
+    node/outbound/client.py appends DATA to a pipelined group (ending it, as
+    §3.1 requires) and otherwise sends DATA once a RCPT was accepted.
     """
     commands = [mail_command(env, ext)] + [rcpt_command(r, ext) for r in env.recipients]
     if ext.pipelining:

@@ -59,13 +59,23 @@ def test_pipelined_delivery_with_per_recipient_results(env):
         assert [c.split()[0] for c in cmds] == ["EHLO", "MAIL", "RCPT", "RCPT", "RCPT", "DATA", "QUIT"]
 
 
-def test_no_recipient_accepted_sends_no_data(env):
-    with SmtpPeer(replies={"RCPT": ["550 5.1.1 nope"]}) as peer:
+@pytest.mark.parametrize("ehlo", [[], ["PIPELINING"]])
+def test_no_recipient_accepted_sends_no_message(env, ehlo):
+    # Without PIPELINING there is no DATA at all.  With it DATA ends the
+    # pipelined group (RFC 2920 §3.1); a lenient server may still answer 354
+    # (RFC 5321 §3.3 allows it), and a lone "." ends that empty DATA; the
+    # connection stays usable.
+    replies = {"RCPT": ["550 5.1.1 nope"], "DATA": ["354 go ahead"]}
+    with SmtpPeer(ehlo=ehlo, replies=replies) as peer:
         conn = connect(env, peer)
         assert [o.state for o in conn.send(envelope(), RAW)] == [FAILED]
+        assert [o.state for o in conn.send(envelope(), RAW)] == [DELIVERED]
         conn.close(quit=True)
         peer.wait_for_command("QUIT")
-        assert not any(c.startswith("DATA") for c in peer.connections[0].commands)
+        datas = sum(c.startswith("DATA") for c in peer.connections[0].commands)
+        assert datas == (2 if ehlo else 1)  # the first message sends DATA only when pipelined
+        sent = [(len(tx.rcpt_to), tx.data == b"") for tx in peer.transactions]
+        assert sent == ([(0, True), (1, False)] if ehlo else [(1, False)])
 
 
 def test_size_too_large_fails_before_sending(env):
