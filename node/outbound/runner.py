@@ -136,7 +136,7 @@ class _Destination:
     domain: str
     jobs: collections.deque = field(default_factory=collections.deque)
     workers: int = 0
-    arrived: gevent.event.Event = field(default_factory=gevent.event.Event)
+    idle: list[gevent.event.Event] = field(default_factory=list)  # lingering, newest last
 
 
 class QueueRunner:
@@ -197,6 +197,9 @@ class QueueRunner:
         A delivery cut short is simply attempted again later (at-least-once).
         """
         self._stopping = True
+        for dest in list(self._destinations.values()):
+            for wakeup in dest.idle:
+                wakeup.set()  # lingering workers close their connections now
         for cancel in self._cancel:
             if callable(cancel):
                 cancel()
@@ -351,12 +354,15 @@ class QueueRunner:
             if dest is None:
                 dest = self._destinations[domain] = _Destination(domain)
             dest.jobs.append(_Job(attempt, domain, tuple(rcpts)))
-            dest.arrived.set()
             self._kick(dest)
 
     def _kick(self, dest: _Destination) -> None:
-        # One more connection while the backlog is longer than the number of
-        # workers, up to the per-destination limit; each worker drains the FIFO.
+        # A lingering worker per queued job, the one idle for the shortest
+        # time first (so the connections idle longest can expire); then one
+        # more connection while the backlog is longer than the number of
+        # workers, up to the per-destination limit.  Each worker drains the FIFO.
+        for _ in range(min(len(dest.idle), len(dest.jobs))):
+            dest.idle.pop().set()
         limit = max(1, self.settings.max_connections_per_domain)
         while dest.jobs and dest.workers < limit and dest.workers < len(dest.jobs):
             dest.workers += 1
@@ -385,17 +391,7 @@ class QueueRunner:
                             self._finish(job, [RecipientResult(
                                 r.address, PENDING, 451, "4.3.0", "internal error during delivery")
                                 for r in job.recipients])
-                    # Keep an open connection a moment for the next message to
-                    # this destination (Postfix's connection cache does the
-                    # same): a new TCP and TLS setup per message halved the
-                    # relay rate.  Cooperative scheduling: nothing runs
-                    # between clear() and the check.
-                    if conn is None or not conn.usable or self._stopping:
-                        break
-                    dest.arrived.clear()
-                    if not dest.jobs:
-                        dest.arrived.wait(CONNECTION_LINGER)
-                    if not dest.jobs:
+                    if conn is None or not conn.usable or not self._linger(dest):
                         break
         finally:
             if conn is not None:
@@ -405,6 +401,26 @@ class QueueRunner:
                 self._destinations.pop(dest.domain, None)
             elif dest.jobs:
                 self._kick(dest)
+
+    def _linger(self, dest: _Destination) -> bool:
+        """Keep an open connection up to CONNECTION_LINGER seconds for the next
+        message to this destination (Postfix's connection cache does the
+        same: a new TCP and TLS setup per message halved the relay rate).
+        True once a job is queued.  Woken alone (``_kick``), and a worker
+        whose job another one took waits on until its deadline."""
+        deadline = time.monotonic() + CONNECTION_LINGER
+        while not dest.jobs:
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopping:
+                return False
+            wakeup = gevent.event.Event()
+            dest.idle.append(wakeup)
+            try:
+                wakeup.wait(left)
+            finally:
+                if wakeup in dest.idle:
+                    dest.idle.remove(wakeup)
+        return True
 
     # -- one job ---------------------------------------------------------------------
 
