@@ -11,6 +11,8 @@ and :class:`EtcdError` (etcd answered, but not usefully).
   endpoint rotates to the next one; reads (and puts, which are idempotent)
   are retried on each endpoint once, transactions only on connection
   refusal (the request never left), so a CAS is never applied twice blindly.
+  A member that answers "no leader", "leader changed", "request timed out"
+  or a gateway transport error counts as unreachable for this rule.
 * One **session lease** (``lease_ttl`` seconds), refreshed every TTL/3 by a
   greenlet.  A failed refresh rotates the endpoint and re-arms every watch
   (a watch stream from a dead member can stall silently).  The lease is
@@ -172,6 +174,18 @@ _AUTH_RETRY_MESSAGES = (
     "user name is empty",
     "revision of auth store is old",
     "auth token is not set",
+)
+
+
+# A member answered, but cannot serve the request now (leader election, or
+# its gateway lost the connection to its own gRPC server).
+_UNAVAILABLE_MESSAGES = (
+    "no leader",
+    "timed out",
+    "leader changed",
+    "too many requests",
+    "transport:",
+    "code = Unavailable",
 )
 
 
@@ -481,9 +495,14 @@ class EtcdSession:
                 message = _one_line(exc)
                 if token and _is_auth_retry(message):
                     raise _AuthExpired(message) from None
-                if "no leader" in message or "timed out" in message:
-                    raise EtcdUnavailable(f"etcd unavailable: {message}") from None
-                raise EtcdError(f"etcd error: {message}") from None
+                if not any(text in message for text in _UNAVAILABLE_MESSAGES):
+                    raise EtcdError(f"etcd error: {message}") from None
+                # This member cannot serve now (no leader, election, its
+                # gateway lost its backend): reads and puts try the next one.
+                last = f"{client.base_url}: {message}"
+                self._rotate()
+                if not retry_on_timeout:
+                    break
             except ValueError as exc:  # a body that is not JSON
                 raise EtcdError(f"etcd error: bad response: {_one_line(exc)}") from None
         raise EtcdUnavailable(f"etcd unavailable: {last}")
