@@ -275,6 +275,16 @@ def scenario_snapshot_catch_up_of_a_diverged_follower(base: str, url: str) -> No
             assert n3.store.read_message(message.blob) == n1.store.read_message(message.blob)
         _deliver(n1, account, 6)
         assert n1.digest() == n3.digest()
+
+        # A wiped replica (no log at all) catches up from the log.
+        n2.stop()
+        shutil.rmtree(n2.dir / "mail")
+        _deliver(n1, account, 7)
+        assert cluster.record().isr == ("n1", "n3")
+        n2.start()
+        _wait(lambda: "n2" in cluster.record().isr, "n2 caught up into the ISR", 30)
+        assert n1.digest() == n2.digest() == n3.digest()
+        assert len(_inbox(n2, account)) == 8
     finally:
         cluster.close()
 
