@@ -1,7 +1,8 @@
 """Outbound relay benchmark (issue 4): postroom side by side with Postfix.
 
     python3 tests/bench/outbound.py [--quick] [--repeat N] [--no-postfix]
-                                    [--profile DIR] [--nice N] [--write-docs]
+                                    [--profile DIR] [--cprofile DIR] [--nice N]
+                                    [--write-docs]
 
 Postfix's ``/usr/sbin/smtp-sink`` listens on a loopback port and counts the
 messages it receives (``-c``: one counter update per final ".", unbuffered).
@@ -31,6 +32,18 @@ The client (``outbound.py client ...``) runs as its own process with one
 thread per session (smtplib), so its CPU is reported apart.  Every process
 started is stopped by PID (``postfix -c DIR stop`` for Postfix), and the
 temp directory removed, on success, error or Ctrl-C.
+
+``--cprofile DIR`` runs cProfile in the node during the first measured run
+of each mode (a ``sitecustomize`` hook: SIGUSR1 starts the profiler in the
+node's main thread, where every greenlet runs; SIGUSR2 writes the stats).
+Its clock is the main thread's CPU time (``time.thread_time``), so waiting in
+a greenlet switch counts nothing and the threadpool's CPU (SQLite, fsync,
+blob writes) is not in it.  The summary lists the top functions by own and
+cumulative time (cumulative figures of functions that switch greenlets
+include what other greenlets ran meanwhile: read the own-time table
+first).  The profiler slows the node, so a profiled run's rates and CPU
+figures are not comparable with others; CPU per message comes from
+unprofiled runs.
 """
 
 from __future__ import annotations
@@ -83,6 +96,23 @@ RELAY_DEADLINE = 600.0  # seconds for the sink to see every accepted message
 LOADAVG: list[float] = []
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# Loaded as sitecustomize by the node under --cprofile (only for `... serve`).
+CPROFILE_HOOK = """\
+import os, signal, sys
+_out = os.environ.get("POSTROOM_BENCH_CPROFILE")
+if _out and sys.argv[-1:] == ["serve"]:
+    import cProfile, time
+    _prof = cProfile.Profile(time.thread_time)  # CPU of the main thread, not wall time
+    def _start(signum, frame):
+        _prof.enable()
+    def _stop(signum, frame):
+        _prof.disable()
+        _prof.dump_stats(_out + ".tmp")
+        os.replace(_out + ".tmp", _out)
+    signal.signal(signal.SIGUSR1, _start)
+    signal.signal(signal.SIGUSR2, _stop)
+"""
 
 
 def log(msg: str) -> None:
@@ -488,6 +518,52 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cprofile_env(root: Path, out: Path) -> dict[str, str]:
+    """Environment changes that make the next node load CPROFILE_HOOK."""
+    hook = root / "cprofile-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(CPROFILE_HOOK)
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(hook),
+                                                         os.environ.get("PYTHONPATH")])),
+            "POSTROOM_BENCH_CPROFILE": str(out)}
+
+
+def cprofile_summary(path: Path, messages: int, top: int = 25) -> str:
+    """The top functions of a cProfile dump, by own time and by cumulative time,
+    in microseconds per relayed message."""
+    import io
+    import pstats
+
+    stats = pstats.Stats(str(path))
+    rows = stats.stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in rows.values())
+
+    def name(func: tuple) -> str:
+        file, line, fn = func
+        file = file.replace(str(REPO) + "/", "")
+        return f"{fn} ({Path(file).name}:{line})" if file.startswith("/") else f"{fn} ({file}:{line})"
+
+    out = io.StringIO()
+    out.write(f"profiled CPU in the main thread: {1e6 * total / max(1, messages):,.0f} us "
+              f"per message ({messages} messages)\n\n")
+    for title, key in (("own time", 2), ("cumulative time", 3)):
+        out.write(f"| by {title} | calls/msg | own us/msg | cum us/msg |\n|---|---:|---:|---:|\n")
+        ranked = sorted(rows.items(), key=lambda kv: kv[1][key], reverse=True)[:top]
+        for func, (_, nc, tt, ct, _) in ranked:
+            out.write(f"| {name(func)} | {nc / messages:.2f} | {1e6 * tt / messages:.1f} "
+                      f"| {1e6 * ct / messages:.1f} |\n")
+        out.write("\n")
+    return out.getvalue()
+
+
+def wait_file(path: Path, deadline: float) -> bool:
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 # ------------------------------------------------------------ the systems
 
 POSTROOM_MODES = {
@@ -500,7 +576,8 @@ POSTROOM_MODES = {
 
 def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sink,
                    clients: Clients, counter: Counter, count: int, repeat: int,
-                   prof_dir: Path | None) -> tuple[Measure, str | None]:  # fmt: skip
+                   prof_dir: Path | None,
+                   cprof_dir: Path | None = None) -> tuple[Measure, str | None]:  # fmt: skip
     overrides = {
         "node": {"hostname": "mx.bench.test"},
         "outbound": {
@@ -518,7 +595,18 @@ def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sin
     node.settings["storage"].pop("shards", None)  # the default a user gets
     node.config_path.write_text(to_toml(node.settings))
     log(f"{label}: starting node")
-    node.start()
+    cprof_out = None
+    saved_env = dict(os.environ)
+    if cprof_dir is not None:
+        cprof_out = cprof_dir / f"postroom-{'keys' if keys else 'nokey'}-" \
+            f"{'fast' if fast_rsa else 'dkimpy'}.pstats"  # fmt: skip
+        cprof_out.unlink(missing_ok=True)
+        os.environ.update(cprofile_env(root, cprof_out))
+    try:
+        node.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
     profile_text = None
     try:
         assert node.proc is not None
@@ -551,12 +639,27 @@ def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sin
                     f"{'fast' if fast_rsa else 'dkimpy'}.txt"
                 )
                 recorder = pyspy.Recorder(pid, out)
+            profiling = cprof_out is not None and i == 0
+            if profiling:
+                os.kill(pid, signal.SIGUSR1)
             try:
-                runs.append(relay_run(sink, clients, counter, addr, count, PASSWORD, cpu))
+                m = relay_run(sink, clients, counter, addr, count, PASSWORD, cpu)
+                if profiling:
+                    m.notes.append("this run was profiled with cProfile (slower)")
+                runs.append(m)
             finally:
                 if recorder is not None:
                     recorder.stop()
                     profile_text = pyspy.summary(recorder.output)
+                if profiling:
+                    assert cprof_out is not None
+                    os.kill(pid, signal.SIGUSR2)
+                    if wait_file(cprof_out, time.monotonic() + 60):
+                        text = cprofile_summary(cprof_out, count)
+                        cprof_out.with_suffix(".txt").write_text(text)
+                        profile_text = (profile_text or "") + text
+                    else:
+                        log(f"{label}: no cProfile output at {cprof_out}")
         return median(runs), profile_text
     except Exception:
         log(f"{label}: node log tail:\n" + node.log_tail(30))
@@ -698,6 +801,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-postroom", action="store_true", help="Postfix alone")
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="py-spy the node during the first run of each mode")  # fmt: skip
+    parser.add_argument("--cprofile", metavar="DIR", type=Path,
+                        help="cProfile the node during the first run of each mode")  # fmt: skip
     parser.add_argument("--nice", type=int, default=0, metavar="N",
                         help="run everything at this niceness")  # fmt: skip
     parser.add_argument(
@@ -716,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
         if not pyspy.available():
             parser.error("--profile needs py-spy")
         args.profile.mkdir(parents=True, exist_ok=True)
+    if args.cprofile:
+        args.cprofile = args.cprofile.resolve()
+        args.cprofile.mkdir(parents=True, exist_ok=True)
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -749,6 +857,7 @@ def main(argv: list[str] | None = None) -> int:
                         count,
                         args.repeat,
                         args.profile,
+                        args.cprofile,
                     )
                     results[label] = m
                     if prof:
@@ -790,7 +899,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(section)
     for label, text in profiles.items():
-        print(f"### py-spy profile of the node, {label}\n\n{text}")
+        print(f"### profile of the node, {label}\n\n{text}")
     if args.write_docs:
         write_docs(section)
         log(f"wrote {DOCS.relative_to(REPO)}")
