@@ -48,6 +48,7 @@ from cluster.rpc import RpcClient, RpcServer
 from node.config import Config
 from storage import mailstore
 from storage.mailstore import MailStore
+from storage.model import StaleEpoch
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,13 @@ class ClusterManager:
             replicator.stop()
             self._roles[number] = _Role("follower", epoch)
             return
-        self.store.set_role(number, "primary", epoch, replicator.replicate)
+        try:
+            self.store.set_role(number, "primary", epoch, replicator.replicate)
+        except StaleEpoch as exc:  # a newer primary reached us meanwhile
+            log.info("shard %d: not promoted at epoch %d: %s", number, epoch, exc)
+            replicator.stop()
+            self._roles[number] = _Role("follower", epoch)
+            return
         if self._desired(number) != ("primary", epoch) or not replicator.active:
             replicator.stop()  # lost the lead while set_role ran (e.g. the session)
             self.store.set_role(number, "follower", epoch)
