@@ -728,6 +728,7 @@ class Replicator:
 
     def _catch_up(self, node: str) -> None:
         backoff = RETRY_MIN
+        last_why = ""
         while self._wanted(node):
             try:
                 self._catch_up_once(node)
@@ -735,8 +736,10 @@ class Replicator:
             except Deposed:
                 return
             except (RpcError, model.StorageError, EtcdError, Retry, OSError) as exc:
-                log.info("shard %d: catch-up of %s: %s (retrying in %.1fs)",
-                         self.shard, node, exc, backoff)
+                why = str(exc)
+                level = logging.INFO if why != last_why else logging.DEBUG  # no log flood
+                log.log(level, "shard %d: catch-up of %s: %s (retrying)", self.shard, node, why)
+                last_why = why
             gevent.sleep(backoff)
             backoff = min(backoff * 2, RETRY_MAX)
 
