@@ -48,7 +48,7 @@ from cluster.rpc import RpcClient, RpcServer
 from node.config import Config
 from storage import mailstore
 from storage.mailstore import MailStore
-from storage.model import StaleEpoch
+from storage.model import StaleEpoch, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,10 @@ class ClusterManager:
         out = {}
         for number, role in sorted(self._roles.items()):
             if role.role != "none":
-                out[str(number)] = list(self.store.position(number))
+                try:
+                    out[str(number)] = list(self.store.position(number))
+                except StorageError:  # e.g. its database is being replaced by a snapshot
+                    continue
         return out
 
     def _publish_loop(self) -> None:
