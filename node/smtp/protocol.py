@@ -422,23 +422,26 @@ class SmtpCore:
 
         Plain case only: every line CRLF-terminated, within the line cap, no
         line starting with "." (so no unstuffing and no end marker), and the
-        size cap not reached.  Anything else goes line by line.
+        size cap not reached.  The lines before the first one that starts
+        with "." (usually the end marker) still qualify; that line and
+        anything else go line by line.
         """
         if d.skipping or d.too_long or d.too_big or not d.prev_crlf:
             return b""
         last = self._buf.rfind(b"\n")
-        if last < 0:
+        if last < 0 or self._buf[:1] == b".":
             return b""
         block = bytes(self._buf[: last + 1])
+        dot = block.find(b"\n.")
+        if dot >= 0:
+            block = block[: dot + 1]
         if (
-            block[:1] == b"."
-            or b"\n." in block
-            or block.count(b"\n") != block.count(b"\r\n")
+            block.count(b"\n") != block.count(b"\r\n")
             or d.size + len(block) > self.max_message_size
             or self._long_line(block)
         ):
             return b""
-        del self._buf[: last + 1]
+        del self._buf[: len(block)]
         d.size += len(block)
         return block
 
