@@ -55,7 +55,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import etcd3gw
@@ -63,6 +63,9 @@ import gevent
 import gevent.lock
 import requests
 from etcd3gw import exceptions as etcd_exc
+
+if TYPE_CHECKING:
+    from node.config import EtcdSettings
 
 log = logging.getLogger(__name__)
 
@@ -794,11 +797,11 @@ class EtcdSession:
 
 
 def session_from_config(
-    cfg: Any,
+    cfg: EtcdSettings,
     endpoints: list[str] | None = None,
     on_session_lost: Callable[[], None] | None = None,
 ) -> EtcdSession:
-    """An EtcdSession from the ``[etcd]`` settings (node.config.EtcdSettings).
+    """An EtcdSession from the ``[etcd]`` settings.
 
     endpoints defaults to ``cfg.endpoints``, else the embedded etcd's client
     URL.  The password is read from ``cfg.password_file`` (first line).
