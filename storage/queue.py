@@ -106,10 +106,13 @@ def entry_from_json(data: dict[str, Any]) -> QueueEntry:
     return QueueEntry(**values)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _text(value: str, limit: int, what: str) -> str:
     if not isinstance(value, str) or len(value) > limit:
         raise StorageError(f"bad {what}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise StorageError(f"bad {what}: control characters")
     return value
 
