@@ -320,7 +320,11 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 def normalize_line_ends(raw: bytes) -> bytes:
     """Every bare CR or LF becomes CRLF (RFC 5321 §2.3.8), ending in CRLF."""
-    out = _LINE_END.sub(b"\r\n", raw)
+    crlf = raw.count(b"\r\n")
+    if raw.count(b"\n") == crlf and raw.count(b"\r") == crlf:  # already CRLF only
+        out = raw
+    else:
+        out = _LINE_END.sub(b"\r\n", raw)
     if out and not out.endswith(b"\r\n"):
         out += b"\r\n"
     return out
