@@ -346,6 +346,11 @@ class RpcServer:
             log.warning("rpc: dropping %s (%s): %s", peer, where, exc)
         except (_Closed, OSError, ssl.SSLError) as exc:
             log.debug("rpc: connection from %s (%s) ended: %s", peer, where, exc)
+        except ValueError as exc:
+            if sock.fileno() != -1:
+                log.exception("rpc: connection from %s (%s) failed", peer, where)
+            else:  # stop() closed it under our read ("Read on closed ... SSL socket")
+                log.debug("rpc: connection from %s (%s) closed: %s", peer, where, exc)
         except Exception:
             log.exception("rpc: connection from %s (%s) failed", peer, where)
         finally:
