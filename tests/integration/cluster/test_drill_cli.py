@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cluster import drill
 from tests.support.cluster import ClusterHarness
 from tests.support.etcd import REPO, EtcdServer
@@ -133,6 +135,33 @@ def test_status_shows_every_shard_with_a_primary(cluster: ClusterHarness) -> Non
     assert data["without_primary"] == [] and data["controller"] in names
     assert sorted(m["name"] for m in data["members"]) == sorted(names)
     assert all(m["labels"]["host"] and m["rpc"] for m in data["members"])
+
+
+def _state(pid: int) -> str:
+    """The process state letter from /proc/PID/stat (T = stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def test_fault_rpc_freezes_a_node_and_refuses_bad_requests(cluster: ClusterHarness) -> None:
+    from cluster import ca, rpc
+
+    node = cluster.node(2)
+    client = rpc.RpcClient(ca.client_context(Path(cluster.node(0).data_dir) / "cluster"))
+    try:
+        for args in ({"kind": "bogus"}, {"kind": "freeze", "duration": 0},
+                     {"kind": "freeze", "duration": 7200}):
+            with pytest.raises(rpc.RpcError) as refused:
+                client.call(node.rpc_address, "drill.fault", args)
+            assert refused.value.kind == "ValueError"
+        assert node.pid is not None and _state(node.pid) != "T"
+        answer, _ = client.call(node.rpc_address, "drill.fault",
+                                {"kind": "freeze", "duration": 1.0})
+        assert answer["pid"] == node.pid and answer["kind"] == "freeze"
+        cluster.wait_until(lambda: _state(node.pid) == "T", 10, "the node stopped")
+        cluster.wait_until(lambda: _state(node.pid) != "T", 20, "the node running again")
+    finally:
+        client.close()
 
 
 def test_drill_failover_primary(cluster: ClusterHarness, tmp_path: Path) -> None:
