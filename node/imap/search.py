@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from node.imap import objectid
+
 # Keys without arguments that test a flag: key -> (flag, expected presence).
 FLAG_KEYS: dict[str, tuple[str, bool]] = {
     "ANSWERED": ("\\Answered", True),
@@ -107,7 +109,7 @@ def needs(key: SearchKey) -> tuple[bool, bool]:
             stack.extend(k.args)
         elif k.op in ("BODY", "TEXT", "HEADER"):
             raw = True
-        elif k.op in ADDRESS_HEADERS or k.op == "HEADER" or k.op.startswith("SENT"):
+        elif k.op in ADDRESS_HEADERS or k.op.startswith("SENT") or k.op == "THREADID":
             meta = True
     return meta, raw
 
@@ -175,8 +177,8 @@ def matches(key: SearchKey, msg: Candidate, *, max_seq: int, max_uid: int) -> bo
         return _date_cmp(op[5:], _utc_date(saved), args[0])
     if op == "EMAILID":  # RFC 8474 §6
         return bool(msg.blob) and args[0] == "E" + msg.blob[:24]
-    if op == "THREADID":  # RFC 8474 §6: no message has a THREADID (it is NIL)
-        return False
+    if op == "THREADID":  # RFC 8474 §6
+        return args[0] == objectid.thread_id(msg.meta.get("headers") or {}, msg.blob)
     if key in msg.decided:
         return msg.decided[key]
     if op == "HEADER":

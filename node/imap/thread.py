@@ -12,13 +12,12 @@ loop checks walk at most the depth of the tree they are in.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
+from node.imap.objectid import MSG_ID as _MSG_ID
 from node.imap.sort import Item
 
 MAX_REFERENCES = 1000  # Message-IDs taken from one References field
-_MSG_ID = re.compile(r"<([^<>\s@]+@[^<>\s]+)>")
 
 
 @dataclass(eq=False)
