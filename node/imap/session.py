@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.context import NodeContext
-from node.imap import binary, esearch, objectid
+from node.imap import binary, esearch, objectid, subscriptions
 from node.imap.protocol import (
     NEED_DATA,
     STAR,
@@ -608,14 +608,19 @@ class Session:
         name = cmd.args[0]
         if name == "INBOX":
             return no("INBOX cannot be deleted", "CANNOT")
+        store = self.ctx.store
+        was_subscribed = any(m.name == name and m.subscribed
+                             for m in store.list_mailboxes(self._acct))
         try:
-            self.ctx.store.delete_mailbox(self._acct, name)
+            store.delete_mailbox(self._acct, name)
         except NoSuchMailbox:
             # RFC 9051 §6.3.5: a \Noselect name with inferiors cannot go.
             boxes = self.ctx.store.list_mailboxes(self._acct)
             if any(m.name.startswith(name + DELIMITER) for m in boxes):
                 return no("mailbox has inferior names", "HASCHILDREN")
             raise
+        if was_subscribed:  # RFC 9051 §6.3.7: the subscription stays (subscriptions.py)
+            subscriptions.keep(store, self._acct, name)
         return ok("DELETE completed")
 
     def _cmd_rename(self, cmd: Command) -> Reply:
@@ -640,7 +645,9 @@ class Session:
         try:
             self.ctx.store.set_subscribed(self._acct, cmd.args[0], False)
         except NoSuchMailbox:
-            pass  # RFC 9051 §6.3.8: OK also when the name is not subscribed
+            # RFC 9051 §6.3.8: OK also when the name is not subscribed; a
+            # subscription kept after DELETE goes now.
+            subscriptions.forget(self.ctx.store, self._acct, cmd.args[0])
         return ok("UNSUBSCRIBE completed")
 
     def _cmd_list(self, cmd: Command) -> Reply:
@@ -662,6 +669,9 @@ class Session:
         boxes = self.ctx.store.list_mailboxes(self._acct)
         by_name = {m.name: m for m in boxes}
         chosen = {m.name for m in boxes if m.subscribed or not subscribed_only}
+        # Subscribed names whose mailbox was deleted (RFC 9051 §6.3.7).
+        kept = set(subscriptions.kept(self.ctx.store, self._acct)) if subscribed_only else set()
+        chosen |= kept
         # Superior names that exist only as parents of chosen ones.
         all_names = set(chosen)
         for name in chosen:
@@ -673,7 +683,7 @@ class Session:
             if not matcher.matches(name):
                 continue
             attrs = []
-            if name not in chosen:
+            if name not in chosen or name in kept and name not in by_name:
                 # A superior name shown only because a child matched (§6.3.9).
                 attrs.append("\\Noselect")
             if not subscribed_only:
@@ -909,7 +919,8 @@ class Session:
         items = list(items)
         if cmd.uid and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))  # RFC 3501 §6.4.8
-        need_meta = any(i.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY") for i in items)
+        need_meta = any(i.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY", "THREADID")
+                        for i in items)
         need_raw = any(
             i.section is not None or i.name.startswith("RFC822") and i.name != "RFC822.SIZE"
             for i in items
@@ -919,16 +930,18 @@ class Session:
             for i in items
         )
         live = view.live(uids)
+        answered = len(live)
         if not self._dirty and {i.name for i in items} <= FLAGS_ONLY:
             # No change committed since the last sync, so the view is exact:
             # answer from it without reading rows (UID FETCH 1:* (FLAGS)).
             for u in live:
                 self._write(fetch_flags_line(view, u, items))
-            return ok(f"{cmd.full_name} completed")
+            return self._fetch_done(cmd, len(uids) - answered)
         store = self.ctx.store
         for start in range(0, len(live), FETCH_BATCH):
             rows = self._rows(live[start : start + FETCH_BATCH])
             batch = list(rows)
+            answered -= min(FETCH_BATCH, len(live) - start) - len(batch)
             metas = store.metadata(self._acct, view.name, batch) if need_meta else {}
             seen_now: set[int] = set()
             if sets_seen:
@@ -942,6 +955,17 @@ class Session:
                 row = rows[u]
                 raw = store.read_message(row.blob) if need_raw else b""
                 self._write(self._fetch_one(view, row, items, metas.get(u, {}), raw, u in seen_now))
+        return self._fetch_done(cmd, len(uids) - answered)
+
+    @staticmethod
+    def _fetch_done(cmd: Command, unanswered: int) -> Reply:
+        """The tagged FETCH reply.  A message another session expunged (not
+        yet reported as EXPUNGE, RFC 9051 §7.4.1) has no data to send: a
+        sequence-number FETCH then ends NO [EXPUNGEISSUED] after answering
+        the others (RFC 9051 §7.1, RFC 2180 §4.1.2), so the client knows to
+        NOOP.  UID FETCH ignores UIDs that no longer exist (§6.4.9)."""
+        if unanswered and not cmd.uid:
+            return no("some of the requested messages no longer exist", "EXPUNGEISSUED")
         return ok(f"{cmd.full_name} completed")
 
     def _fetch_one(
@@ -971,8 +995,9 @@ class Session:
                 out += [Atom("SAVEDATE"), None if saved is None else format_date_time(saved)]
             elif name == "EMAILID":  # RFC 8474 §5.1
                 out += [Atom("EMAILID"), Raw(f"({objectid.email_id(row.blob)})".encode())]
-            elif name == "THREADID":  # RFC 8474 §5.2: threads are not tracked
-                out += [Atom("THREADID"), None]
+            elif name == "THREADID":  # RFC 8474 §5.2 (node/imap/objectid.py)
+                tid = objectid.thread_id(meta.get("headers") or {}, row.blob)
+                out += [Atom("THREADID"), Raw(f"({tid})".encode())]
             elif name == "RFC822.SIZE":
                 out += [Atom("RFC822.SIZE"), row.size]
             elif name == "ENVELOPE":

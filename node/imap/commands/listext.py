@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.imap import protocol as P
+from node.imap import subscriptions
 from node.imap.protocol import (
     Command,
     Raw,
@@ -207,10 +208,14 @@ def cmd_list(session: Any, cmd: Command) -> Reply:
     boxes = session.ctx.store.list_mailboxes(session._acct)
     by_name: dict[str, MailboxInfo] = {m.name: m for m in boxes}
     subscribed = {m.name for m in boxes if m.subscribed}
+    if want_subscribed:  # RFC 9051 §6.3.7: kept after DELETE (node/imap/subscriptions.py)
+        subscribed |= set(subscriptions.kept(session.ctx.store, session._acct))
     matchers = [Pattern.compile(ref + p, DELIMITER) for p in opts.patterns if p != ""]
     has_children = {n.rsplit(DELIMITER, 1)[0] for n in by_name if DELIMITER in n}
     # Every name that exists or is the superior of one (\NonExistent, RFC 5258 §3.4).
     universe = set(by_name)
+    if "SUBSCRIBED" in select:  # RFC 5258 §3: subscribed names that do not exist too
+        universe |= subscribed
     for name in by_name:
         parts = name.split(DELIMITER)
         universe.update(DELIMITER.join(parts[:i]) for i in range(1, len(parts)))
@@ -285,6 +290,7 @@ def cmd_create(session: Any, cmd: Command) -> Reply:
         info = session.ctx.store.create_mailbox(session._acct, name, special)
     except SpecialUseInUse:
         return no("another mailbox already has that special use", "USEATTR")
+    subscriptions.adopt(session.ctx.store, session._acct, name)  # a subscription kept after DELETE
     return ok("CREATE completed", f"MAILBOXID ({objectid.mailbox_id(session._acct, info.uidvalidity)})")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from node.imap import subscriptions
 from node.imap.protocol import (
     Command,
     Literal,
@@ -152,6 +153,8 @@ def cmd_getmetadata(session: Any, cmd: Command) -> Reply:
     """RFC 5464 §4.2; entries that do not exist are left out (§4.2)."""
     mailbox, entries, maxsize, depth = cmd.args
     stored = session.ctx.store.get_metadata(session._acct, mailbox)
+    if mailbox is None:
+        stored.pop(subscriptions.ENTRY, None)  # the server's own (node/imap/subscriptions.py)
     names: list[str] = []
     for entry in entries:
         names += [n for n in _wanted(stored, entry, depth) if n not in names]
@@ -179,6 +182,8 @@ def cmd_setmetadata(session: Any, cmd: Command) -> Reply:
     too_big = max((len(v) for _, v in pairs if v is not None), default=0)
     if too_big > MAX_VALUE:
         return no("value too large", f"METADATA MAXSIZE {MAX_VALUE}")
+    if mailbox is None and any(e == subscriptions.ENTRY for e, _ in pairs):
+        return no("entry is maintained by the server", "NOPERM")
     try:
         session.ctx.store.set_metadata(session._acct, mailbox, list(pairs))
     except MetadataTooMany:

@@ -15,12 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from node.imap import esearch, thread
+from node.imap import esearch, sortcache, thread
 from node.imap import protocol as P
 from node.imap.protocol import Command, State, register_command
 from node.imap.search import SearchKey
 from node.imap.session import Reply, no, ok
-from node.imap.sort import MAX_CRITERIA, SORT_KEYS, Item, sort_items
+from node.imap.sort import MAX_CRITERIA, SORT_KEYS, Item
 
 _SELECTED = frozenset({State.SELECTED})
 CHARSETS = ("UTF-8", "US-ASCII")
@@ -151,8 +151,16 @@ def cmd_sort(session: Any, cmd: Command) -> Reply:
     uids = esearch.find(session.ctx.store, session.account, session.view, key,
                         esearch.saved_uids(session), not getattr(session, "_dirty", True))
     needs_meta = any(k not in ("ARRIVAL", "SIZE") for _, k in criteria)
-    ordered = sort_items(_items(session, uids, needs_meta), criteria)
-    nums = [i.uid if cmd.uid else i.seq for i in ordered]
+    view = session.view
+    # Values computed by earlier SORTs of this mailbox are reused (sortcache.py).
+    known = sortcache.values(
+        session.ctx.store, session.account, view.uidvalidity, uids, (k for _, k in criteria),
+        lambda missing: _items(session, missing, needs_meta))
+    # Ties by sequence number (RFC 5256 §3): stable sorts, last key first.
+    ordered = [u for u in uids if all(u in v for v in known.values())]  # ascending = seq order
+    for reverse, key in reversed(criteria):
+        ordered.sort(key=known[key].__getitem__, reverse=reverse)
+    nums = ordered if cmd.uid else [view.seq_of(u) for u in ordered]
     session._write(b"* SORT" + b"".join(b" %d" % n for n in nums) + b"\r\n")
     return ok(f"{cmd.full_name} completed")
 

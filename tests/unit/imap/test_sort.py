@@ -6,6 +6,7 @@ import pytest
 
 from node.imap.protocol import Limits, encode_command, frame_all
 from node.imap.sort import Item, base_subject, base_subject_and_reply, sort_items
+from tests.unit.imap.fakes import FakeStore
 from tests.unit.imap.helpers import Client
 
 
@@ -131,3 +132,43 @@ def test_sort_thread_return_parse_encode_parse_is_a_fixed_point(line):
     c2.login()
     c2.cmd("s SELECT INBOX")
     assert c2.feed(data) == whole
+
+
+class _CountingStore(FakeStore):
+    """The fake store, counting the messages whose metadata is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meta_reads = 0
+
+    def metadata(self, account, name, uids):
+        uids = list(uids)
+        self.meta_reads += len(uids)
+        return super().metadata(account, name, uids)
+
+
+def test_sort_values_are_reused_and_new_messages_added():
+    # RFC 5256 §3 answers stay exact when values of earlier SORTs of the
+    # mailbox are reused (node/imap/sortcache.py): only new messages are read.
+    store = _CountingStore()
+    c, other = Client(store), Client(store)
+    c.login()
+    other.login()
+    for i, raw in enumerate(MESSAGES):
+        store.append("alice@example.test", "INBOX", raw, internaldate=760000000.0 + i)
+    c.cmd("s SELECT INBOX")
+    other.cmd("s SELECT INBOX")
+    assert c.cmd("t SORT (DATE) UTF-8 ALL")[0] == b"* SORT 4 2 1 3"
+    assert store.meta_reads == 4
+    # Another session of the same mailbox reuses them.
+    assert other.cmd("t SORT (REVERSE DATE) UTF-8 ALL")[0] == b"* SORT 3 1 2 4"
+    assert store.meta_reads == 4
+    earliest = _msg("a@x.test", "new", "Sun, 6 Feb 1994 10:00:00 -0800")
+    store.append("alice@example.test", "INBOX", earliest, internaldate=760000010.0)
+    c.cmd("n NOOP")
+    assert c.cmd("t SORT (DATE) UTF-8 ALL")[0] == b"* SORT 4 5 2 1 3"
+    assert store.meta_reads == 5
+    # An expunged message is not sorted; a new key reads what it needs.
+    c.cmd("d STORE 2 +FLAGS.SILENT (\\Deleted)")
+    c.cmd("x EXPUNGE")
+    assert c.cmd("t UID SORT (SUBJECT) UTF-8 ALL")[0] == b"* SORT 4 1 5 3"  # apple hello new other

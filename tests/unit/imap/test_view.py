@@ -101,7 +101,8 @@ def test_fetch_skips_a_message_expunged_by_another_session() -> None:
     b.cmd("t STORE 2 +FLAGS (\\Deleted)")
     b.cmd("e EXPUNGE")
     lines = a.cmd("f FETCH 1:* (FLAGS)")
-    assert not any(b"EXPUNGE" in ln for ln in lines)
+    assert not any(ln.endswith(b" EXPUNGE") for ln in lines)
     assert [ln.split()[1] for ln in lines if ln.startswith(b"* ")] == [b"1", b"3"]
+    assert lines[-1].startswith(b"f NO [EXPUNGEISSUED]")  # RFC 9051 §7.1
     assert a.cmd("n NOOP")[:-1] == [b"* 2 EXPUNGE"]
     assert b"* 2 FETCH" in b"".join(a.cmd("f FETCH 1:* (UID)"))
