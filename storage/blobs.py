@@ -56,6 +56,7 @@ class BlobStore:
         cache_max_blob: int = 256 * 1024,
     ) -> None:
         self.root = Path(root)
+        self._root_str = str(self.root)
         self.fsync = fsync
         self._tmp = self.root / "tmp"
         # Bounded LRU of small bodies read or written recently.  Blobs are
@@ -85,7 +86,14 @@ class BlobStore:
         return self.root / sha[:2] / sha[2:4] / sha
 
     def exists(self, sha: str) -> bool:
-        return is_blob_name(sha) and self.path(sha).is_file()
+        """True if the blob is stored.  A cached blob was stored durably or
+        read here, and blobs are never removed, so it costs no stat (a
+        follower asks several times per replicated message; a garbage
+        collector must drop what it removes from the cache)."""
+        if not is_blob_name(sha):
+            return False
+        return sha in self._cache or os.path.isfile(
+            os.path.join(self._root_str, sha[:2], sha[2:4], sha))
 
     def put(self, data: bytes) -> str:
         """Store ``data`` durably and return its SHA-256 hex; idempotent."""
