@@ -47,6 +47,18 @@ def test_getquotaroot_and_getquota(client: Client) -> None:
     assert client.cmd("q GETQUOTAROOT Nope")[-1].startswith(b"q NO [NONEXISTENT]")
 
 
+def test_message_resource_is_not_reported_without_a_limit(client: Client) -> None:
+    # RFC 9208 §5.2 MESSAGE: the directory keeps no message-count limit, so
+    # the resource is neither advertised (QUOTA=RES-MESSAGE, §3.1) nor listed
+    # with an invented limit; the one resource is STORAGE.
+    _limit(client, 10 * 1024)
+    for _ in range(3):
+        client.deliver()
+    caps = client.cmd("c CAPABILITY")[0].split()
+    assert b"QUOTA=RES-MESSAGE" not in caps
+    assert client.cmd('q GETQUOTA ""') == [b'* QUOTA "" (STORAGE 1 10)', b"q OK GETQUOTA completed"]
+
+
 def test_no_limit_means_no_quota_root(client: Client) -> None:
     # RFC 9208 §4.1.2: a mailbox without quota roots.
     assert client.cmd("q GETQUOTAROOT INBOX") == [
