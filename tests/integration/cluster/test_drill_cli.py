@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,52 @@ def test_fault_rpc_freezes_a_node_and_refuses_bad_requests(cluster: ClusterHarne
         cluster.wait_until(lambda: _state(node.pid) != "T", 20, "the node running again")
     finally:
         client.close()
+
+
+def test_drain_under_load_moves_everything_and_loses_nothing(cluster: ClusterHarness) -> None:
+    from cluster import ca, rpc
+    from cluster.directory import EtcdDirectory
+    from node.statuscli import read_snapshot
+
+    names = {n.name for n in cluster.nodes}
+
+    def full(caught_up: bool) -> bool:
+        snap = read_snapshot(cluster.session)
+        return not snap.leaderless() and not (caught_up and drill.lagging(snap)) and all(
+            set(r["isr"]) == set(r["replicas"]) == names for r in snap.shards.values())
+
+    cluster.wait_until(lambda: full(True), 60, "a fully replicated cluster")
+    ledger = drill.Ledger("drain")
+    accounts = drill.DrillAccounts(EtcdDirectory(cluster.session), "drain")
+    load = drill.Load(ledger, accounts.create(cluster.shards, 4), senders=10, imap_clients=4)
+    client = rpc.RpcClient(ca.client_context(Path(cluster.node(0).data_dir) / "cluster"))
+    try:
+        load.set_nodes(drill.endpoints(read_snapshot(cluster.session)))
+        load.start()
+        drained = _postroom(cluster, "node", "drain", "n2", "--wait", "--timeout", "120",
+                            timeout=180)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        assert drained.stdout.rstrip().endswith("n2: drained (leads nothing, holds no replica)")
+        snap = read_snapshot(cluster.session)
+        assert snap.holdings("n2") == ([], [])
+        assert all(len(r["isr"]) == 2 for r in snap.shards.values())
+        undrained = _postroom(cluster, "node", "undrain", "n2")
+        assert undrained.stdout == "n2: no longer draining\n"
+        cluster.wait_until(lambda: full(False), 120, "n2 holding replicas again")
+        load.stop()
+        cluster.wait_until(lambda: full(True), 60, "every replica caught up")
+        finals = drill.collect_mailboxes(accounts.passwords, drill.endpoints(snap),
+                                         time.monotonic() + 60)
+        result = drill.check(ledger, finals)
+        assert result.acked > 20 and result.violations == [], result.violations[:20]
+        digests, violations = drill.check_replicas(
+            cluster.session, lambda a, m, x: client.call(a, m, x)[0], time.monotonic() + 60)
+        assert violations == [] and len(digests) == cluster.shards
+    finally:
+        load.stop()
+        client.close()
+        accounts.remove()
+        _postroom(cluster, "node", "undrain", "n2")
 
 
 def test_drill_failover_primary(cluster: ClusterHarness, tmp_path: Path) -> None:
