@@ -93,7 +93,14 @@ def shard_of(account: str, shards: int) -> int:
 
 
 def _account(account: str) -> str:
-    if not isinstance(account, str) or not account or len(account) > 320:
+    if not isinstance(account, str):
+        raise StorageError("bad account name")
+    return _checked_account(account)
+
+
+@functools.lru_cache(maxsize=4096)  # every store call checks its account: once per name
+def _checked_account(account: str) -> str:
+    if not account or len(account) > 320:
         raise StorageError("bad account name")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in account):
         raise StorageError("bad account name")
