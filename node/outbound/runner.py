@@ -314,9 +314,9 @@ class QueueRunner:
         """Dispatch due entries not in flight; schedule the next scan."""
         for qid in [q for q, until in self._cooldown.items() if until <= now]:
             del self._cooldown[qid]
-        owned = self._owned_shards()
         for shard in [n for n, until in self._handoff.items() if until <= now]:
-            del self._handoff[shard]
+            del self._handoff[shard]  # still led after the hold: the hand-off failed
+        owned = self._owned_shards()
         room = min(BATCH, self._room())
         if room > 0:
             exclude = self._in_flight.keys() | self._cooldown.keys()
