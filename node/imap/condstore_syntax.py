@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from node.imap.protocol import STAR, SeqSet
+from node.imap.protocol import STAR, SeqSet, _is_digit
 
 MAX_MODSEQ = 2**63 - 1  # mod-sequence-value: positive unsigned 63-bit (RFC 7162 §7)
 MAX_SEQ_MATCH = 4096  # ranges per QRESYNC sequence set (same bound as Limits.max_ranges)
@@ -19,7 +19,7 @@ MAX_SEQ_MATCH = 4096  # ranges per QRESYNC sequence set (same bound as Limits.ma
 
 def mod_sequence(r: Any, *, zero: bool) -> int:
     """mod-sequence-value (or -valzer when ``zero``), RFC 7162 §7."""
-    value = r._take(lambda c: 0x30 <= c <= 0x39)
+    value = r._take(_is_digit)
     if not value or len(value) > 19:
         raise r.fail("expected mod-sequence")
     n = int(value)

@@ -471,6 +471,34 @@ def _is_list_char(c: int) -> bool:
     return _is_astring_char(c) or c in (0x25, 0x2A)
 
 
+def _is_digit(c: int) -> bool:
+    return 0x30 <= c <= 0x39
+
+
+def _is_tag_char(c: int) -> bool:
+    return _is_astring_char(c) and c != 0x2B  # tag = 1*<any ASTRING-CHAR except "+">
+
+
+def _is_fetch_word_char(c: int) -> bool:
+    return _is_atom_char(c) and c != 0x5B  # a fetch-att name up to "["
+
+
+def _is_visible(c: int) -> bool:
+    return 0x20 < c < 0x7F
+
+
+def _run_of(pred: Any) -> re.Pattern[bytes]:
+    """A regex matching the longest run of bytes pred accepts (from a position)."""
+    allowed = b"".join(re.escape(bytes([c])) for c in range(256) if pred(c))
+    return re.compile(b"[" + allowed + b"]*")
+
+
+# _Reader._take matches these character classes with one regex call instead
+# of a Python call per byte (parsing was ~12 % of IMAP CPU).
+_RUNS = {f: _run_of(f) for f in (_is_atom_char, _is_astring_char, _is_list_char, _is_digit,
+                                 _is_tag_char, _is_fetch_word_char, _is_visible)}
+
+
 class _Reader:
     """A cursor over one framed command (lines joined by literals)."""
 
@@ -519,6 +547,12 @@ class _Reader:
         return False
 
     def _take(self, pred: Any) -> bytes:
+        run = _RUNS.get(pred)
+        if run is not None:
+            m = run.match(self.line, self.pos)
+            assert m is not None  # "*": always matches
+            self.pos = m.end()
+            return m.group()
         start = self.pos
         while self.pos < len(self.line) and pred(self.line[self.pos]):
             self.pos += 1
@@ -531,14 +565,14 @@ class _Reader:
         return value.decode("ascii")
 
     def tag_token(self) -> str:
-        value = self._take(lambda c: _is_astring_char(c) and c != 0x2B)
+        value = self._take(_is_tag_char)
         if not value:
             raise ParseError("*", "missing or invalid tag")
         self.tag = value.decode("ascii")
         return self.tag
 
     def number(self) -> int:
-        value = self._take(lambda c: 0x30 <= c <= 0x39)
+        value = self._take(_is_digit)
         if not value or len(value) > 10:
             raise self.fail("expected number")
         n = int(value)
@@ -670,7 +704,7 @@ class _Reader:
 
     def date(self) -> datetime.date:
         quoted = self.accept(b'"')
-        text = self._take(lambda c: _is_atom_char(c)).decode("ascii")
+        text = self._take(_is_atom_char).decode("ascii")
         if quoted:
             self.expect(b'"')
         m = re.fullmatch(r"(\d{1,2})-([A-Za-z]{3})-(\d{4})", text)
@@ -785,7 +819,7 @@ def _authenticate(r: _Reader) -> tuple[Any, ...]:
     initial = None
     if r.maybe_sp():
         # SASL-IR (RFC 4959 §3): base64 or "=" for an empty response.
-        raw = r._take(lambda c: c > 0x20 and c < 0x7F)
+        raw = r._take(_is_visible)
         if not raw:
             raise r.fail("expected initial response")
         initial = raw.decode("ascii")
@@ -910,7 +944,7 @@ def _fetch(r: _Reader) -> tuple[Any, ...]:
 
 
 def _fetch_att(r: _Reader) -> FetchItem:
-    word = r._take(lambda c: _is_atom_char(c) and c != 0x5B).decode("ascii").upper()
+    word = r._take(_is_fetch_word_char).decode("ascii").upper()
     if r.peek() == 0x5B and word in ("BINARY", "BINARY.PEEK", "BINARY.SIZE"):
         # RFC 3516 §4.2: section-binary is part numbers only.
         section = _section(r)
@@ -954,7 +988,7 @@ def _section(r: _Reader) -> Section:
         if not r.accept(b"."):
             break
     if r.peek() != 0x5D:
-        word = r._take(lambda c: _is_atom_char(c)).decode("ascii").upper()
+        word = r._take(_is_atom_char).decode("ascii").upper()
         allowed_specs = ("HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT", "TEXT")
         if part:
             allowed_specs += ("MIME",)

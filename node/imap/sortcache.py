@@ -51,23 +51,27 @@ def values(
     uids: list[int],
     keys: Iterable[str],
     load: Callable[[list[int]], list[Item]],
-) -> dict[str, dict[int, Any]]:
-    """Per key, the values of those ``uids`` that exist; ``load(uids)`` gives
-    the Items (with metadata) of messages not cached yet."""
+) -> tuple[list[int], dict[str, dict[int, Any]]]:
+    """(those of ``uids`` that exist, in order; per key, uid -> value);
+    ``load(uids)`` gives the Items (with metadata) of messages not cached yet."""
     cache = _caches.get(store)
     if cache is None:
         cache = _caches[store] = _Cache()
     box = cache.boxes.pop((account, uidvalidity), None) or {}
     cache.boxes[(account, uidvalidity)] = box  # most recently used last
-    keys = list(dict.fromkeys(keys))
-    for key in keys:
-        box.setdefault(key, {})
-    missing = [u for u in uids if any(u not in box[k] for k in keys)]
-    if missing:
-        for item in load(missing):
-            for key in keys:
-                if item.uid not in box[key]:
-                    box[key][item.uid] = sort_value(item, key)
-                    cache.size += 1
-        cache.evict()
-    return {k: box[k] for k in keys}
+    maps = {key: box.setdefault(key, {}) for key in keys}
+    if len(maps) == 1:
+        (only,) = maps.values()
+        missing = [u for u in uids if u not in only]
+    else:
+        missing = [u for u in uids if any(u not in m for m in maps.values())]
+    if not missing:
+        return uids, maps
+    for item in load(missing):
+        for key, m in maps.items():
+            if item.uid not in m:
+                m[item.uid] = sort_value(item, key)
+                cache.size += 1
+    cache.evict()
+    present = [u for u in uids if all(u in m for m in maps.values())]
+    return present, maps

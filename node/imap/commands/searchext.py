@@ -153,11 +153,12 @@ def cmd_sort(session: Any, cmd: Command) -> Reply:
     needs_meta = any(k not in ("ARRIVAL", "SIZE") for _, k in criteria)
     view = session.view
     # Values computed by earlier SORTs of this mailbox are reused (sortcache.py).
-    known = sortcache.values(
+    ordered, known = sortcache.values(
         session.ctx.store, session.account, view.uidvalidity, uids, (k for _, k in criteria),
         lambda missing: _items(session, missing, needs_meta))
-    # Ties by sequence number (RFC 5256 §3): stable sorts, last key first.
-    ordered = [u for u in uids if all(u in v for v in known.values())]  # ascending = seq order
+    # Ties by sequence number (RFC 5256 §3): ascending UIDs are in sequence
+    # order, then stable sorts, last key first.
+    ordered = list(ordered)
     for reverse, key in reversed(criteria):
         ordered.sort(key=known[key].__getitem__, reverse=reverse)
     nums = ordered if cmd.uid else [view.seq_of(u) for u in ordered]
