@@ -67,13 +67,14 @@ from node.imap.protocol import (
     encode_mailbox,
     encode_string,
     encode_utf8_string,
+    encode_value,
     format_date_time,
     parse_command,
     status_untagged,
     tagged,
     untagged,
 )
-from node.imap.view import FLAGS_ONLY, View, fetch_flags_line
+from node.imap.view import FLAGS_ONLY, View, fetch_flags_line, flag_list_bytes
 from node.imap.wildcard import Pattern
 from node.mailflow import quota as quota_policy
 from storage.model import (
@@ -977,53 +978,64 @@ class Session:
         raw: bytes,
         flags_changed: bool,
     ) -> bytes:
-        out: list[Any] = []
+        """``* n FETCH (...)`` for one message, written as bytes directly (the
+        generic encode_value was a third of FETCH's CPU)."""
+        out: list[bytes] = []
         flags = view.flags.get(row.uid, row.flags)
-        wants_flags = any(i.name == "FLAGS" for i in items)
+        wants_flags = False
         for item in items:
             name = item.name
             if name == "FLAGS":
-                out += [Atom("FLAGS"), _flag_list(flags)]
+                out.append(b"FLAGS " + flag_list_bytes(flags))
+                wants_flags = True
             elif name == "UID":
-                out += [Atom("UID"), row.uid]
-            elif name == "INTERNALDATE":
-                out += [Atom("INTERNALDATE"), format_date_time(row.internaldate)]
-            elif name == "MODSEQ":  # RFC 7162 §3.1.4.1
-                out += [Atom("MODSEQ"), Raw(b"(%d)" % row.modseq)]
-            elif name == "SAVEDATE":  # RFC 8514 §4.3: NIL if saved before dates were kept
-                saved = self.ctx.store.savedates(self._acct, view.name, [row.uid]).get(row.uid)
-                out += [Atom("SAVEDATE"), None if saved is None else format_date_time(saved)]
-            elif name == "EMAILID":  # RFC 8474 §5.1
-                out += [Atom("EMAILID"), Raw(f"({objectid.email_id(row.blob)})".encode())]
-            elif name == "THREADID":  # RFC 8474 §5.2 (node/imap/objectid.py)
-                tid = objectid.thread_id(meta.get("headers") or {}, row.blob)
-                out += [Atom("THREADID"), Raw(f"({tid})".encode())]
+                out.append(b"UID %d" % row.uid)
             elif name == "RFC822.SIZE":
-                out += [Atom("RFC822.SIZE"), row.size]
-            elif name == "ENVELOPE":
-                out += [Atom("ENVELOPE"), Raw(_mime().envelope(meta))]
-            elif name == "BODYSTRUCTURE":
-                out += [Atom("BODYSTRUCTURE"), Raw(_mime().bodystructure(meta, True))]
-            elif name == "BODY":
-                out += [Atom("BODY"), Raw(_mime().bodystructure(meta, False))]
-            elif name == "RFC822":
-                out += [Atom("RFC822"), Literal(raw)]
-            elif name == "RFC822.HEADER":
-                out += [Atom("RFC822.HEADER"), Literal(_section(raw, Section((), "HEADER")))]
-            elif name == "RFC822.TEXT":
-                out += [Atom("RFC822.TEXT"), Literal(_section(raw, Section((), "TEXT")))]
-            elif name in ("BINARY[]", "BINARY.SIZE[]"):
-                out += binary.fetch_item(raw, item)  # RFC 3516 §4.2
-            else:
-                assert item.section is not None
+                out.append(b"RFC822.SIZE %d" % row.size)
+            elif name == "BODY[]":
                 data = _section(raw, item.section)
                 if item.partial is not None:
                     origin, count = item.partial
                     data = data[origin : origin + count]
-                out += [Atom(item.response_name()), Literal(data)]
+                out.append(_response_name(item) + b" {%d}\r\n" % len(data) + data)
+            else:
+                out.append(encode_value(self._fetch_value(view, row, item, meta, raw))[1:-1])
         if flags_changed and not wants_flags:
-            out += [Atom("FLAGS"), _flag_list(flags)]  # RFC 3501 §6.4.5: \Seen set
-        return untagged(view.seq_of(row.uid), "FETCH", out)
+            out.append(b"FLAGS " + flag_list_bytes(flags))  # RFC 3501 §6.4.5: \Seen set
+        return b"* %d FETCH (%s)\r\n" % (view.seq_of(row.uid), b" ".join(out))
+
+    def _fetch_value(
+        self, view: View, row: MessageRow, item: FetchItem, meta: dict, raw: bytes
+    ) -> list[Any]:
+        """[name, value] of the less common fetch items (encode_value parts)."""
+        name = item.name
+        if name == "INTERNALDATE":
+            return [Atom("INTERNALDATE"), format_date_time(row.internaldate)]
+        if name == "MODSEQ":  # RFC 7162 §3.1.4.1
+            return [Atom("MODSEQ"), Raw(b"(%d)" % row.modseq)]
+        if name == "SAVEDATE":  # RFC 8514 §4.3: NIL if saved before dates were kept
+            saved = self.ctx.store.savedates(self._acct, view.name, [row.uid]).get(row.uid)
+            return [Atom("SAVEDATE"), None if saved is None else format_date_time(saved)]
+        if name == "EMAILID":  # RFC 8474 §5.1
+            return [Atom("EMAILID"), Raw(f"({objectid.email_id(row.blob)})".encode())]
+        if name == "THREADID":  # RFC 8474 §5.2 (node/imap/objectid.py)
+            tid = objectid.thread_id(meta.get("headers") or {}, row.blob)
+            return [Atom("THREADID"), Raw(f"({tid})".encode())]
+        if name == "ENVELOPE":
+            return [Atom("ENVELOPE"), Raw(_mime().envelope(meta))]
+        if name == "BODYSTRUCTURE":
+            return [Atom("BODYSTRUCTURE"), Raw(_mime().bodystructure(meta, True))]
+        if name == "BODY":
+            return [Atom("BODY"), Raw(_mime().bodystructure(meta, False))]
+        if name == "RFC822":
+            return [Atom("RFC822"), Literal(raw)]
+        if name == "RFC822.HEADER":
+            return [Atom("RFC822.HEADER"), Literal(_section(raw, Section((), "HEADER")))]
+        if name == "RFC822.TEXT":
+            return [Atom("RFC822.TEXT"), Literal(_section(raw, Section((), "TEXT")))]
+        if name in ("BINARY[]", "BINARY.SIZE[]"):
+            return binary.fetch_item(raw, item)  # RFC 3516 §4.2
+        raise ValueError(f"unknown fetch item {name}")  # the parser builds no other
 
     # -------------------------------------------------------------- sync
 
@@ -1067,6 +1079,12 @@ def _compact(uids: list[int]) -> str:
         else:
             ranges.append((u, u))
     return SeqSet(tuple(ranges)).encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_name(item: FetchItem) -> bytes:
+    """``BODY[HEADER.FIELDS (FROM TO)]<0>`` as echoed in FETCH responses."""
+    return item.response_name().encode("utf-8")
 
 
 def _section(raw: bytes, section: Section) -> bytes:
