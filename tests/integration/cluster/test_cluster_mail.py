@@ -326,10 +326,43 @@ def test_swaks_in_and_curl_imap_out_on_different_nodes(ready: ClusterHarness) ->
     assert fetch.stdout.replace(b"\r\n", b"\n") == stored.replace(b"\r\n", b"\n")
 
 
+# -- a proxied session when the primary moves -----------------------------------
+
+
+def test_proxied_session_ends_with_bye_when_the_primary_moves(ready: ClusterHarness) -> None:
+    primary = _primary(ready, ALICE)
+    proxy = _others(ready, primary)[0]
+    client = RawImap(proxy)
+    try:
+        client.command(f'LOGIN "{ALICE}" "{USERS[ALICE]}"')
+        client.command("SELECT INBOX")
+        ready.cli("node", "drain", primary.name, "--wait", "--timeout", str(DEADLINE))
+        try:
+            moved_to = _primary(ready, ALICE)
+            assert moved_to is not primary
+            client.sock.settimeout(DEADLINE)  # a deadline for the notice, not a speed test
+            lines = []
+            try:
+                while True:
+                    lines.append(client.line())
+            except ConnectionError:
+                pass  # the proxy hung up after its notice
+            assert any(x.startswith(b"* BYE") for x in lines), lines
+            # reconnecting through the same node lands on the new primary: all mail there
+            assert set(SENT[ALICE]) <= set(_inbox(proxy, ALICE))
+            assert set(SENT[ALICE]) <= set(_inbox(moved_to, ALICE))
+        finally:
+            ready.cli("node", "undrain", primary.name)
+    finally:
+        client.close()
+    ready.wait_until(lambda: _replicated(ready), DEADLINE, f"{primary.name} a replica again")
+
+
 # -- every replica of every shard alike at the end ----------------------------
 
 
 def test_replicas_have_equal_positions_and_digests(ready: ClusterHarness, rpc_call) -> None:
+    ready.wait_until(lambda: _replicated(ready), DEADLINE, "every shard fully replicated")
     snap = drill.wait_caught_up(ready.session, time.monotonic() + DEADLINE)
     names = {n.name for n in ready.nodes}
     for n in range(snap.shard_count):
