@@ -267,7 +267,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     failover.add_argument("--fault", default="kill", choices=("kill", "freeze"),
                           help="for node targets: SIGKILL, or SIGSTOP for --freeze seconds")
     failover.add_argument("--freeze", type=float, default=0.0, metavar="S",
-                          help="freeze time (default: 2 x the etcd lease TTL)")
+                          help="freeze time (default: 2 x the etcd lease TTL + 1 s)")
     failover.add_argument("--duration", type=float, default=20.0, metavar="S",
                           help="seconds of load in all (the fault comes after a third)")
     failover.add_argument("--senders", type=int, default=20, metavar="N")
