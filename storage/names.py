@@ -8,6 +8,7 @@ system flags (RFC 3501 §2.3.2) in their canonical spelling, keywords as given.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 from storage.model import InvalidFlag, MailboxNotAllowed
@@ -34,6 +35,11 @@ def mailbox_name(name: str) -> str:
     """
     if not isinstance(name, str) or not name:
         raise MailboxNotAllowed("empty mailbox name")
+    return _checked_mailbox_name(name)
+
+
+@functools.lru_cache(maxsize=4096)  # every store read checks its mailbox name: once per name
+def _checked_mailbox_name(name: str) -> str:
     try:
         octets = len(name.encode("utf-8"))
     except UnicodeEncodeError:
