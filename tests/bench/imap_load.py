@@ -24,7 +24,11 @@ Each client logs in once as user(i mod 100) and repeats one round:
 
 Every command is one operation; the figure is completed operations per
 second over the run (after a warm-up round per client), with the client
-process's CPU share reported so a saturated client would show.
+process's CPU share reported so a saturated client would show.  Server CPU
+per operation (user + system time of the node, or of all Dovecot processes,
+from /proc, over the operations completed) is the figure to compare on a
+machine shared with other work: ops/s there depends on the CPU share each
+server gets.
 """
 
 from gevent import monkey
@@ -78,6 +82,12 @@ class Result:
     @property
     def rate(self) -> float:
         return self.ops / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU (user + system, every process) per operation, in ms:
+        robust to other load on the machine, unlike ops/s."""
+        return self.server_cpu * self.seconds * 1000 / self.ops if self.ops else 0.0
 
 
 class Worker:
@@ -219,7 +229,8 @@ def bench_postroom(tmp: Path, levels: list[int], duration: float, sort_peer: boo
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
-            print(f"postroom x{level}: {out[level].rate:.0f} ops/s; mean ms per op: "
+            print(f"postroom x{level}: {out[level].rate:.0f} ops/s,"
+                  f" {out[level].cpu_ms:.2f} CPU ms/op; mean ms per op: "
                   + mean_ms(out[level]), flush=True)
         return out, caps
     finally:
@@ -244,7 +255,8 @@ def bench_dovecot(tmp: Path, levels: list[int], duration: float, sort: bool
 
         for level in levels:
             out[level] = run_level(dc.port, level, duration, sort and "SORT" in caps, pids)
-            print(f"dovecot x{level}: {out[level].rate:.0f} ops/s; mean ms per op: "
+            print(f"dovecot x{level}: {out[level].rate:.0f} ops/s,"
+                  f" {out[level].cpu_ms:.2f} CPU ms/op; mean ms per op: "
                   + mean_ms(out[level]), flush=True)
         return out, caps
     except Exception:
@@ -273,8 +285,9 @@ def report(pr: dict[int, Result], dv: dict[int, Result] | None, sort: bool, dura
         " postroom: one process, fsync on",
         "",
         "| clients | postroom ops/s | Dovecot ops/s | ratio | postroom CPU | Dovecot CPU"
-        " | load generator CPU | errors (postroom/Dovecot) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " | postroom CPU ms/op | Dovecot CPU ms/op | load generator CPU"
+        " | errors (postroom/Dovecot) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for level, r in pr.items():
         d = (dv or {}).get(level)
@@ -282,6 +295,7 @@ def report(pr: dict[int, Result], dv: dict[int, Result] | None, sort: bool, dura
         lines.append(
             f"| {level} | {r.rate:,.0f} | {f'{d.rate:,.0f}' if d else '–'} | {ratio}"
             f" | {r.server_cpu:.0%} | {f'{d.server_cpu:.0%}' if d else '–'}"
+            f" | {r.cpu_ms:.2f} | {f'{d.cpu_ms:.2f}' if d else '–'}"
             f" | {r.client_cpu:.0%} | {r.errors}/{d.errors if d else '–'} |"
         )
     lines.append("")
