@@ -182,6 +182,23 @@ class ClusterSettings:
 
 
 @dataclass(frozen=True)
+class BackupSettings:
+    enabled: bool = False  # continuous backup of every shard this node leads (docs/backup.md)
+    target: str = ""  # "s3://BUCKET/PREFIX" or "file:///PATH" (a mounted disk); same code path
+    endpoint_url: str = ""  # S3-compatible endpoint, e.g. "https://s3.example.net"; empty: AWS
+    region: str = "us-east-1"
+    path_style: bool = False  # path-style addressing (most non-AWS servers want true)
+    access_key_id: str = ""  # empty: the environment / instance credentials (boto3's chain)
+    secret_access_key_file: str = ""  # file holding the secret key
+    ca_bundle: str = ""  # PEM bundle to verify the endpoint; empty: system CAs
+    key_file: str = ""  # 32-byte AES-256-GCM key (`postroom backup keygen`); required
+    segment_interval: float = 60.0  # seconds between log segment uploads: the backup RPO
+    snapshot_interval: float = 21600.0  # seconds between shard database snapshots
+    retention_days: int = 30  # point-in-time history kept; older snapshots/segments pruned
+    upload_concurrency: int = 8  # parallel object uploads per node
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSettings = field(default_factory=NodeSettings)
     etcd: EtcdSettings = field(default_factory=EtcdSettings)
@@ -194,6 +211,7 @@ class Config:
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     dkim: DkimSettings = field(default_factory=DkimSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    backup: BackupSettings = field(default_factory=BackupSettings)
 
     @property
     def hostname(self) -> str:
@@ -282,6 +300,10 @@ def validate(config: Config) -> None:
             parse_listen_address(config.cluster.advertise, "cluster.advertise")
         if not 1 <= config.cluster.replication_factor <= 9:
             raise ConfigError("cluster.replication_factor: expected 1..9")
+    if config.backup.enabled and not (config.backup.target and config.backup.key_file):
+        raise ConfigError("backup.enabled needs backup.target and backup.key_file")
+    if config.backup.target and not config.backup.target.startswith(("s3://", "file://")):
+        raise ConfigError('backup.target: expected "s3://BUCKET/PREFIX" or "file:///PATH"')
     if bool(config.etcd.cert) != bool(config.etcd.key):
         raise ConfigError("etcd.cert and etcd.key: set both or neither")
     if not config.outbound.retry_intervals:
