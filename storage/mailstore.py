@@ -86,6 +86,7 @@ class StoreLayoutError(StorageError):
     """data_dir does not match the configured store (e.g. another shard count)."""
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every store call (a SHA-256 each)
 def shard_of(account: str, shards: int) -> int:
     """Stable shard number of an account (never depends on process or version)."""
     digest = hashlib.sha256(account.lower().encode("utf-8")).digest()
