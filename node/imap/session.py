@@ -1058,7 +1058,7 @@ class Session:
                     items += [Atom("MODSEQ"), Raw(b"(%d)" % modseqs[u])]
                 self._write(untagged(view.seq_of(u), "FETCH", items))
             if added:
-                self._write(untagged(len(view.uids), "EXISTS"))
+                self._write(b"* %d EXISTS\r\n" % len(view.uids))
         if expunge and view.gone and "QRESYNC" in self.enabled:
             # RFC 7162 §3.2.10: VANISHED (UIDs) instead of EXPUNGE.
             gone = sorted(view.gone)
