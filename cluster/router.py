@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -52,6 +53,7 @@ from storage.model import (
     MailboxInfo,
     MailboxStatus,
     MessageRow,
+    NotLeader,
     StorageError,
     StorageUnavailable,
     TextHits,
@@ -68,6 +70,7 @@ CALLABLE = frozenset({
 })
 # RPC error kinds meaning the call never ran there (cluster/rpc.py): try later.
 NOT_RUN = frozenset({"Expired", "NoSuchMethod"})
+SETTLE = 5.0  # seconds a call refused with NotLeader is retried while placement settles
 # Result types rebuilt by `decode` (storage/model.py dataclasses, by name).
 DATACLASSES: dict[str, type] = {
     cls.__name__: cls
@@ -166,15 +169,33 @@ class ClusterStore:
             return None
         primary = self.view.primary_of(number)
         if primary is None:
-            raise StorageUnavailable(f"shard {number} has no primary")
+            raise NotLeader(f"shard {number} has no primary")
         if primary == self.view.node_name:
-            raise StorageUnavailable(f"shard {number}: this node is not leading it yet")
+            raise NotLeader(f"shard {number}: this node is not leading it yet")
         address = self.view.rpc_address(primary)
         if address is None:
-            raise StorageUnavailable(f"shard {number}: primary {primary} is not a member")
+            raise NotLeader(f"shard {number}: primary {primary} is not a member")
         return address
 
+    def _settled(self, fn: Callable[[], Any]) -> Any:
+        """fn(), retried while it fails with NotLeader (nothing ran: a hand-off
+        or promotion is in progress) for at most SETTLE seconds, so clients
+        see a short delay instead of a temporary failure."""
+        deadline = time.monotonic() + SETTLE
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except NotLeader:
+                if time.monotonic() + delay > deadline:
+                    raise
+                gevent.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
     def _call(self, method: str, account: str, *args: Any, **kwargs: Any) -> Any:
+        return self._settled(lambda: self._call_once(method, account, *args, **kwargs))
+
+    def _call_once(self, method: str, account: str, *args: Any, **kwargs: Any) -> Any:
         address = self.primary_address(account)
         if address is None:
             return getattr(self.local, method)(account, *args, **kwargs)
@@ -209,27 +230,45 @@ class ClusterStore:
         if not targets:
             return []
         flags = list(flags)
-        groups: dict[str | None, list[str]] = {}
-        error: BaseException | None = None
-        for account in targets:
-            try:
-                groups.setdefault(self.primary_address(account), []).append(account)
-            except StorageUnavailable as exc:
-                error = error or exc
-        parts = [(address, group, raw, mailbox, flags, internaldate, meta)
-                 for address, group in groups.items()]
-        if len(parts) == 1 and error is None:
-            outcomes = [self._deliver_part(*parts[0])]
-        else:
-            jobs = [gevent.spawn(self._deliver_part, *part) for part in parts]
-            gevent.joinall(jobs)
-            outcomes = [job.value if job.successful() else job.exception for job in jobs]
         by_account: dict[str, AppendResult] = {}
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                error = error or outcome
+        error: BaseException | None = None
+        pending = targets
+        deadline = time.monotonic() + SETTLE
+        delay = 0.05
+        while pending:
+            # Accounts refused with NotLeader ran nowhere: they are tried again
+            # (re-routed) while placement settles; every other outcome is final.
+            retry: list[str] = []
+            groups: dict[str | None, list[str]] = {}
+            for account in pending:
+                try:
+                    groups.setdefault(self.primary_address(account), []).append(account)
+                except NotLeader as exc:
+                    retry.append(account)
+                    last_refusal: BaseException = exc
+            parts = [(address, group, raw, mailbox, flags, internaldate, meta)
+                     for address, group in groups.items()]
+            if len(parts) == 1:
+                outcomes = [self._deliver_part(*parts[0])]
             else:
-                by_account.update((r.account, r) for r in outcome)
+                jobs = [gevent.spawn(self._deliver_part, *part) for part in parts]
+                gevent.joinall(jobs)
+                outcomes = [job.value if job.successful() else job.exception for job in jobs]
+            for (_, group, *_rest), outcome in zip(parts, outcomes, strict=True):
+                if isinstance(outcome, NotLeader):
+                    retry += group
+                    last_refusal = outcome
+                elif isinstance(outcome, BaseException):
+                    error = error or outcome
+                else:
+                    by_account.update((r.account, r) for r in outcome)
+            if retry and time.monotonic() + delay > deadline:
+                error = error or last_refusal
+                break
+            if retry:
+                gevent.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            pending = retry
         if error is not None:
             raise error
         return [by_account[a] for a in targets if a in by_account]
@@ -366,7 +405,7 @@ def register_handlers(rpc_server: RpcServer, store: MailStore, view: ClusterView
             raise StorageError("bad account name")
         number = view.shard_of(account)
         if not view.is_local_primary(number):
-            raise StorageUnavailable(f"{view.node_name} does not lead shard {number}")
+            raise NotLeader(f"{view.node_name} does not lead shard {number}")
 
     def deliver(peer: str, args: dict, attachments: list[bytes]) -> tuple[dict, list[bytes]]:
         accounts = [str(a) for a in args.get("accounts") or ()]

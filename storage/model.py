@@ -26,6 +26,12 @@ class StorageUnavailable(StorageError):
     """
 
 
+class NotLeader(StorageUnavailable):
+    """The shard has no primary this node can reach right now, or the node
+    asked does not lead it (yet): nothing was run, so the caller may retry
+    once placement settles (cluster/router.py waits briefly)."""
+
+
 class StaleEpoch(StorageError):
     """A replicated write or snapshot of an epoch older than this replica knows
     (docs/cluster.md): its sender has been deposed."""
