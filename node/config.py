@@ -36,7 +36,7 @@ class NodeSettings:
 class EtcdSettings:
     endpoints: list[str] = field(default_factory=list)  # empty: start an embedded etcd
     prefix: str = "/postroom"
-    lease_ttl: int = 10  # seconds; the session lease is the liveness signal
+    lease_ttl: int = 5  # seconds; the session lease is the liveness signal (and RTO's floor)
     timeout: float = 5.0  # seconds per request before rotating to the next endpoint
     # Embedded etcd (used only when endpoints is empty).
     embedded_binary: str = ""  # empty: search PATH and /usr/bin for "etcd"

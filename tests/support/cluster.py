@@ -125,7 +125,7 @@ class ClusterHarness:
         self._own_etcd = etcd is None
         self.etcd = etcd if etcd is not None else EtcdCluster(self.base_dir / "etcd")
         self.shards = shards
-        self.lease_ttl = lease_ttl  # [etcd] lease_ttl of every node (the default is 10)
+        self.lease_ttl = lease_ttl  # [etcd] lease_ttl of every node (the default is 5)
         self.count = nodes
         self.nodes: list[ClusterNode] = []
         self._session: Any = None
