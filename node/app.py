@@ -107,6 +107,11 @@ class Node:
         )
         if self.meta is not None:
             self._start_cluster()
+        if cfg.backup.enabled:
+            from storage.backup import BackupAgent
+
+            self.backup = BackupAgent(cfg, self.store, self.context.cluster, self.etcd, self.meta)
+            self.backup.start()
         self.runner = QueueRunner(self.context)
         self.runner.start()
         self.admin = AdminServer(data_dir / "admin.sock", self.queue, self.runner.wake)
@@ -217,7 +222,7 @@ class Node:
                 server.close()
         for service in self.services:
             service.stop()
-        for name in ("admin", "runner", "controller"):
+        for name in ("backup", "admin", "runner", "controller"):
             part = getattr(self, name, None)
             if part is not None:
                 part.stop()
