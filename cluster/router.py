@@ -67,6 +67,7 @@ CALLABLE = frozenset({
     "delete_mailbox", "rename_mailbox", "set_subscribed", "status", "messages", "metadata",
     "rows", "uid_flags", "store_flags", "expunge", "copy", "move", "changes_since",
     "search_text", "usage", "savedates", "get_metadata", "set_metadata",
+    "restore_mailbox",  # in-place restores (storage/restore.py), blobs as attachments
 })
 # RPC error kinds meaning the call never ran there (cluster/rpc.py): try later.
 NOT_RUN = frozenset({"Expired", "NoSuchMethod"})

@@ -691,6 +691,39 @@ class MailStore:
             ops.intent_move, account=acct, src=names.mailbox_name(src), uids=_uids(uids),
             dst=names.mailbox_name(dst)))
 
+    def restore_mailbox(
+        self, account: str, mailbox: str, backup: dict, blobs: Mapping[str, bytes] | None = None
+    ) -> dict:
+        """Put a mailbox back in place as ``backup`` holds it (storage/restore.py;
+        the rules are ``shard.intent_restore_mailbox``'s).  ``blobs`` (name ->
+        bytes, each checked against its name) are stored first; every message's
+        blob must then be here.  Returns {uidvalidity, recreated, restored,
+        reflagged, expunged}."""
+        acct = _account(account)
+        box = names.mailbox_name(mailbox)
+        self._shard(acct).require_primary()
+        messages = [{
+            "uid": _uids([m["uid"]])[0], "blob": str(m["blob"]), "size": int(m["size"]),
+            "internaldate": _when(m["internaldate"]),
+            "flags": names.canonical_flags(m.get("flags") or ()), "meta": dict(m["meta"]),
+        } for m in backup.get("messages") or ()]
+        if len(messages) > MAX_UIDS:
+            raise StorageError("too many messages in one restore")
+        clean = {
+            "uidvalidity": int(backup["uidvalidity"]), "uidnext": int(backup["uidnext"]),
+            "highestmodseq": int(backup.get("highestmodseq") or 0),
+            "special_use": names.special_use(backup.get("special_use")),
+            "subscribed": bool(backup.get("subscribed", True)), "messages": messages,
+        }
+        if not 0 < clean["uidvalidity"] <= 0xFFFFFFFF or clean["uidnext"] < 1:
+            raise StorageError("restore_mailbox: bad UIDVALIDITY or UIDNEXT")
+        self._store_blobs(blobs or {}, set())
+        missing = sorted({m["blob"] for m in messages if not self.blobs.exists(m["blob"])})
+        if missing:
+            raise StorageError(f"restore_mailbox: {len(missing)} blob(s) missing, e.g. {missing[0]}")
+        return self._submit(acct, functools.partial(
+            ops.intent_restore_mailbox, account=acct, mailbox=box, backup=clean))
+
     def set_metadata(
         self, account: str, mailbox: str | None, entries: Iterable[tuple[str, bytes | None]]
     ) -> None:

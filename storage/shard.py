@@ -445,6 +445,38 @@ def _apply_set_metadata(conn: sqlite3.Connection, a: dict) -> Changes:
     return []
 
 
+def _apply_restore_mailbox(conn: sqlite3.Connection, a: dict) -> Changes:
+    # An in-place restore (storage/restore.py): the mailbox takes the backup's
+    # UIDVALIDITY (dropping another incarnation), current messages missing
+    # from the backup are expunged, and UIDs the backup brings back leave the
+    # expunged table; "append" / "store_flags" ops of the same intent follow.
+    uv = a["uidvalidity"]
+    if a["replace"] is not None:
+        _drop_mailbox(conn, a["replace"])
+    if a["create"]:
+        conn.execute(
+            "INSERT INTO mailboxes (uidvalidity, account, name, uidnext, highestmodseq,"
+            " special_use, subscribed) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (uv, a["account"], a["mailbox"], a["uidnext"], a["modseq"], a["special_use"],
+             int(a["subscribed"])),
+        )
+        _meta_set(conn, "last_uidvalidity", max(_meta_get(conn, "last_uidvalidity"), uv))
+    for uid in a["expunge"]:
+        conn.execute("DELETE FROM messages WHERE mailbox = ? AND uid = ?", (uv, uid))
+        conn.execute(
+            "INSERT OR REPLACE INTO expunged (mailbox, uid, modseq) VALUES (?, ?, ?)",
+            (uv, uid, a["modseq"]),
+        )
+    for uid in a["reinstate"]:
+        conn.execute("DELETE FROM expunged WHERE mailbox = ? AND uid = ?", (uv, uid))
+    conn.execute(
+        "UPDATE mailboxes SET uidnext = max(uidnext, ?), highestmodseq = max(highestmodseq, ?)"
+        " WHERE uidvalidity = ?",
+        (a["uidnext"], a["modseq"], uv),
+    )
+    return [(a["account"], a["mailbox"])]
+
+
 # -- outbound queue ops (storage/queue.py; docs/queue.md) ---------------------
 # Queue ops change no mailbox, so they report no (account, mailbox) changes;
 # storage/queue.py tells its own watchers after the commit.
@@ -523,6 +555,7 @@ MAILBOX_APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
     "move": _apply_move,
     "set_metadata": _apply_set_metadata,
     "delete_account": _apply_delete_account,
+    "restore_mailbox": _apply_restore_mailbox,
 }
 QUEUE_APPLY: dict[str, Callable[[sqlite3.Connection, dict], Changes]] = {
     "enqueue": _apply_enqueue,
@@ -818,6 +851,73 @@ def intent_move(
 def intent_delete_account(tx: Tx, account: str) -> None:
     if tx.conn.execute("SELECT 1 FROM mailboxes WHERE account = ?", (account,)).fetchone():
         tx.log("delete_account", {"account": account})
+
+
+def intent_restore_mailbox(tx: Tx, account: str, mailbox: str, backup: dict) -> dict:
+    """Put a mailbox back as it is in ``backup`` (storage/restore.py), in place.
+
+    ``backup``: {uidvalidity, uidnext, special_use, subscribed, messages:
+    [{uid, blob, size, internaldate, flags, meta}]}.  Same UIDVALIDITY as
+    now: UIDs kept, UIDNEXT = max of both.  Else (a recreated or deleted
+    mailbox) the mailbox takes the backup's UIDVALIDITY and UIDs (a fresh
+    one if another mailbox of the shard holds it).  Current messages not in
+    the backup are expunged; every change gets a MODSEQ above the current
+    HIGHESTMODSEQ, so CONDSTORE/QRESYNC clients resync.  Logs one
+    ``restore_mailbox`` op, then ``store_flags`` and one ``append`` per
+    message brought back (each names its blob, for replication and backup).
+    """
+    _ensure_defaults(tx, account)
+    row = tx.conn.execute(
+        "SELECT uidvalidity, uidnext, highestmodseq, special_use, subscribed FROM mailboxes"
+        " WHERE account = ? AND name = ?", (account, mailbox)).fetchone()
+    wanted = {int(m["uid"]): m for m in backup["messages"]}
+    uv = int(backup["uidvalidity"])
+    same = row is not None and row[0] == uv
+    if not same and tx.conn.execute(
+            "SELECT 1 FROM mailboxes WHERE uidvalidity = ?", (uv,)).fetchone():
+        uv = tx.new_uidvalidities(1)[0]  # held by another mailbox of this shard
+    present: dict[int, tuple[str, frozenset[str]]] = {}
+    if same:
+        present = {u: (b, _flags_set(f)) for u, b, f in tx.conn.execute(
+            "SELECT uid, blob, flags FROM messages WHERE mailbox = ?", (uv,))}
+    hms = max(row[2] if row else 0, 0 if same else int(backup.get("highestmodseq", 0)))
+    special = row[3] if row else backup.get("special_use")
+    if special is not None and not same and tx.conn.execute(
+            "SELECT 1 FROM mailboxes WHERE account = ? AND special_use = ? AND name != ?",
+            (account, special, mailbox)).fetchone():
+        special = None  # RFC 6154 §3: the use moved to another mailbox meanwhile
+    gone = sorted(u for u in present if u not in wanted)
+    back = sorted(u for u in wanted if u not in present or present[u][0] != wanted[u]["blob"])
+    gone += [u for u in back if u in present]  # same UID, other body: replaced
+    hms += 1
+    tx.log("restore_mailbox", {
+        "account": account, "mailbox": mailbox, "uidvalidity": uv,
+        "replace": None if same or row is None else row[0], "create": not same,
+        "special_use": special, "subscribed": bool(row[4]) if row else
+        bool(backup.get("subscribed", True)),
+        "uidnext": max(int(backup["uidnext"]), row[1] if same else 1, max(wanted, default=0) + 1),
+        "modseq": hms, "expunge": sorted(gone), "reinstate": back,
+    })
+    changes = []
+    for uid in sorted(set(wanted) - set(back)):
+        flags = sorted(set(wanted[uid]["flags"]))
+        if frozenset(flags) != present[uid][1]:
+            hms += 1
+            changes.append([uid, flags, hms])
+    if changes:
+        tx.log("store_flags", {"account": account, "mailbox": mailbox, "uidvalidity": uv,
+                               "changes": changes})
+    for uid in back:
+        m = wanted[uid]
+        hms += 1
+        tx.log("append", {
+            "account": account, "mailbox": mailbox, "uidvalidity": uv, "uid": uid,
+            "modseq": hms, "blob": m["blob"], "size": int(m["size"]),
+            "internaldate": float(m["internaldate"]), "flags": sorted(set(m["flags"])),
+            "meta": m["meta"],
+        })
+    return {"uidvalidity": uv, "recreated": not same, "restored": len(back),
+            "reflagged": len(changes), "expunged": len(gone)}
 
 
 def intent_append_replicated(
