@@ -11,6 +11,9 @@ over-long line also ends the connection (framing is lost).
 Commands (docs/queue.md): ``queue.list`` {domain?, sender?, older_than? (s)},
 ``queue.show`` {id}, ``queue.retry`` {id | all: true}, ``queue.hold`` {id},
 ``queue.release`` {id}, ``queue.delete`` {id}, ``queue.flush`` {}, ``ping``.
+Restores (single node; node/backupcli.py): ``restore.append`` {account,
+mailbox, blob, flags, internaldate}, ``restore.mailbox`` {file},
+``restore.listing`` {account}.
 ``wake()`` is called after retry, release and flush so the queue runner acts
 at once.
 
@@ -315,6 +318,9 @@ class AdminServer:
             "queue.release": self._release,
             "queue.delete": self._delete,
             "queue.flush": self._flush,
+            "restore.append": self._restore_append,
+            "restore.mailbox": self._restore_mailbox,
+            "restore.listing": self._restore_listing,
         }
 
     # -- lifecycle ---------------------------------------------------------
@@ -474,6 +480,58 @@ class AdminServer:
         result = self._target().flush()
         self._wake()
         return self._answer(result, "count")
+
+
+    # -- restores (storage/restore.py, node/backupcli.py; single node) ----------
+    # The CLI stores the blobs in this node's BlobStore first (same machine,
+    # same data directory); large arguments come as a JSON file it wrote in
+    # data_dir/restore/ (a request line is at most MAX_REQUEST octets).
+
+    @property
+    def _store(self) -> Any:
+        return self.queue.store  # the local MailStore (single node)
+
+    def _restore_file(self, args: dict) -> dict:
+        root = (self.path.parent / "restore").resolve()
+        path = Path(_str_arg(args, "file")).resolve()
+        if path.parent != root:
+            raise _BadRequest(f"restore files must be in {root}")
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, dict):
+            raise _BadRequest("restore file: expected a JSON object")
+        return data
+
+    def _restore_append(self, args: dict) -> dict:
+        """{account, mailbox, blob, flags, internaldate}: an ordinary append of a
+        restored message into a (created if missing) folder."""
+        from storage.model import MailboxExists
+
+        account, mailbox = _str_arg(args, "account"), _str_arg(args, "mailbox")
+        raw = self._store.read_message(_str_arg(args, "blob"))
+        try:
+            self._store.create_mailbox(account, mailbox)
+        except MailboxExists:
+            pass
+        result = self._store.append(account, mailbox, raw, flags=list(args.get("flags") or ()),
+                                    internaldate=args.get("internaldate"))
+        return {"uid": result.uid, "uidvalidity": result.uidvalidity}
+
+    def _restore_mailbox(self, args: dict) -> dict:
+        """{file}: {account, mailbox, backup} -> MailStore.restore_mailbox (in place)."""
+        data = self._restore_file(args)
+        return self._store.restore_mailbox(str(data["account"]), str(data["mailbox"]),
+                                           data["backup"])
+
+    def _restore_listing(self, args: dict) -> dict:
+        """{account}: every mailbox with [uid, blob, flags] of each message (drills)."""
+        account = _str_arg(args, "account")
+        out = []
+        for box in self._store.list_mailboxes(account):
+            rows = self._store.messages(account, box.name)
+            out.append({"name": box.name, "uidvalidity": box.uidvalidity,
+                        "messages": [[r.uid, r.blob, sorted(r.flags)] for r in rows]})
+        return {"mailboxes": out}
 
 
 class AdminClient:
