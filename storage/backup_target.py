@@ -1,0 +1,660 @@
+"""Backup targets: one object interface for S3 (boto3) and a local directory.
+
+Theory of operation.  A ``Target`` stores opaque objects (already sealed by
+storage/backup_crypto.py) under keys relative to the target's root:
+``s3://BUCKET/PREFIX`` (the keys live under ``PREFIX/``) or ``file:///PATH``.
+Both implement the same operations with the same errors, and one conformance
+suite (tests/integration/test_backup_targets.py) runs on both:
+
+- ``put(key, data)``: bytes or a file.  S3: one PutObject up to
+  ``multipart_threshold`` (16 MiB), else a multipart upload in 8 MiB parts
+  (aborted on failure).  Local: a temporary file in the key's directory,
+  fsync, rename, directory fsync -- an object is either whole or absent.
+- ``get`` / ``get_to_file`` (streamed, temp file + fsync + rename) / ``head``
+  / ``list(prefix)`` (sorted keys; S3: ListObjectsV2 pages) / ``delete``
+  (S3: DeleteObjects in batches of 1,000; missing keys are not errors).
+- Errors: ``TargetUnavailable`` (network, timeouts, 5xx, throttling -- after
+  botocore's standard-mode retries; the caller retries later),
+  ``TargetError`` (permanent: a missing bucket or directory, access denied,
+  bad credentials; the message names the bucket and endpoint) and
+  ``NoSuchObject`` (a subclass of ``TargetError``).
+
+No target creates its bucket or root directory implicitly (a typo must not
+back up into a fresh empty place): ``create_bucket()`` does, for tests and
+``postroom backup init``-style tooling.
+
+This is the only module that imports boto3.
+
+gevent.  Call targets from greenlets, not from the threadpool: in a
+monkey-patched process boto3's socket I/O cooperates with the hub.
+``LocalTarget`` runs its file I/O and fsyncs in ``gevent.get_hub().threadpool``
+itself.  Sealing/opening objects (AES-GCM, SHA-256) is CPU-bound: callers
+run backup_crypto in the threadpool and hand the result (bytes or a sealed
+temp file) to ``put``.  Over a plain-http endpoint botocore hashes each
+request payload for SigV4 on the calling thread (~2 ms per MiB); over https
+it sends UNSIGNED-PAYLOAD and hashes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlparse
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config as BotoConfig
+from gevent import get_hub
+from gevent._hub_local import get_hub_if_exists
+
+from node.config import BackupSettings
+
+MULTIPART_THRESHOLD = 16 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+DELETE_BATCH = 1000
+STREAM_BLOCK = 1024 * 1024
+MAX_KEY = 1024  # octets of UTF-8, as in S3
+
+T = TypeVar("T")
+
+
+class TargetError(Exception):
+    """A permanent target problem: missing bucket/directory, access denied."""
+
+
+class NoSuchObject(TargetError):
+    """The key does not exist in the target."""
+
+
+class TargetUnavailable(Exception):
+    """The target cannot be reached right now (network, 5xx, throttling)."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the target's root
+    size: int
+    mtime: float  # seconds since the epoch (S3: LastModified)
+    etag: str | None = None  # S3's ETag without quotes; None for local files
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid object key, else raise ValueError.
+
+    Keys are relative, "/"-separated, without empty, ".", ".." or dot-leading
+    components (dot names are the local target's temporary files)."""
+    if not isinstance(key, str) or not key:
+        raise ValueError("object key must be a non-empty string")
+    if len(key.encode("utf-8")) > MAX_KEY or "\x00" in key or "\\" in key:
+        raise ValueError(f"invalid object key {key!r}")
+    if any(not part or part.startswith(".") for part in key.split("/")):
+        raise ValueError(f"invalid object key {key!r}")
+    return key
+
+
+def check_prefix(prefix: str) -> str:
+    """A listing prefix: "" or the start of a key (the last part may be partial)."""
+    if prefix:
+        head, _, _last = prefix.rpartition("/")
+        if head:
+            check_key(head)
+        if prefix.startswith("/") or "\x00" in prefix or "\\" in prefix:
+            raise ValueError(f"invalid object prefix {prefix!r}")
+    return prefix
+
+
+def _offload(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking file work in gevent's threadpool when a hub runs here."""
+    if get_hub_if_exists() is None:
+        return fn(*args)
+    return get_hub().threadpool.apply(fn, args)
+
+
+class Target(ABC):
+    """Where backup objects live.  Keys are relative to the target's root."""
+
+    url: str = ""
+
+    @abstractmethod
+    def put(self, key: str, data: bytes | Path) -> None:
+        """Store bytes or a file's contents under ``key`` (replacing it)."""
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """The object's bytes; ``NoSuchObject`` if absent."""
+
+    @abstractmethod
+    def get_to_file(self, key: str, path: Path) -> None:
+        """Stream the object into ``path`` (temp file, fsync, rename)."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and ETag/mtime of the object, or None if absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix``, in key order."""
+
+    @abstractmethod
+    def delete(self, keys: Iterable[str]) -> None:
+        """Remove the objects; keys that do not exist are ignored."""
+
+    @abstractmethod
+    def create_bucket(self) -> None:
+        """Create the bucket (S3) or root directory (local) if missing."""
+
+    def close(self) -> None:  # noqa: B027 (optional: not every target holds connections)
+        """Release connections."""
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- local directory --------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
+
+
+def _write_atomic(path: Path, data: bytes | Path) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename + dir fsync."""
+    tmp = _tmp_name(path)
+    try:
+        if isinstance(data, Path):
+            shutil.copyfile(data, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class LocalTarget(Target):
+    """Objects as files under a directory (e.g. a mounted disk)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.url = f"file://{self.root}"
+
+    # Errors: a missing root is permanent (unmounted disk, typo); other OS
+    # errors (disk full, I/O) are treated as transient.
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise TargetError(
+                f"backup directory {self.root} does not exist "
+                "(not mounted? create it with create_bucket / postroom backup init)"
+            )
+
+    def _translate(self, exc: OSError, key: str) -> Exception:
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            self._check_root()
+            return NoSuchObject(f"{self.url}: no object {key}")
+        if isinstance(exc, PermissionError):
+            return TargetError(f"{self.url}: permission denied for {key}: {exc}")
+        return TargetUnavailable(f"{self.url}: {key}: {exc}")
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create missing directories below the root, fsyncing each parent."""
+        missing = []
+        while directory != self.root and not directory.is_dir():
+            missing.append(directory)
+            directory = directory.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            _fsync_dir(d.parent)
+
+    def _put_sync(self, key: str, data: bytes | Path) -> None:
+        self._check_root()
+        path = self._path(key)
+        self._make_dirs(path.parent)
+        _write_atomic(path, data)
+
+    def put(self, key: str, data: bytes | Path) -> None:
+        try:
+            _offload(self._put_sync, key, data)
+        except OSError as exc:
+            if isinstance(data, Path) and isinstance(exc, FileNotFoundError):
+                raise  # the caller's source file is missing: not a target problem
+            raise self._translate(exc, key) from exc
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return _offload(path.read_bytes)
+        except OSError as exc:
+            raise self._translate(exc, key) from exc
+
+    def _get_to_file_sync(self, key: str, dest: Path) -> None:
+        src = self._path(key)
+        try:
+            with open(src, "rb") as f:  # opened first: a missing key is NoSuchObject
+                tmp = _tmp_name(dest)
+                try:
+                    with open(tmp, "wb") as out:
+                        shutil.copyfileobj(f, out, STREAM_BLOCK)
+                        out.flush()
+                        os.fsync(out.fileno())
+                    os.replace(tmp, dest)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+        except OSError as exc:
+            if exc.filename is not None and Path(exc.filename) == src:
+                raise self._translate(exc, key) from exc
+            raise  # the destination's problem, not the target's
+        _fsync_dir(dest.parent)
+
+    def get_to_file(self, key: str, path: Path) -> None:
+        _offload(self._get_to_file_sync, key, Path(path))
+
+    def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            st = _offload(os.stat, path)
+        except OSError as exc:
+            err = self._translate(exc, key)
+            if isinstance(err, NoSuchObject):
+                return None
+            raise err from exc
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def _list_sync(self, prefix: str) -> list[ObjectInfo]:
+        self._check_root()
+        head = prefix.rpartition("/")[0]
+        start = self.root / head if head else self.root
+        found = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            for name in filenames:
+                key = base + name
+                if name.startswith(".") or not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except FileNotFoundError:
+                    continue  # deleted while we walked
+                found.append(ObjectInfo(key, st.st_size, st.st_mtime))
+        found.sort(key=lambda info: info.key)
+        return found
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        try:
+            infos = _offload(self._list_sync, prefix)
+        except OSError as exc:
+            raise self._translate(exc, prefix) from exc
+        yield from infos
+
+    def _delete_sync(self, keys: list[str]) -> None:
+        self._check_root()
+        dirs = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            dirs.add(path.parent)
+        for d in dirs:
+            _fsync_dir(d)
+
+    def delete(self, keys: Iterable[str]) -> None:
+        keys = [check_key(k) for k in keys]
+        try:
+            _offload(self._delete_sync, keys)
+        except OSError as exc:
+            raise self._translate(exc, ",".join(keys[:3])) from exc
+
+    def create_bucket(self) -> None:
+        _offload(self.root.mkdir, 0o700, True, True)
+
+
+# -- S3 ---------------------------------------------------------------------
+
+_UNAVAILABLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "ServiceUnavailable",
+        "InternalError",
+        "RequestLimitExceeded",
+        "TooManyRequests",
+    }
+)
+_ACCESS_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+)
+
+
+class S3Target(Target):
+    """Objects in an S3 bucket under a key prefix, through boto3."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str = "us-east-1",
+        path_style: bool = False,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        ca_bundle: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        max_attempts: int = 4,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        part_size: int = PART_SIZE,
+        page_size: int = 1000,
+    ) -> None:
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        self.bucket = bucket
+        self.prefix = prefix
+        self.endpoint = endpoint_url or f"AWS S3 ({region})"
+        self.url = f"s3://{bucket}/{prefix}"
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        self.page_size = page_size
+        self._bucket_checked = False
+        config = BotoConfig(
+            region_name=region,
+            s3={"addressing_style": "path" if path_style else "auto"},
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            max_pool_connections=32,
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id or None,
+            aws_secret_access_key=secret_access_key or None,
+            region_name=region,
+        )
+        self.client = session.client(
+            "s3", endpoint_url=endpoint_url or None, config=config, verify=ca_bundle or None
+        )
+
+    # -- errors ---------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"bucket {self.bucket!r} at {self.endpoint}"
+
+    def _translate(self, exc: Exception, key: str) -> Exception:
+        """Map a botocore exception to TargetError / TargetUnavailable / NoSuchObject."""
+        if isinstance(exc, botocore.exceptions.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code == "NoSuchBucket":
+                return TargetError(f"{self._where()}: the bucket does not exist")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return NoSuchObject(f"{self._where()}: no object {key}")
+            if code in _ACCESS_CODES or status == 403:
+                return TargetError(
+                    f"{self._where()}: access denied ({code}: {err.get('Message', '')}); "
+                    "check the credentials and the bucket policy"
+                )
+            if code in _UNAVAILABLE_CODES or status >= 500 or status == 429:
+                return TargetUnavailable(f"{self._where()}: {code or status} (after retries)")
+            return TargetError(f"{self._where()}: {key}: {code}: {err.get('Message', '')}")
+        if isinstance(exc, botocore.exceptions.SSLError) and "CERTIFICATE_VERIFY" in str(exc):
+            return TargetError(f"{self._where()}: TLS certificate not trusted ({exc}); ca_bundle?")
+        if isinstance(
+            exc,
+            botocore.exceptions.HTTPClientError
+            | botocore.exceptions.ResponseStreamingError
+            | botocore.exceptions.IncompleteReadError,
+        ):
+            return TargetUnavailable(f"{self._where()}: {exc}")
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return TargetError(f"{self._where()}: no S3 credentials configured")
+        return TargetError(f"{self._where()}: {exc}")
+
+    def _call(self, op: Callable[..., T], key: str, **kwargs: Any) -> T:
+        try:
+            return op(**kwargs)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._not_found_or(exc, key) from exc
+
+    def _not_found_or(self, exc: Exception, key: str) -> Exception:
+        """HEAD answers a bare 404 for a missing bucket too: tell them apart once."""
+        err = self._translate(exc, key)
+        if isinstance(err, NoSuchObject) and not self._bucket_checked:
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as bexc:
+                berr = self._translate(bexc, "")
+                if isinstance(berr, NoSuchObject):
+                    return TargetError(f"{self._where()}: the bucket does not exist")
+                return berr
+            self._bucket_checked = True
+        return err
+
+    # -- operations -----------------------------------------------------
+
+    def _key(self, key: str) -> str:
+        return self.prefix + check_key(key)
+
+    def put(self, key: str, data: bytes | Path) -> None:
+        size = os.path.getsize(data) if isinstance(data, Path) else len(data)
+        if size <= self.multipart_threshold:
+            body = _offload(data.read_bytes) if isinstance(data, Path) else data
+            self._call(self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=body)
+            return
+        self._put_multipart(key, data)
+
+    def _parts(self, data: bytes | Path) -> Iterator[bytes]:
+        if isinstance(data, Path):
+            with open(data, "rb") as f:
+                while block := _offload(f.read, self.part_size):
+                    yield block
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), self.part_size):
+            yield bytes(view[start : start + self.part_size])
+
+    def _put_multipart(self, key: str, data: bytes | Path) -> None:
+        full = self._key(key)
+        upload = self._call(self.client.create_multipart_upload, key, Bucket=self.bucket, Key=full)
+        upload_id = upload["UploadId"]
+        try:
+            parts = []
+            for number, block in enumerate(self._parts(data), 1):
+                resp = self._call(
+                    self.client.upload_part,
+                    key,
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=block,
+                )
+                parts.append({"ETag": resp["ETag"], "PartNumber": number})
+            self._call(
+                self.client.complete_multipart_upload,
+                key,
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            except Exception:
+                pass  # the bucket's lifecycle rule cleans up what we cannot
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read()
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._not_found_or(exc, key) from exc
+
+    def get_to_file(self, key: str, path: Path) -> None:
+        path = Path(path)
+        tmp = _tmp_name(path)
+        try:
+            with open(tmp, "wb") as out:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+                for block in resp["Body"].iter_chunks(STREAM_BLOCK):
+                    out.write(block)
+                out.flush()
+                _offload(os.fsync, out.fileno())
+            os.replace(tmp, path)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._not_found_or(exc, key) from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _offload(_fsync_dir, path.parent)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            resp = self._call(self.client.head_object, key, Bucket=self.bucket, Key=self._key(key))
+        except NoSuchObject:
+            return None
+        return ObjectInfo(
+            key, resp["ContentLength"], resp["LastModified"].timestamp(), resp["ETag"].strip('"')
+        )
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(
+            Bucket=self.bucket,
+            Prefix=self.prefix + prefix,
+            PaginationConfig={"PageSize": self.page_size},
+        )
+        cut = len(self.prefix)
+        try:
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(
+                        obj["Key"][cut:],
+                        obj["Size"],
+                        obj["LastModified"].timestamp(),
+                        obj.get("ETag", "").strip('"') or None,
+                    )
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise self._translate(exc, prefix) from exc
+
+    def delete(self, keys: Iterable[str]) -> None:
+        batch: list[dict[str, str]] = []
+        for key in keys:
+            batch.append({"Key": self._key(key)})
+            if len(batch) == DELETE_BATCH:
+                self._delete_batch(batch)
+                batch = []
+        if batch:
+            self._delete_batch(batch)
+
+    def _delete_batch(self, batch: list[dict[str, str]]) -> None:
+        resp = self._call(
+            self.client.delete_objects,
+            batch[0]["Key"],
+            Bucket=self.bucket,
+            Delete={"Objects": batch, "Quiet": True},
+        )
+        errors = [e for e in resp.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            first = errors[0]
+            raise TargetError(
+                f"{self._where()}: {len(errors)} objects not deleted, e.g. "
+                f"{first.get('Key')}: {first.get('Code')}: {first.get('Message')}"
+            )
+
+    def create_bucket(self) -> None:
+        region = self.client.meta.region_name
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if region and region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self.client.create_bucket(**kwargs)
+        except botocore.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise self._translate(exc, "") from exc
+        self._bucket_checked = True
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# -- from configuration -----------------------------------------------------
+
+
+def open_target(settings: BackupSettings, **s3_options: Any) -> Target:
+    """The target named by ``settings.target``: ``s3://BUCKET/PREFIX`` or ``file:///PATH``.
+
+    ``s3_options`` override S3Target's tuning (timeouts, attempts, part size)."""
+    url = urlparse(settings.target)
+    if url.scheme == "file":
+        if url.netloc not in ("", "localhost") or not url.path.startswith("/"):
+            raise TargetError(f"backup.target {settings.target!r}: expected file:///ABSOLUTE/PATH")
+        return LocalTarget(Path(unquote(url.path)))
+    if url.scheme != "s3" or not url.netloc:
+        raise TargetError(
+            f'backup.target {settings.target!r}: expected "s3://BUCKET/PREFIX" or "file:///PATH"'
+        )
+    secret = None
+    if settings.access_key_id:
+        if not settings.secret_access_key_file:
+            raise TargetError("backup.access_key_id needs backup.secret_access_key_file")
+        try:
+            secret = Path(settings.secret_access_key_file).read_text().strip()
+        except OSError as exc:
+            raise TargetError(
+                f"backup.secret_access_key_file {settings.secret_access_key_file}: {exc.strerror}"
+            ) from exc
+    return S3Target(
+        url.netloc,
+        url.path.lstrip("/"),
+        endpoint_url=settings.endpoint_url or None,
+        region=settings.region,
+        path_style=settings.path_style,
+        access_key_id=settings.access_key_id or None,
+        secret_access_key=secret,
+        ca_bundle=settings.ca_bundle or None,
+        **s3_options,
+    )
