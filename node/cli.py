@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node import statuscli
 
     statuscli.add_parsers(sub)  # node drain|undrain, drill failover
+    from node import backupcli
+
+    backupcli.add_backup_parser(sub)  # backup keygen|status|list|verify|prune
     return parser
 
 
@@ -204,6 +207,18 @@ def _session(config: Config):
     return session_from_config(config.etcd)
 
 
+def _session_factory(config: Config):
+    """A function opening one etcd session on first call (commands that may need none)."""
+    opened: list = []
+
+    def get():
+        if not opened:
+            opened.append(_session(config))
+        return opened[0]
+
+    return get
+
+
 def _directory(config: Config):
     from cluster.directory import EtcdDirectory
 
@@ -309,6 +324,10 @@ def run(args: argparse.Namespace) -> int:
         return statuscli.cmd_drill(config, _session(config), args)
     if command == "queue":
         return cmd_queue(config, args)
+    if command == "backup":
+        from node import backupcli
+
+        return backupcli.run_backup(config, _session_factory(config), args)
     if command == "cluster":
         from node import clustercli
 
@@ -449,6 +468,9 @@ _USER_ERRORS = (
     ("cluster.etcd", "EtcdError"),
     ("cluster.embedded", "EmbeddedEtcdError"),
     ("node.admin", "AdminError"),
+    ("node.backupcli", "BackupCliError"),
+    ("storage.backup_target", "TargetError"),
+    ("storage.backup_target", "TargetUnavailable"),
     ("node.clustercli", "ClusterCliError"),
     ("node.outbound.dkim", "DkimError"),
 )
