@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     from node import backupcli
 
     backupcli.add_backup_parser(sub)  # backup keygen|status|list|verify|prune
+    backupcli.add_restore_parser(sub)  # restore cluster|account|mailbox
     return parser
 
 
@@ -316,6 +317,12 @@ def run(args: argparse.Namespace) -> int:
         return int(quickstart(data_dir) or 0)
     if command == "status":
         return cmd_status(config, args.json)
+    if command == "restore" or (command == "drill" and args.action == "restore"):
+        from node import backupcli
+
+        if command == "restore":
+            return backupcli.cmd_restore(config, args)
+        return backupcli.cmd_drill_restore(config, args)
     if command in ("node", "drill"):
         from node import statuscli
 
@@ -469,6 +476,7 @@ _USER_ERRORS = (
     ("cluster.embedded", "EmbeddedEtcdError"),
     ("node.admin", "AdminError"),
     ("node.backupcli", "BackupCliError"),
+    ("node.backupcli", "RestoreCliError"),
     ("storage.backup_target", "TargetError"),
     ("storage.backup_target", "TargetUnavailable"),
     ("node.clustercli", "ClusterCliError"),

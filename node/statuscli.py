@@ -275,6 +275,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     failover.add_argument("--settle", type=float, default=90.0, metavar="S",
                           help="at most S seconds for recovery and for replicas to catch up")
     failover.add_argument("--json", action="store_true", help="the report as JSON")
+    from node import backupcli
+
+    backupcli.add_drill_parser(kinds)  # drill restore
 
 
 def cmd_status(session, as_json: bool) -> int:
