@@ -803,7 +803,11 @@ def _restore_cluster(config: Any, args: argparse.Namespace) -> int:
 def _etcd_data(r: _Restore) -> dict:
     from storage import restore
 
-    export = r.catalog.etcd_export(r.at) or (r.catalog.etcd[0] if r.catalog.etcd else None)
+    export = r.catalog.etcd_export(r.at)
+    if export is None and r.catalog.etcd:
+        export = r.catalog.etcd[0]
+        print(f"warning: no etcd data as old as --at; using the oldest,"
+              f" of {restore.iso(export.ts)}")
     if export is None:
         if r.config.cluster.enabled:
             raise RestoreCliError("the backup holds no etcd data: the cluster cannot be restored")

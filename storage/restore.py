@@ -47,6 +47,8 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import gevent.pool
+
 from storage import backup_crypto as crypto
 from storage.blobs import BlobStore, is_blob_name
 from storage.shard import Op, Shard, intent_apply_ops
@@ -57,6 +59,8 @@ _SEG_RE = re.compile(r"/shards/(\d{4})/seg/(\d{12})-(\d{12})$")
 _SNAP_RE = re.compile(r"/shards/(\d{4})/snap/(\d{12})$")
 _ETCD_RE = re.compile(r"/etcd/(\d{8}T\d{6}Z)-(\d+)$")
 _APPLY_BATCH = 2000  # ops per write transaction while building a shard
+CLOCK_SKEW = 600.0  # seconds the target's clock may be ahead of the nodes'
+BLOB_FETCHES = 8  # blobs downloaded at once
 
 
 class RestoreError(Exception):
@@ -129,6 +133,7 @@ class Snapshot:
     key: str
     shard: int
     last_index: int
+    uploaded: float = math.inf  # the target's modification time: after the snapshot's ts
 
 
 @dataclass(frozen=True)
@@ -176,28 +181,29 @@ class Catalog:
     def refresh(self) -> None:
         """List the target again."""
         self.segments, self.snapshots, self.etcd = {}, {}, []
-        for key in self._list(f"{self.cid}/shards/"):
+        for key, mtime in self._list(f"{self.cid}/shards/"):
             if m := _SEG_RE.search(key):
                 seg = Segment(key, int(m[1]), int(m[2]), int(m[3]))
                 self.segments.setdefault(seg.shard, []).append(seg)
             elif m := _SNAP_RE.search(key):
-                snap = Snapshot(key, int(m[1]), int(m[2]))
+                snap = Snapshot(key, int(m[1]), int(m[2]), mtime)
                 self.snapshots.setdefault(snap.shard, []).append(snap)
         for items in (*self.segments.values(), *self.snapshots.values()):
             items.sort(key=lambda o: (getattr(o, "first", 0), getattr(o, "last_index", 0),
                                       getattr(o, "last", 0)))
-        for key in self._list(f"{self.cid}/etcd/"):
+        for key, _ in self._list(f"{self.cid}/etcd/"):
             if m := _ETCD_RE.search(key):
                 ts = time.mktime(time.strptime(m[1], "%Y%m%dT%H%M%SZ")) - time.timezone
                 self.etcd.append(EtcdExport(key, ts, int(m[2])))
         self.etcd.sort(key=lambda e: (e.ts, e.revision))
 
-    def _list(self, prefix: str) -> list[str]:
+    def _list(self, prefix: str) -> list[tuple[str, float]]:
+        """(key, modification time) of every object under ``prefix``."""
         try:
-            listing = self.target.list(prefix)
+            return [(item.key, float(item.mtime or math.inf))
+                    for item in self.target.list(prefix)]
         except Exception as exc:
             raise RestoreError(f"cannot list the backup target: {_why(exc)}") from None
-        return [item if isinstance(item, str) else item.key for item in listing]
 
     def shards(self) -> list[int]:
         """Shard numbers with any snapshot or segment."""
@@ -298,18 +304,13 @@ class Catalog:
         """(oldest restorable time, newest uploaded op time) of one shard.
 
         Oldest: -inf when the segments start at op 1 (everything is in
-        them), else the oldest readable snapshot's time.  Newest: the last
+        them), else the oldest snapshot's upload time.  Newest: the last
         op time of the newest segment, or the newest snapshot's time."""
         segs = self.segments.get(shard, [])
         snaps = self.snapshots.get(shard, [])
         oldest = -math.inf if segs and segs[0].first == 1 else math.inf
-        for snap in snaps:
-            if oldest != -math.inf:
-                try:
-                    oldest = min(oldest, self.snapshot_ts(snap))
-                except ObjectLost:
-                    continue
-            break
+        if snaps and oldest == math.inf:  # upload time: no download, a little late
+            oldest = snaps[0].uploaded
         newest = -math.inf
         for seg in reversed(segs):
             try:
@@ -476,6 +477,8 @@ def _install_snapshot(
     """Decrypt the newest usable snapshot at or before ``at`` into ``dest``;
     returns its last op index (0 when none is usable: an empty database)."""
     for snap in reversed(catalog.snapshots.get(shard, [])):
+        if at is not None and snap.uploaded > at + CLOCK_SKEW and snap.uploaded != math.inf:
+            continue  # uploaded well after ``at``: taken after it (no download)
         try:
             if at is not None and catalog.snapshot_ts(snap) > at:
                 continue
@@ -506,7 +509,7 @@ def _apply_segments(
     segs = [s for s in catalog.segments.get(shard, []) if s.last > base]
     expected = base + 1
     prev: tuple[Segment, str] | None = None
-    for i, seg in enumerate(segs):
+    for seg in segs:
         if seg.first > expected:
             report.lost_objects.append(
                 f"{catalog.cid}/shards/{shard:04d}/seg: ops {expected}..{seg.first - 1} missing")
@@ -527,11 +530,9 @@ def _apply_segments(
             return
         prev = (seg, hashlib.sha256(raw).hexdigest())
         ops = [op for op in _segment_ops(seg, plain) if op.index >= expected]
-        done = _apply_until(db, ops, at, report)
-        if done is not None:
-            expected = done + 1
-        if done is None or (i + 1 < len(segs) and at is not None
-                            and float(header.meta.get("last_ts", 0)) > at):
+        applied = _apply_until(db, ops, at, report)
+        expected += applied
+        if applied < len(ops):  # an op after ``at``: the state at ``at`` is built
             return
 
 
@@ -548,9 +549,8 @@ def _segment_ops(seg: Segment, plain: bytes) -> list[Op]:
 
 def _apply_until(
     db: Shard, ops: list[Op], at: float | None, report: ShardRestoreReport
-) -> int | None:
-    """Apply ``ops`` in order until one is after ``at``; the last index
-    applied, or None when the time limit was reached."""
+) -> int:
+    """Apply ``ops`` in order until one is after ``at``; how many were applied."""
     cut = len(ops)
     if at is not None:
         cut = next((i for i, op in enumerate(ops) if op.timestamp > at), len(ops))
@@ -561,9 +561,7 @@ def _apply_until(
             raise RestoreError(f"shard {report.shard}: op {batch[0].index}: {value}")
         report.ops_applied += len(batch)
         report.last_ts = batch[-1].timestamp
-    if cut < len(ops):
-        return None
-    return ops[-1].index if ops else None
+    return cut
 
 
 def _finish(dest: Path) -> None:
@@ -687,22 +685,33 @@ def fetch_blobs(
     if have is None and isinstance(blob_store, BlobStore):
         have = blob_store.exists
     report = BlobReport()
+    todo = []
     for sha in sorted(needers):
         if have is not None and have(sha):
             report.present += 1
-            continue
+        else:
+            todo.append(sha)
+
+    def fetch(sha: str) -> tuple[str, bytes | ObjectLost]:
         try:
-            data = _fetch_blob(catalog, sha)
-            if put is not None:
-                put(data)
+            return sha, _fetch_blob(catalog, sha)
         except ObjectLost as exc:
-            report.lost[sha] = exc.reason
-            report.messages_lost += [f"{m}: blob {sha[:12]}… {exc.reason}" for m in needers[sha]]
+            return sha, exc
+
+    # Several at once: downloads overlap (greenlets in a monkey-patched CLI).
+    for sha, data in gevent.pool.Pool(BLOB_FETCHES).imap_unordered(fetch, todo):
+        if isinstance(data, ObjectLost):
+            report.lost[sha] = data.reason
             continue
+        if put is not None:
+            put(data)
         report.fetched += 1
         report.octets += len(data)
         if progress is not None:
             progress(len(data))
+    for sha in sorted(report.lost):
+        report.messages_lost += [f"{m}: blob {sha[:12]}… {report.lost[sha]}"
+                                 for m in needers[sha]]
     return report
 
 
