@@ -440,6 +440,7 @@ class S3Target(Target):
         if isinstance(
             exc,
             botocore.exceptions.HTTPClientError
+            | botocore.exceptions.ConnectionError  # endpoint down: refused, connect timeout
             | botocore.exceptions.ResponseStreamingError
             | botocore.exceptions.IncompleteReadError,
         ):
