@@ -107,6 +107,20 @@ def _view(node: NodeProcess, user: str, mailbox: str = "INBOX") -> dict:
         conn.logout()
 
 
+def _count(node: NodeProcess, user: str) -> int:
+    """Messages in every mailbox of the user (IMAP LIST + STATUS)."""
+    conn = _imap(node, user)
+    try:
+        total = 0
+        for line in conn.list()[1]:
+            name = re.search(rb'"([^"]*)"$|(\S+)$', line)
+            box = (name[1] or name[2]).decode()
+            total += int(re.search(rb"MESSAGES (\d+)", conn.status(f'"{box}"', "(MESSAGES)")[1][0])[1])
+        return total
+    finally:
+        conn.logout()
+
+
 def _uid_of(node: NodeProcess, user: str, subject: str) -> int:
     found = [u for u, (s, _) in _view(node, user)["messages"].items() if s == subject]
     assert len(found) == 1, (subject, found)
@@ -254,6 +268,37 @@ def test_in_place_mailbox_restore(node: NodeProcess, env: dict) -> None:
     assert now["highestmodseq"] > changed["highestmodseq"]  # clients resync
 
 
+def test_in_place_restore_of_a_recreated_mailbox(node: NodeProcess, env: dict) -> None:
+    conn = _imap(node, ALICE)
+    try:
+        assert conn.create("Projects")[0] == "OK"
+        for i, flags in enumerate(("(\\Seen)", "($Plan)")):
+            msg = f"Subject: proj-{i}\r\nMessage-ID: <proj-{i}@x>\r\n\r\nplan {i}\r\n"
+            assert conn.append("Projects", flags, None, msg.encode())[0] == "OK"
+    finally:
+        conn.logout()
+    _wait_backed_up(node, env)
+    then = _view(node, ALICE, "Projects")
+    at = _moment()
+    conn = _imap(node, ALICE)
+    try:  # deleted and made again: another UIDVALIDITY, other mail
+        assert conn.delete("Projects")[0] == "OK"
+        assert conn.create("Projects")[0] == "OK"
+        assert conn.append("Projects", "()", None, b"Subject: other\r\n\r\nx\r\n")[0] == "OK"
+    finally:
+        conn.logout()
+    assert _view(node, ALICE, "Projects")["uidvalidity"] != then["uidvalidity"]
+
+    result = node.cli("restore", "account", ALICE, "--mailbox", "Projects", "--in-place",
+                      "--at", f"{at:.6f}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    now = _view(node, ALICE, "Projects")
+    assert now["uidvalidity"] == then["uidvalidity"]  # the backup's incarnation
+    assert now["messages"] == then["messages"]
+    assert set(then["messages"].values()) == {("proj-0", frozenset({"\\Seen"})),
+                                              ("proj-1", frozenset({"$Plan"}))}
+
+
 # -- errors -------------------------------------------------------------------------------
 
 
@@ -309,10 +354,7 @@ def test_drill_restore(node: NodeProcess, env: dict) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(result.stdout)
     assert report["ok"] and not report["violations"] and not report["lost"]
-    live = sum(len(_view(node, u)["messages"]) for u in (ALICE, BOB))
-    restored_folder = len(_view(node, BOB, time.strftime("Restored %Y-%m-%d") + "/INBOX")
-                          ["messages"])
-    assert report["messages"] == live + restored_folder
+    assert report["messages"] == sum(_count(node, u) for u in (ALICE, BOB))
     assert report["bytes"] > 0 and report["rpo_seconds"] >= 0
 
 
