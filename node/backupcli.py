@@ -892,6 +892,8 @@ def _restore_account(config: Any, args: argparse.Namespace) -> int:
         scratch = restore.scratch_dir(config.data_dir / "restore")
         try:
             report = _build(r, shard, scratch / f"shard-{shard:04d}.sqlite")
+            print(f"{account}: shard {shard:04d} as of {restore.iso(report.last_ts)}"
+                  f" (op {report.position[0]})")
             boxes = [b for b in restore.shard_mailboxes(report.path, account)
                      if only is None or b["name"] == only]
             if not boxes:
@@ -926,6 +928,8 @@ def _restore_box(r: _Restore, live: _LiveStore, db: Path, account: str, box: dic
     kept = [m for m in messages if m.blob not in report.lost]
     if folder is not None:
         target = f"{folder}/{box['name']}"
+        if live.cluster:
+            _ensure_mailbox(live, account, target)
         for m in kept:
             _append(live, account, target, m, blobs)
         print(f"{account}: {len(kept)} message(s) of {box['name']} restored into {target}")
@@ -961,18 +965,17 @@ def _keep(blobs: dict[str, bytes], data: bytes) -> str:
     return sha
 
 
+def _ensure_mailbox(live: _LiveStore, account: str, mailbox: str) -> None:
+    """Create the folder on the primary unless it exists (cluster)."""
+    if mailbox not in {b.name for b in live.call("list_mailboxes", account)}:
+        live.call("create_mailbox", account, mailbox, None)
+
+
 def _append(live: _LiveStore, account: str, mailbox: str, m: Any, blobs: dict) -> None:
     if not live.cluster:
         live.admin.call("restore.append", account=account, mailbox=mailbox, blob=m.blob,
                         flags=list(m.flags), internaldate=m.internaldate)
         return
-    from storage.model import MailboxExists
-
-    try:
-        live.call("create_mailbox", account, mailbox, None)
-    except RestoreCliError as exc:
-        if MailboxExists.__name__ not in str(exc):
-            raise
     live.call("append", account, mailbox, blobs[m.blob], flags=list(m.flags),
               internaldate=m.internaldate)
 

@@ -209,3 +209,13 @@ def test_whole_cluster_restored_from_s3(cluster: BackedUpCluster, s3) -> None:
                        "--cluster-id", cluster.cluster_id)
     assert result.returncode == 0, result.stdout + result.stderr
     assert _view(second, ALICE) == before[ALICE]
+
+    # Into a new folder, from another node (create_mailbox + append on the primary).
+    result = second.cli("restore", "account", BOB, "--into-folder", "Back")
+    assert result.returncode == 0, result.stdout + result.stderr
+    conn = _imap(third, BOB)
+    try:
+        typ, data = conn.status('"Back/INBOX"', "(MESSAGES)")
+        assert typ == "OK" and b"MESSAGES 8" in data[0], data
+    finally:
+        conn.logout()
