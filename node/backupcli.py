@@ -573,7 +573,7 @@ class _Restore:
         self.catalog = restore.Catalog(self.target, self.key, self.cid)
         if self.catalog.empty():
             raise RestoreCliError(f"the backup target {settings.target} holds no backup of"
-                           f" cluster {self.cid}")
+                                  f" cluster {self.cid}")
         self.catalog.check_key()
         self.catalog.check_at(self.at)
 
@@ -584,7 +584,7 @@ class _Restore:
         found = sorted({info.key.split("/", 1)[0] for info in self.target.list("")})
         if len(found) != 1:
             raise RestoreCliError("give --cluster-id: the target holds the backups of"
-                           f" {', '.join(found) or 'no cluster'}")
+                                  f" {', '.join(found) or 'no cluster'}")
         return found[0]
 
 
@@ -660,7 +660,7 @@ def _etcd_for(config: Any) -> tuple[Any, Any]:
     if not config.etcd.endpoints:
         if check_health(config.etcd.embedded_client_url):
             raise RestoreCliError(f"an etcd answers at {config.etcd.embedded_client_url}:"
-                           " stop the node before `postroom restore cluster`")
+                                  " stop the node before `postroom restore cluster`")
         embedded = EmbeddedEtcd(config.data_dir, config.etcd.embedded_binary,
                                 config.etcd.embedded_client_url, config.etcd.embedded_peer_url)
         embedded.start()
@@ -762,11 +762,11 @@ def _restore_cluster(config: Any, args: argparse.Namespace) -> int:
     except AdminError as exc:
         if exc.code != "not_running":
             raise RestoreCliError("the node is running: stop it before"
-                           " `postroom restore cluster`") from None
+                                  " `postroom restore cluster`") from None
     mail = config.data_dir / "mail"
     if any((mail / "shards").glob("shard-*.sqlite")) and not args.force:
         raise RestoreCliError(f"{mail} already holds shards; restore into an empty data directory"
-                       " (or --force to replace them)")
+                              " (or --force to replace them)")
     name = args.node or config.cluster.name
     if config.cluster.enabled and not name:
         raise RestoreCliError("give --node NAME (the member that gets every shard)")
@@ -776,7 +776,7 @@ def _restore_cluster(config: Any, args: argparse.Namespace) -> int:
         kvs, _ = session.get_prefix("/")
         if kvs and not args.force:
             raise RestoreCliError(f"etcd is not empty ({len(kvs)} keys under the prefix); restore"
-                           " into an empty etcd (or --force to overwrite)")
+                                  " into an empty etcd (or --force to overwrite)")
         r = _Restore(config, args)
         print(f"restoring cluster {r.cid} from {config.backup.target}"
               f" as of {restore.iso(r.at) if r.at else 'the newest backed-up state'}")
@@ -899,7 +899,7 @@ def _restore_account(config: Any, args: argparse.Namespace) -> int:
             if not boxes:
                 what = f"mailbox {only!r} of {account}" if only else f"account {account}"
                 raise RestoreCliError(f"the backup holds no {what} at"
-                               f" {restore.iso(r.at) if r.at else 'its newest state'}")
+                                      f" {restore.iso(r.at) if r.at else 'its newest state'}")
             when = r.at if r.at is not None else time.time()
             folder = args.into_folder or time.strftime("Restored %Y-%m-%d", time.gmtime(when))
             lost = _print_losses([report])
