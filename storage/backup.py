@@ -54,7 +54,6 @@ import logging
 import re
 import sqlite3
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import closing
@@ -206,14 +205,15 @@ class LocalIndex:
     Entries older than ``trust`` seconds are not trusted (HEAD again): a blob
     pruned from the target is never older than the retention window here,
     because each confirmation came with an object that references it.
-    Every call runs in the threadpool under one lock.
+    Every call runs in the threadpool, one at a time (a semaphore on the
+    hub: a monkey-patched threading.Lock must not be taken in pool threads).
     """
 
     def __init__(self, path: Path, scope: str, trust: float) -> None:
         self.path = Path(path)
         self.scope = scope  # target + cluster id: one file may serve several targets
         self.trust = trust
-        self._lock = threading.Lock()
+        self._lock = gevent.lock.Semaphore()
         self._conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -241,12 +241,10 @@ class LocalIndex:
                 self._conn = None
 
     def _run(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
-        def call() -> Any:
-            with self._lock:
-                if self._conn is None:
-                    raise StorageError("backup index is closed")
-                return fn(self._conn)
-        return in_pool(call)
+        with self._lock:
+            if self._conn is None:
+                raise StorageError("backup index is closed")
+            return in_pool(fn, self._conn)
 
     def missing(self, shas: Iterable[str]) -> set[str]:
         """The blobs not confirmed in the target within ``trust`` seconds."""
@@ -416,7 +414,8 @@ class BackupAgent:
         self.interval = max(0.05, float(self.settings.segment_interval))
         self.shards: dict[int, ShardState] = {}
         self.workers: dict[int, gevent.Greenlet] = {}
-        self.target_ok = True
+        self._inflight: dict[str, gevent.Greenlet] = {}  # blob uploads running now
+        self._failing: set[str] = set()  # who last failed on the target ("shard N", "etcd")
         self.last_error = ""
         self._greenlets: list[gevent.Greenlet] = []
         self._cancel_role: Callable[[], None] | None = None
@@ -464,6 +463,7 @@ class BackupAgent:
         for n in sorted(set(self.workers) - led):
             self.workers.pop(n).kill(block=False)
             self.shards.pop(n, None)
+            self._failing.discard(f"shard {n}")
             log.info("backup: shard %d no longer led here", n)
         for n in sorted(led - set(self.workers)):
             self.shards[n] = ShardState(n)
@@ -480,9 +480,9 @@ class BackupAgent:
                         self._next_prune = time.time() + PRUNE_INTERVAL
                         prune(self.sealer, self.index, self.cid,
                               self.settings.retention_days)
-                self._note_ok()
+                    self._note_ok("etcd data and retention")
             except Exception as exc:
-                self._note_error("etcd data / retention", exc)
+                self._note_error("etcd data and retention", exc)
             self.publish()
             self._stopping.wait(self.interval)
 
@@ -495,7 +495,7 @@ class BackupAgent:
                 self._round(st)
                 st.error = ""
                 backoff = BACKOFF_MIN
-                self._note_ok()
+                self._note_ok(f"shard {st.number}")
                 delay = self.interval
             except gevent.GreenletExit:
                 raise
@@ -618,25 +618,24 @@ class BackupAgent:
             raise StorageError(f"shard {st.number} is no longer led here")
 
     def _upload_blobs(self, shas: set[str]) -> None:
-        """Each blob not known to be in the target: HEAD, then upload if absent."""
+        """Each blob not known to be in the target: HEAD, then upload if absent.
+        A blob another worker is uploading right now is waited for, not sent twice."""
         todo = self.index.missing(shas)
         if not todo:
             return
-        done: list[str] = []
-        errors: list[BaseException] = []
-
-        def one(sha: str) -> None:
-            try:
-                self._upload_blob(sha)
-                done.append(sha)
-            except Exception as exc:
-                errors.append(exc)
-
-        jobs = [self.pool.spawn(one, sha) for sha in sorted(todo)]
+        jobs = []
+        for sha in sorted(todo):
+            job = self._inflight.get(sha)
+            if job is None:
+                job = self._inflight[sha] = self.pool.spawn(self._upload_blob, sha)
+                job.link(lambda _g, sha=sha: self._inflight.pop(sha, None))
+            jobs.append(job)
         gevent.joinall(jobs)
-        self.index.add(done)
-        if errors:
-            raise errors[0]
+        self.index.add(sha for sha, job in zip(sorted(todo), jobs, strict=True)
+                       if job.successful())
+        failed = next((job.exception for job in jobs if not job.successful()), None)
+        if failed is not None:
+            raise failed
 
     def _upload_blob(self, sha: str) -> None:
         key = blob_key(self.cid, sha)
@@ -707,20 +706,26 @@ class BackupAgent:
 
     # -- status ----------------------------------------------------------------------
 
-    def _note_ok(self) -> None:
-        if not self.target_ok:
-            log.info("backup: target reachable again")
-        self.target_ok = True
+    @property
+    def target_ok(self) -> bool:
+        """False while the last target operation of any worker failed."""
+        return not self._failing
 
-    def _note_error(self, what: str, exc: BaseException) -> None:
-        text = f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())}"
-        if text != self.last_error or self.target_ok:
-            log.warning("backup: %s", text)
-        self.last_error = text
+    def _note_ok(self, who: str) -> None:
+        if who in self._failing:
+            self._failing.discard(who)
+            if not self._failing:
+                log.info("backup: target reachable again")
+
+    def _note_error(self, who: str, exc: BaseException) -> None:
         from storage import backup_target
 
+        text = f"{who}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        if text != self.last_error:
+            log.warning("backup: %s", text)
+        self.last_error = text
         if isinstance(exc, backup_target.TargetUnavailable | backup_target.TargetError):
-            self.target_ok = False
+            self._failing.add(who)
 
     def shard_status(self, st: ShardState, now: float) -> dict:
         last_index, _ = self.store.position(st.number)

@@ -1,0 +1,274 @@
+"""The backup agent in a real node, against a local directory and real S3 servers.
+
+A node (tests/support/node.py) runs with ``[backup]`` (segment_interval
+0.5 s) and takes mail over SMTP and IMAP; the objects it uploads are read
+back with the target API and the object format (storage/backup_target.py,
+storage/backup_crypto.py), independently of the agent's code.  The S3 runs
+use moto's server (faithful S3) and, for the outage, ``rclone serve s3``
+(restartable on the same port with its data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import imaplib
+import json
+import smtplib
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from cluster.directory import EtcdDirectory
+from cluster.etcd import EtcdSession
+from node import cli
+from node.config import BackupSettings
+from storage import backup_crypto
+from storage.backup_target import open_target
+from tests.support.node import DOMAIN, USERS, NodeProcess
+from tests.support.s3 import moto_server, rclone_server
+
+pytestmark = pytest.mark.timeout(300)
+
+ALICE, BOB = "alice@example.test", "bob@example.test"
+DEADLINE = 90.0  # generous: a loaded 2-CPU machine; waits end as soon as done
+
+
+def _node(base: Path, settings: BackupSettings) -> NodeProcess:
+    backup = {k: v for k, v in dataclasses.asdict(settings).items() if v not in ("", None)}
+    backup.update(enabled=True, segment_interval=0.5, snapshot_interval=3600.0)
+    return NodeProcess(base / "node", {"backup": backup})
+
+
+@pytest.fixture(params=["local", "s3"])
+def backed_up(request, tmp_path: Path) -> Iterator[tuple[NodeProcess, BackupSettings]]:
+    """A provisioned node backing up to a local directory or to moto's S3."""
+    key_file = tmp_path / "backup.key"
+    backup_crypto.generate_key_file(key_file)
+    if request.param == "local":
+        (tmp_path / "target").mkdir()
+        settings = BackupSettings(target=f"file://{tmp_path}/target", key_file=str(key_file))
+        with _running(tmp_path, settings) as running:
+            yield running
+        return
+    with moto_server() as server:
+        settings = server.settings("backups", "pr", key_file=str(key_file))
+        open_target(settings).create_bucket()
+        with _running(tmp_path, settings) as running:
+            yield running
+
+
+@contextmanager
+def _running(base: Path, settings: BackupSettings) -> Iterator[tuple[NodeProcess, BackupSettings]]:
+    node = _node(base, settings)
+    node.start()
+    try:
+        directory = EtcdDirectory(_session(node))  # in-process: no CLI start-up per user
+        directory.add_domain(DOMAIN)
+        for address, password in USERS.items():
+            directory.add_user(address, password)
+        yield node, settings
+    finally:
+        node.stop()
+
+
+def _session(node: NodeProcess) -> EtcdSession:
+    return EtcdSession([node.settings["etcd"]["embedded_client_url"]], "/postroom")
+
+
+def _agent_status(node: NodeProcess) -> dict:
+    records, _ = _session(node).get_prefix("/backup/")
+    assert len(records) == 1, records
+    return records[0].value
+
+
+def _wait(what: str, check, deadline: float = DEADLINE):
+    end = time.monotonic() + deadline
+    last = None
+    while time.monotonic() < end:
+        last = check()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def _caught_up(node: NodeProcess, shards: set[int]):
+    """The agent's status once every shard in ``shards`` is wholly uploaded
+    (a report written after this call began)."""
+    since = time.time()
+    return lambda: _fully_uploaded(node, shards, since)
+
+
+def _fully_uploaded(node: NodeProcess, shards: set[int], since: float):
+    status = _agent_status(node)
+    if status["ts"] <= since:
+        return False
+    rows = status["shards"]
+    if not shards <= {int(n) for n in rows} or not status["target_ok"]:
+        return None
+    for n in shards:
+        row = rows[str(n)]
+        if row.get("error") or row["uploaded"][0] != row["committed"][0] or row["lag_s"] != 0:
+            return None
+        if not row.get("last_snapshot"):
+            return None
+    return status
+
+
+def _send(node: NodeProcess, subject: str, rcpts=(ALICE, BOB)) -> None:
+    with smtplib.SMTP(node.host, node.ports["smtp"], timeout=30) as smtp:
+        refused = smtp.sendmail("sender@remote.test", list(rcpts),
+                                f"Subject: {subject}\r\n\r\n{subject} body\r\n".encode())
+        assert refused == {}
+
+
+def _flag_and_expunge(node: NodeProcess) -> None:
+    imap = imaplib.IMAP4(node.host, node.ports["imap"])
+    try:
+        imap.login(ALICE, USERS[ALICE])
+        imap.select("INBOX")
+        assert imap.store("2", "+FLAGS", "(\\Flagged)")[0] == "OK"
+        assert imap.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
+        assert imap.expunge()[0] == "OK"
+    finally:
+        imap.logout()
+
+
+def _shard_of(node: NodeProcess, account: str) -> int:
+    for path in (node.data_dir / "mail" / "shards").glob("shard-*.sqlite"):
+        with sqlite3.connect(path) as conn:
+            if conn.execute("SELECT 1 FROM mailboxes WHERE account = ?", (account,)).fetchone():
+                return int(path.stem.removeprefix("shard-"))
+    raise AssertionError(f"no shard holds {account}")
+
+
+def _oplog_last(node: NodeProcess, shard: int) -> int:
+    path = node.data_dir / "mail" / "shards" / f"shard-{shard:04d}.sqlite"
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT max(idx) FROM oplog").fetchone()[0]
+
+
+def _check_chain(target, key, cid: str, shard: int, upto: int) -> list[list]:
+    """Segments of a shard: contiguous, hash-linked, after a snapshot, up to ``upto``."""
+    head = f"{cid}/shards/{shard:04d}/"
+    snaps = [i.key for i in target.list(head + "snap/")]
+    segs = sorted(i.key for i in target.list(head + "seg/"))
+    assert snaps, f"no snapshot of shard {shard}"
+    snap_header, _ = backup_crypto.open_object(key, target.get(snaps[0]))
+    assert snap_header.kind == "snapshot" and snap_header.key_id == key.key_id
+    base = snap_header.meta["last_index"]
+    assert int(snaps[0].rsplit("/", 1)[1]) == base
+    expected_first, prev_key, prev_sha, ops = base + 1, None, None, []
+    for seg in segs:
+        data = target.get(seg)
+        header, plain = backup_crypto.open_object(key, data)
+        lines = [json.loads(line) for line in plain.splitlines()]
+        meta = header.meta
+        assert meta["first"] == expected_first == lines[0][0], seg
+        assert [ln[0] for ln in lines] == list(range(meta["first"], meta["last"] + 1))
+        assert (meta["prev"], meta["prev_sha256"]) == (prev_key, prev_sha), seg
+        expected_first = meta["last"] + 1
+        prev_key, prev_sha = seg, hashlib.sha256(data).hexdigest()
+        ops += lines
+    assert expected_first - 1 == upto, f"shard {shard}: uploaded up to {expected_first - 1}"
+    return ops
+
+
+def _verify(node: NodeProcess, capsys) -> tuple[int, str]:
+    """``postroom backup verify`` in this process (the subprocess runs are
+    the status, list and deep verify): (exit status, stdout)."""
+    capsys.readouterr()
+    code = cli.main(["--config", str(node.config_path), "backup", "verify"])
+    return code, capsys.readouterr().out
+
+
+def test_objects_chain_and_verify(backed_up, capsys) -> None:
+    node, settings = backed_up
+    _send(node, "first")
+    shards = {_shard_of(node, ALICE), _shard_of(node, BOB)}
+    _wait("the first snapshots", _caught_up(node, shards))
+    _send(node, "second")  # from here on, in segments after the snapshots
+    _flag_and_expunge(node)
+    _wait("the backup to catch up", _caught_up(node, shards))
+
+    target = open_target(settings)
+    key = backup_crypto.load_key(settings.key_file)
+    cid = (node.data_dir / "node-id").read_text().strip()
+    # Blobs: each message once (two recipients, one blob), named by its SHA-256.
+    blob_keys = [i.key for i in target.list(f"{cid}/blobs/")]
+    local = {p.name for p in (node.data_dir / "mail" / "blobs").rglob("*")
+             if p.is_file() and len(p.name) == 64}
+    assert sorted(k.rsplit("/", 1)[1] for k in blob_keys) == sorted(local)
+    assert len(local) == 2
+    for blob in blob_keys:
+        header, plain = backup_crypto.open_object(key, target.get(blob))
+        assert header.kind == "blob" and hashlib.sha256(plain).hexdigest() == blob[-64:]
+    # Segments: contiguous and chained from the first snapshot to the log's end;
+    # the flag change and the expunge are in alice's shard's segments or snapshot.
+    ops = []
+    for shard in shards:
+        ops += _check_chain(target, key, cid, shard, _oplog_last(node, shard))
+    assert [i.key for i in target.list(f"{cid}/etcd/")], "no etcd export"
+    names = {op[3] for op in ops}
+    assert {"append", "store_flags", "expunge"} <= names, names
+
+    status = node.cli("backup", "status")
+    assert status.returncode == 0, status.stderr
+    assert "target ok" in status.stdout and "0.0s" in status.stdout
+    listing = node.cli("backup", "list")
+    assert listing.returncode == 0 and "point-in-time window" in listing.stdout, listing.stderr
+    deep = node.cli("backup", "verify", "--deep")
+    assert deep.returncode == 0, deep.stdout + deep.stderr
+    assert "100.0%" in deep.stderr and "/s" in deep.stderr  # the progress bar
+
+    node.stop()  # nothing changes the target from here on
+    segs = sorted(i.key for s in shards for i in target.list(f"{cid}/shards/{s:04d}/seg/"))
+    victim = segs[0]
+    original = target.get(victim)
+    flipped = bytearray(original)
+    flipped[-5] ^= 0x01  # in the final chunk's GCM tag
+    assert _verify(node, capsys)[0] == 0
+    target.put(victim, bytes(flipped))
+    code, out = _verify(node, capsys)
+    assert code == 1 and f"{victim}: damaged" in out, out
+    target.put(victim, original)
+
+    referenced = {op[4]["blob"] for op in ops if isinstance(op[4].get("blob"), str)}
+    gone = next(k for k in blob_keys if k[-64:] in referenced)
+    target.delete([gone])
+    code, out = _verify(node, capsys)
+    assert code == 1 and f"{gone}: missing; referenced by {cid}/shards/" in out, out
+
+
+def test_outage_keeps_mail_flowing_and_lag_recovers(tmp_path: Path, capsys) -> None:
+    """rclone's S3 stops: SMTP still answers 250, the lag grows and is
+    reported; once it is back the agent catches up (lag 0)."""
+    key_file = tmp_path / "backup.key"
+    backup_crypto.generate_key_file(key_file)
+    with rclone_server(tmp_path / "s3data") as server:
+        settings = server.settings("backups", "pr", key_file=str(key_file))
+        open_target(settings).create_bucket()
+        with _running(tmp_path, settings) as (node, _settings):
+            _send(node, "before")
+            shards = {_shard_of(node, ALICE), _shard_of(node, BOB)}
+            _wait("the first upload", _caught_up(node, shards))
+            server.stop()
+            _send(node, "during the outage")  # sendmail asserts 250 for both
+
+            def lagging():
+                s = _agent_status(node)
+                lags = [s["shards"][str(n)]["lag_s"] for n in shards]
+                return s if not s["target_ok"] and min(lags) > 1.0 else None
+            down = _wait("the lag to be reported", lagging)
+            assert down["last_error"]
+            shown = node.cli("backup", "status")
+            assert "UNREACHABLE" in shown.stdout, shown.stdout + shown.stderr
+            server.start()
+            _wait("the backup to catch up after the outage",
+                  _caught_up(node, shards))
+            assert _verify(node, capsys)[0] == 0
