@@ -496,8 +496,13 @@ class AdminServer:
         path = Path(_str_arg(args, "file")).resolve()
         if path.parent != root:
             raise _BadRequest(f"restore files must be in {root}")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        def load() -> Any:  # threadpool: the file may hold thousands of messages
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+
+        import gevent
+
+        data = gevent.get_hub().threadpool.apply(load)
         if not isinstance(data, dict):
             raise _BadRequest("restore file: expected a JSON object")
         return data

@@ -31,6 +31,7 @@ it through the threadpool; the CLI calls it directly.
 
 from __future__ import annotations
 
+import calendar
 import functools
 import hashlib
 import json
@@ -193,7 +194,7 @@ class Catalog:
                                       getattr(o, "last", 0)))
         for key, _ in self._list(f"{self.cid}/etcd/"):
             if m := _ETCD_RE.search(key):
-                ts = time.mktime(time.strptime(m[1], "%Y%m%dT%H%M%SZ")) - time.timezone
+                ts = float(calendar.timegm(time.strptime(m[1], "%Y%m%dT%H%M%SZ")))
                 self.etcd.append(EtcdExport(key, ts, int(m[2])))
         self.etcd.sort(key=lambda e: (e.ts, e.revision))
 
