@@ -416,4 +416,3 @@ def open_to_file(keys: Mapping[str, Key] | Key, src: Path, dest: Path) -> Header
             dest.unlink(missing_ok=True)
             raise
     return header
-

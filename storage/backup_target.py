@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -362,8 +363,14 @@ _ACCESS_CODES = frozenset(
 )
 
 
+_SESSION_LOCK = threading.Lock()
+_session: boto3.session.Session | None = None
+
+
 class S3Target(Target):
     """Objects in an S3 bucket under a key prefix, through boto3."""
+
+    delete_batch = DELETE_BATCH  # keys per DeleteObjects request (S3's maximum)
 
     def __init__(
         self,
@@ -403,14 +410,18 @@ class S3Target(Target):
             response_checksum_validation="when_required",
             max_pool_connections=32,
         )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key_id or None,
-            aws_secret_access_key=secret_access_key or None,
-            region_name=region,
-        )
-        self.client = session.client(
-            "s3", endpoint_url=endpoint_url or None, config=config, verify=ca_bundle or None
-        )
+        with _SESSION_LOCK:  # one session: its service models are parsed once (~0.5 s)
+            global _session
+            if _session is None:
+                _session = boto3.session.Session()
+            self.client = _session.client(
+                "s3",
+                endpoint_url=endpoint_url or None,
+                config=config,
+                verify=ca_bundle or None,
+                aws_access_key_id=access_key_id or None,
+                aws_secret_access_key=secret_access_key or None,
+            )
 
     # -- errors ---------------------------------------------------------
 
@@ -478,7 +489,9 @@ class S3Target(Target):
         size = os.path.getsize(data) if isinstance(data, Path) else len(data)
         if size <= self.multipart_threshold:
             body = _offload(data.read_bytes) if isinstance(data, Path) else data
-            self._call(self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=body)
+            self._call(
+                self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=body
+            )
             return
         self._put_multipart(key, data)
 
@@ -584,7 +597,7 @@ class S3Target(Target):
         batch: list[dict[str, str]] = []
         for key in keys:
             batch.append({"Key": self._key(key)})
-            if len(batch) == DELETE_BATCH:
+            if len(batch) == self.delete_batch:
                 self._delete_batch(batch)
                 batch = []
         if batch:

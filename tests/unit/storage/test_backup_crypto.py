@@ -94,13 +94,22 @@ def test_header_is_readable_without_the_key() -> None:
     header = read_header(sealed)
     assert (header.kind, header.key_id, header.meta) == ("etcd", KEY.key_id, {"revision": 7})
     doc = json.loads(header.raw)
-    assert set(doc) == {"v", "kind", "key_id", "nonce", "chunk", "plain_size", "plain_sha256", "meta"}
+    assert set(doc) == {
+        "v",
+        "kind",
+        "key_id",
+        "nonce",
+        "chunk",
+        "plain_size",
+        "plain_sha256",
+        "meta",
+    }
     assert doc["v"] == 1 and len(doc["nonce"]) == 16
 
 
 # -- damage -------------------------------------------------------------------
 
-SMALL = seal(KEY, "segment", b"[1, 1, 1700000000.0, \"append\", {}]\n" * 3, META)
+SMALL = seal(KEY, "segment", b'[1, 1, 1700000000.0, "append", {}]\n' * 3, META)
 
 
 def _flip(obj: bytes, bit: int) -> bytes:
