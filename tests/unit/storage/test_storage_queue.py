@@ -268,11 +268,26 @@ def queue_workload(queue: OutboundQueue) -> None:
     queue.flush()
 
 
+def restore_workload(store) -> None:
+    """An in-place restore (storage/restore.py): INBOX put back as it is now,
+    minus its newest message, which the restore expunges."""
+    status = store.status("a@x", "INBOX")
+    rows = store.messages("a@x", "INBOX")
+    meta = store.metadata("a@x", "INBOX", [r.uid for r in rows])
+    store.restore_mailbox("a@x", "INBOX", {
+        "uidvalidity": status.uidvalidity, "uidnext": status.uidnext,
+        "messages": [{"uid": r.uid, "blob": r.blob, "size": r.size,
+                      "internaldate": r.internaldate, "flags": sorted(r.flags),
+                      "meta": meta[r.uid]} for r in rows[:-1]],
+    })
+
+
 def test_replaying_the_log_rebuilds_queue_state(tmp_path):
     # RFC-free invariant of storage/shard.py: state == replay(log), queue included.
     with open_store(tmp_path / "s", shards=1) as store:
         busy_workload(store)
         queue_workload(OutboundQueue(store))
+        restore_workload(store)
         original = store.shard_for("a@x")
         log = original.ops_since(0)
         assert {o.op for o in log} == set(ops.APPLY)  # every op kind, mailbox and queue
