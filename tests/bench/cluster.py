@@ -2,7 +2,7 @@
 
     python3 tests/bench/cluster.py [--quick] [--write-docs] [--repeat N]
                                    [--targets primary,follower,controller,etcd-member]
-                                   [--ttls 3,10] [--no-drills] [--profile DIR]
+                                   [--ttls 3,DEFAULT] [--no-drills] [--profile DIR]
 
 Theory of operation
 -------------------
@@ -19,7 +19,8 @@ in a temp directory removed at the end:
    drill's defaults: 20 SMTP senders, 10 IMAP clients, 20 s of load).  The
    victim (a killed node or etcd member) is started again and the cluster
    waits for every shard to be led with a full ISR before the next drill.
-   The TTL-3 drills reuse cluster 2; 10 is the default ``lease_ttl``.
+   The TTL-3 drills reuse cluster 2; by default the other value is
+   ``[etcd] lease_ttl``'s default (node/config.py).
 
 Both systems get bench.test with user0..user99 (SMTP recipients) and
 mix0..mix49 (IMAP accounts, cheap password hashes: tests/bench/provision_cheap.py),
@@ -83,6 +84,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from node.config import EtcdSettings  # noqa: E402
 from tests.bench import profile as pyspy  # noqa: E402
 from tests.bench.run import Children, process_cpu  # noqa: E402
 from tests.support.node import NodeProcess, merge, to_toml  # noqa: E402
@@ -106,6 +108,7 @@ OVERRIDES = {  # every load comes from 127.0.0.1; the per-IP defaults would refu
     "smtp": {"max_connections_per_ip": 100},
     "imap": {"max_connections_per_ip": 1000},
 }
+DEFAULT_TTL = EtcdSettings().lease_ttl  # [etcd] lease_ttl's default
 HEALTHY_DEADLINE = 180.0  # seconds for a cluster to lead every shard with a full ISR
 
 
@@ -689,7 +692,7 @@ def run_profiles(root: Path, prof_dir: Path, children: Children, profile: Profil
     """SMTP x50 on both systems with py-spy sampling every node; the top
     costs per delivered message.  With cprofile, the nodes also run under
     cProfile (POSTROOM_PROFILE; one stats file per process id in prof_dir),
-    which slows them.  The cluster runs with the default lease_ttl (10 s)."""
+    which slows them.  The cluster runs with the default lease_ttl."""
     if not pyspy.available():
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")
     prof_dir.mkdir(parents=True, exist_ok=True)
@@ -697,7 +700,7 @@ def run_profiles(root: Path, prof_dir: Path, children: Children, profile: Profil
         os.environ["POSTROOM_PROFILE"] = str(prof_dir / "{pid}.prof")
     out = []
     try:
-        for make in (lambda: Single(root), lambda: Cluster(root, 10)):
+        for make in (lambda: Single(root), lambda: Cluster(root, DEFAULT_TTL)):
             system = make()
             try:
                 if isinstance(system, Single):
@@ -892,11 +895,11 @@ def verdicts(single: dict | None, cluster: dict | None, drill_results: list[dict
         out.append("- replicated throughput >= 0.5x single node: "
                    + (f"met at every level (lowest {min(r for _, r in ratios):.2f})" if not low
                       else "NOT met at " + ", ".join(low)))
-    default = [d for d in drill_results if d["lease_ttl"] == 10]
+    default = [d for d in drill_results if d["lease_ttl"] == DEFAULT_TTL]
     if default:
         slow = [f"{d['target']} ({_seconds(d.get('rto'))})"
                 for d in default if d.get("rto") is None or d["rto"] > 10]
-        out.append("- RTO <= 10 s with default settings (lease_ttl 10 s): "
+        out.append(f"- RTO <= 10 s with default settings (lease_ttl {DEFAULT_TTL} s): "
                    + ("met by every drill" if not slow else "NOT met by " + ", ".join(slow)))
     stored = [r for r in (single, cluster) if r and "stored" in r]
     lost = [d for d in drill_results if d.get("lost") != 0 or d.get("duplicated") != 0]
@@ -1008,7 +1011,7 @@ def main(argv: list[str]) -> int:
                     help="each throughput load N times, the median reported")
     ap.add_argument("--targets", default=",".join(TARGETS),
                     help="drill targets, in order (TARGET or TARGET:freeze)")
-    ap.add_argument("--ttls", default="3,10",
+    ap.add_argument("--ttls", default=f"3,{DEFAULT_TTL}",
                     help="lease_ttl values to drill with (3 reuses the throughput cluster)")
     ap.add_argument("--no-drills", action="store_true", help="throughput only")
     ap.add_argument("--no-single", action="store_true", help="skip the single node")
