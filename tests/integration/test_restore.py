@@ -399,7 +399,25 @@ def test_damaged_segment_and_missing_blob(node: NodeProcess, env: dict) -> None:
     assert _last_index(restored / "shards" / f"shard-{victim:04d}.sqlite") == first_lost - 1
     for n, n_segs in shards.items():  # every other shard whole
         if n != victim:
-            last = int(n_segs[-1].name.split("-")[1])
-            assert _last_index(restored / "shards" / f"shard-{n:04d}.sqlite") == last
+            whole = int(n_segs[-1].name.split("-")[1])
+            assert _last_index(restored / "shards" / f"shard-{n:04d}.sqlite") == whole
     assert not (restored / "blobs" / blob[:2] / blob[2:4] / blob).exists()
     assert sum(1 for p in (restored / "blobs").rglob("*") if p.is_file()) > 1
+
+    # The catalog's chain check names the same object and range.
+    from storage.backup_target import LocalTarget
+    from storage.restore import Catalog
+
+    chain = Catalog(LocalTarget(copy), backup_crypto.load_key(env["key"]), cid).verify_chain(victim)
+    assert chain.problems == [lost[0].split(": ", 1)[1]]
+    assert chain.lost == (first_lost, last) and chain.last == first_lost - 1
+
+    # A drill against that backup fails (lost objects), naming them.
+    config = _other_config(node, env, "damaged.toml", target=f"file://{copy}")
+    drill = _cli(node, config, "drill", "restore", "--json")
+    assert drill.returncode == 1, drill.stdout + drill.stderr
+    report = json.loads(drill.stdout)
+    assert not report["ok"] and not report["violations"]
+    assert any(rel in line for line in report["lost"])
+    assert any(f"{account}/{name} uid {uid}" in line for line in report["lost"])
+    assert report["newer_live"] > 0  # what the lost segments held is only live now
