@@ -8,6 +8,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node.imap import mime
 from node.imap.mime import (
     astring,
     body_text,
@@ -18,7 +19,7 @@ from node.imap.mime import (
     header_text,
     sent_date,
 )
-from storage.mime import parse_metadata
+from storage.mime import parse_metadata, scan_header
 
 CORPUS = Path(__file__).resolve().parents[2] / "corpus"
 CORPUS_MESSAGES = [p.read_bytes() for p in sorted(CORPUS.glob("*.eml"))]
@@ -262,3 +263,25 @@ def test_mutated_corpus_never_raises_and_sizes_stay_exact(
 ) -> None:
     _exercise(raw, path, spec)
     _check_sizes(raw)
+
+
+_HEADER_PIECES = st.sampled_from([
+    b"From: a@x\r\n", b"To: b@y\r\n", b"Subject: s\r\n", b"subject : t\r\n", b"DATE:d\n",
+    b" folded\r\n", b"\tfolded\n", b"no colon\r\n", b": empty\r\n", b"X-\xe9: 8bit\r\n",
+    b"\r\n", b"\n", b"body\r\n", b"From: last", b"\r", b" ",
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_HEADER_PIECES, max_size=12), st.lists(
+    st.sampled_from(["FROM", "to", "Subject", "date", "X-\xe9", "missing"]), min_size=1,
+    max_size=3), st.booleans())
+def test_top_header_fields_equals_the_general_path(pieces, names, negate) -> None:
+    # RFC 3501 §6.4.5 HEADER.FIELDS / HEADER.FIELDS.NOT: the whole-message
+    # fast path gives the same octets as the general one, folding, bare LF,
+    # colon-less lines and a header without a blank line included.
+    raw = b"".join(pieces)
+    fields = tuple(names)
+    general = mime._message_section(
+        raw, scan_header(raw), "HEADER.FIELDS.NOT" if negate else "HEADER.FIELDS", fields)
+    assert mime.top_header_fields(raw, fields, negate) == general
