@@ -922,8 +922,11 @@ def _restore_box(r: _Restore, live: _LiveStore, db: Path, account: str, box: dic
     blobs: dict[str, bytes] = {}
     needed = {m.blob: [f"{account}/{box['name']} uid {m.uid}"] for m in messages}
     store_put = live.blobs.put if not live.cluster else (lambda d: _keep(blobs, d))
-    report = restore.fetch_blobs(r.catalog, needed, store_put,
-                                  have=None if live.cluster else live.blobs.exists)
+    from node.progress import Progress
+
+    with Progress(f"{box['name']}: blobs", unit="B") as bar:
+        report = restore.fetch_blobs(r.catalog, needed, store_put, bar,
+                                     have=None if live.cluster else live.blobs.exists)
     lost = _print_losses([], report)
     kept = [m for m in messages if m.blob not in report.lost]
     if folder is not None:
@@ -1025,7 +1028,10 @@ def _drill_shard(r: _Restore, live: _LiveStore, shard: int, work: Path, report: 
     needed: dict[str, list[str]] = {}
     for m in messages:
         needed.setdefault(m.blob, []).append(f"{m.account}/{m.mailbox} uid {m.uid}")
-    blobs = restore.fetch_blobs(r.catalog, needed, None)  # downloaded and hash-checked
+    from node.progress import Progress
+
+    with Progress(f"shard {shard:04d}: blobs", unit="B") as bar:  # downloaded, hash-checked
+        blobs = restore.fetch_blobs(r.catalog, needed, None, bar)
     report["lost"] += blobs.messages_lost
     report["messages"] += len(messages)
     report["bytes"] += blobs.octets
