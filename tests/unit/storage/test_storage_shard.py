@@ -69,6 +69,14 @@ def replay(ops_: list[Op], path) -> Shard:
 def test_replaying_the_log_rebuilds_identical_state(tmp_path):
     with open_store(tmp_path / "s", shards=1) as store:
         busy_workload(store)
+        rows = store.messages("a@x", "Archive")  # an in-place restore: the newest expunged
+        status, meta = store.status("a@x", "Archive"), store.metadata("a@x", "Archive",
+                                                                     [r.uid for r in rows])
+        store.restore_mailbox("a@x", "Archive", {
+            "uidvalidity": status.uidvalidity, "uidnext": status.uidnext,
+            "messages": [{"uid": r.uid, "blob": r.blob, "size": r.size, "flags": [],
+                          "internaldate": r.internaldate, "meta": meta[r.uid]}
+                         for r in rows[:-1]]})
         original = store.shard_for("a@x")
         log = original.ops_since(0)
         assert {o.op for o in log} == set(ops.MAILBOX_APPLY)  # every mailbox op kind
