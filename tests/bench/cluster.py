@@ -22,6 +22,11 @@ in a temp directory removed at the end:
    The TTL-3 drills reuse cluster 2; by default the other value is
    ``[etcd] lease_ttl``'s default (node/config.py).
 
+Before every load the script waits until the nodes are nearly idle: the
+full-text index of delivered mail is written in the background once a shard
+is quiet, and one load's backlog must not stall the next (the CPU figures
+therefore leave that deferred indexing out).
+
 Both systems get bench.test with user0..user99 (SMTP recipients) and
 mix0..mix49 (IMAP accounts, cheap password hashes: tests/bench/provision_cheap.py),
 and the same loads:
@@ -109,6 +114,9 @@ OVERRIDES = {  # every load comes from 127.0.0.1; the per-IP defaults would refu
     "imap": {"max_connections_per_ip": 1000},
 }
 DEFAULT_TTL = EtcdSettings().lease_ttl  # [etcd] lease_ttl's default
+QUIET_SHARE = 0.15  # of a core per node: "idle" before each load
+QUIET_WINDOW = 2.0  # seconds per idleness sample
+QUIET_LIMIT = 180.0  # seconds to wait for idleness at most
 HEALTHY_DEADLINE = 180.0  # seconds for a cluster to lead every shard with a full ISR
 
 
@@ -329,6 +337,23 @@ def cpu_of(pids: list[int]) -> float:
         except (FileNotFoundError, ProcessLookupError):
             pass
     return total
+
+
+def wait_quiet(system: System, limit: float = QUIET_LIMIT) -> float:
+    """Wait until every node is nearly idle (below QUIET_SHARE of a core over
+    QUIET_WINDOW s); returns the seconds waited.  Deliveries leave deferred
+    work behind (the full-text index is written once a shard is quiet for a
+    second, storage/mailstore.py): without this, one load's backlog would be
+    indexed at the start of the next and stall it."""
+    started = time.monotonic()
+    while True:
+        pids = system.node_pids()
+        cpu0 = cpu_of(pids)
+        time.sleep(QUIET_WINDOW)
+        busy = (cpu_of(pids) - cpu0) / QUIET_WINDOW
+        waited = time.monotonic() - started
+        if busy < QUIET_SHARE * max(1, len(pids)) or waited >= limit:
+            return waited
 
 
 def idle_cpu(system: System, seconds: float = 5.0) -> tuple[float, float]:
@@ -556,8 +581,12 @@ def measure(system: System, children: Children, profile: Profile, repeat: int,
     out: dict[str, Any] = {"smtp": {}, "imap": {}, "notes": []}
 
     def once(fn, *args) -> Rate:
+        waited = wait_quiet(system)
         epochs = system.epochs()
         m = fn(*args)
+        if waited > QUIET_WINDOW:
+            m.notes.append(f"waited {waited:.0f} s before the run for the nodes' deferred"
+                           " work (full-text indexing of earlier deliveries) to finish")
         moved = system.epochs() - epochs
         if moved:
             m.notes.append(f"{moved} shard epoch change(s) during the run (failover or hand-off)")
@@ -783,6 +812,10 @@ def report(single: dict | None, cluster: dict | None, drill_results: list[dict],
         " reused; on the cluster the sessions are spread over the 3 nodes (1 session:"
         " node 1 only), so 2 of 3 deliveries are an RPC to another node's primary."
         " A 250 means committed on the primary and fsynced on every in-sync replica",
+        "- before each load the script waits until the nodes are idle: the full-text"
+        " index of delivered mail is written in the background once a shard is quiet for"
+        " a second, and one load's backlog would otherwise stall the next (seen: ~40 s"
+        " with no delivery); the CPU figures leave that deferred indexing out",
         f"- IMAP: tests/bench/imap_load.py's mix on {len(MIX)} accounts of"
         f" {MIX_MESSAGES[0]} messages (filled by APPEND); client i on"
         " node i mod 3 (sessions of accounts led elsewhere are proxied)",
