@@ -51,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import sqlite3
 import tempfile
@@ -75,6 +76,7 @@ SEGMENT_MAX_BYTES = 64 << 20
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 PRUNE_INTERVAL = 3600.0
+STREAM_BLOB = 8 << 20  # larger blobs are sealed file to file, not in memory
 BLOB_GRACE = 86400.0  # a blob younger than this is never pruned (in-flight segments)
 ETCD_EXCLUDED = ("/members/", "/positions/", "/controller", "/backup/")
 STATUS_PREFIX = "/backup/"
@@ -638,11 +640,17 @@ class BackupAgent:
             raise failed
 
     def _upload_blob(self, sha: str) -> None:
+        """HEAD, then seal and PUT; a large blob streams through a sealed file."""
         key = blob_key(self.cid, sha)
         if self.target.head(key) is not None:
             return
-        data = self.store.read_message(sha)
-        self.sealer.put(key, "blob", data, {"sha256": sha, "size": len(data)})
+        path = self.store.blobs.path(sha)
+        size = in_pool(os.path.getsize, path)
+        meta = {"sha256": sha, "size": size}
+        if size <= STREAM_BLOB:
+            self.sealer.put(key, "blob", self.store.read_message(sha), meta)
+        else:
+            self.sealer.put_file(key, "blob", path, meta, self.work_dir / f"blob-{sha}.tmp")
 
     def _snapshot(self, st: ShardState) -> None:
         """Export, ship the log up to it, upload its blobs, seal and upload it.

@@ -29,7 +29,7 @@ from node import cli
 from node.config import BackupSettings
 from storage import backup_crypto
 from storage.backup_target import open_target
-from tests.support.node import DOMAIN, USERS, NodeProcess
+from tests.support.node import DOMAIN, USERS, NodeProcess, to_toml
 from tests.support.s3 import moto_server, rclone_server
 
 pytestmark = pytest.mark.timeout(300)
@@ -38,9 +38,10 @@ ALICE, BOB = "alice@example.test", "bob@example.test"
 DEADLINE = 90.0  # generous: a loaded 2-CPU machine; waits end as soon as done
 
 
-def _node(base: Path, settings: BackupSettings) -> NodeProcess:
+def _node(base: Path, settings: BackupSettings, **extra: object) -> NodeProcess:
     backup = {k: v for k, v in dataclasses.asdict(settings).items() if v not in ("", None)}
     backup.update(enabled=True, segment_interval=0.5, snapshot_interval=3600.0)
+    backup.update(extra)
     return NodeProcess(base / "node", {"backup": backup})
 
 
@@ -63,8 +64,9 @@ def backed_up(request, tmp_path: Path) -> Iterator[tuple[NodeProcess, BackupSett
 
 
 @contextmanager
-def _running(base: Path, settings: BackupSettings) -> Iterator[tuple[NodeProcess, BackupSettings]]:
-    node = _node(base, settings)
+def _running(base: Path, settings: BackupSettings, **extra: object
+             ) -> Iterator[tuple[NodeProcess, BackupSettings]]:
+    node = _node(base, settings, **extra)
     node.start()
     try:
         directory = EtcdDirectory(_session(node))  # in-process: no CLI start-up per user
@@ -120,19 +122,21 @@ def _fully_uploaded(node: NodeProcess, shards: set[int], since: float):
     return status
 
 
-def _send(node: NodeProcess, subject: str, rcpts=(ALICE, BOB)) -> None:
-    with smtplib.SMTP(node.host, node.ports["smtp"], timeout=30) as smtp:
+def _send(node: NodeProcess, subject: str, rcpts=(ALICE, BOB), body: str = "") -> None:
+    with smtplib.SMTP(node.host, node.ports["smtp"], timeout=60) as smtp:
+        text = body or f"{subject} body\r\n"
         refused = smtp.sendmail("sender@remote.test", list(rcpts),
-                                f"Subject: {subject}\r\n\r\n{subject} body\r\n".encode())
+                                f"Subject: {subject}\r\n\r\n{text}".encode())
         assert refused == {}
 
 
-def _flag_and_expunge(node: NodeProcess) -> None:
+def _flag_and_expunge(node: NodeProcess, flag: bool = True) -> None:
+    """Alice's message 2 flagged (if ``flag``), message 1 expunged."""
     imap = imaplib.IMAP4(node.host, node.ports["imap"])
     try:
         imap.login(ALICE, USERS[ALICE])
         imap.select("INBOX")
-        assert imap.store("2", "+FLAGS", "(\\Flagged)")[0] == "OK"
+        assert not flag or imap.store("2", "+FLAGS", "(\\Flagged)")[0] == "OK"
         assert imap.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
         assert imap.expunge()[0] == "OK"
     finally:
@@ -272,3 +276,99 @@ def test_outage_keeps_mail_flowing_and_lag_recovers(tmp_path: Path, capsys) -> N
             _wait("the backup to catch up after the outage",
                   _caught_up(node, shards))
             assert _verify(node, capsys)[0] == 0
+
+
+def _snapshots(target, cid: str, shard: int) -> list[int]:
+    return [int(i.key.rsplit("/", 1)[1]) for i in target.list(f"{cid}/shards/{shard:04d}/snap/")]
+
+
+def test_restart_moves_a_diverged_tail_aside_then_retention(tmp_path: Path, capsys) -> None:
+    """A restarted agent continues the chain, moving aside a tail that is not
+    in its log; retention then keeps the newest snapshot before the window and
+    what follows it, and drops the blob only older objects referenced."""
+    key_file = tmp_path / "backup.key"
+    backup_crypto.generate_key_file(key_file)
+    (tmp_path / "target").mkdir()
+    settings = BackupSettings(target=f"file://{tmp_path}/target", key_file=str(key_file))
+    key = backup_crypto.load_key(key_file)
+    target = open_target(settings)
+    with _running(tmp_path, settings, snapshot_interval=1.0) as (node, _):
+        cid = (node.data_dir / "node-id").read_text().strip()
+        _send(node, "gone soon", [ALICE])
+        shard = _shard_of(node, ALICE)
+        _wait("the first upload", _caught_up(node, {shard}))
+        _flag_and_expunge(node, flag=False)  # message 1 (the only one) expunged
+        _send(node, "stays", [ALICE])
+        big = ("x" * 78 + "\r\n") * ((9 << 20) // 80)  # above STREAM_BLOB: sealed file to file
+        _send(node, "big", [ALICE], big)
+        last, uploaded = _oplog_last(node, shard), _caught_up(node, {shard})
+        _wait("a snapshot after the expunge",
+              lambda: max(_snapshots(target, cid, shard)) >= last and uploaded())
+    local = {p.name for p in (node.data_dir / "mail" / "blobs").rglob("*") if len(p.name) == 64}
+    with sqlite3.connect(node.data_dir / "mail" / "shards" / f"shard-{shard:04d}.sqlite") as db:
+        kept = {b for (b,) in db.execute("SELECT blob FROM messages")}
+    (expunged,) = local - kept
+
+    # A tail the log does not hold (as after restoring the cluster to an
+    # earlier point): sealed with our key, chained to the real tail.
+    segs = sorted(i.key for i in target.list(f"{cid}/shards/{shard:04d}/seg/"))
+    tail = target.get(segs[-1])
+    tail_last = int(segs[-1][-12:])
+    fake_key = f"{cid}/shards/{shard:04d}/seg/{tail_last + 1:012d}-{tail_last + 5:012d}"
+    lines = b"".join(json.dumps([i, 99, time.time(), "noop", {}]).encode() + b"\n"
+                     for i in range(tail_last + 1, tail_last + 6))
+    meta = {"shard": shard, "first": tail_last + 1, "last": tail_last + 5, "prev": segs[-1],
+            "prev_sha256": hashlib.sha256(tail).hexdigest()}
+    target.put(fake_key, backup_crypto.seal(key, "segment", lines, meta))
+
+    with _running_again(node, snapshot_interval=3600.0):
+        _send(node, "after the restart", [ALICE])
+        _wait("the upload after the restart", _caught_up(node, {shard}))
+        assert fake_key not in [i.key for i in target.list(f"{cid}/shards/")]
+        aside = [i.key for i in target.list(f"{cid}/shards/{shard:04d}/diverged/")]
+        assert len(aside) == 1 and aside[0].endswith(fake_key.rsplit("/", 1)[1]), aside
+        assert "not in this node's log" in node.log_tail(200)
+        (following,) = [i.key for i in target.list(f"{cid}/shards/{shard:04d}/seg/")
+                        if int(i.key[-25:-13]) == tail_last + 1]
+        header, _ = backup_crypto.open_object(key, target.get(following))
+        assert header.meta["prev"] == segs[-1]  # the chain continued, no new start
+    code, out = _verify(node, capsys)
+    assert code == 0, out
+
+    from storage import backup
+
+    snaps = _snapshots(target, cid, shard)
+    assert len(snaps) >= 2
+    report = backup.prune(backup.Sealer(target, key), None, cid, 1, now=time.time() + 2 * 86400)
+    assert not report.errors, report.errors
+    assert _snapshots(target, cid, shard) == [max(snaps)]
+    assert report.deleted_segments
+    assert [i.key for i in target.list(f"{cid}/shards/{shard:04d}/seg/")] == [following]
+    stored = {i.key[-64:] for i in target.list(f"{cid}/blobs/")}
+    assert expunged not in stored and kept <= stored
+    code, out = _verify(node, capsys)  # the first retained segment rests on the snapshot
+    assert code == 0, out
+
+
+@contextmanager
+def _running_again(node: NodeProcess, **backup: object) -> Iterator[NodeProcess]:
+    """Restart a stopped node (same data) with some [backup] settings changed."""
+    node.settings["backup"].update(backup)
+    node.config_path.write_text(to_toml(node.settings))
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_keygen_writes_a_private_key_once(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("POSTROOM_CONFIG", raising=False)
+    path = tmp_path / "backup.key"
+    assert cli.main(["backup", "keygen", str(path)]) == 0
+    key = backup_crypto.load_key(path)  # refuses group/world-readable files
+    assert key.key_id in capsys.readouterr().out
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert cli.main(["backup", "keygen", str(path)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert backup_crypto.load_key(path) == key
