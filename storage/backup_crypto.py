@@ -274,11 +274,12 @@ def seal(
 
 
 def seal_file(key: Key, kind: str, src: Path, dest: Path, meta: Mapping[str, Any]) -> None:
-    """Seal the file ``src`` into the new file ``dest`` (streamed, fsynced)."""
+    """Seal the file ``src`` into the file ``dest`` (streamed).
+
+    ``dest`` is an upload staging file: it is not fsynced (a crash loses
+    nothing that the next upload would not redo)."""
     with open(dest, "wb") as out:
         seal(key, kind, src, meta, out)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 # -- reading ----------------------------------------------------------------

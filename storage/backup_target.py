@@ -7,10 +7,13 @@ Both implement the same operations with the same errors, and one conformance
 suite (tests/integration/test_backup_targets.py) runs on both:
 
 - ``put(key, data)``: bytes or a file.  S3: one PutObject up to
-  ``multipart_threshold`` (16 MiB), else a multipart upload in 8 MiB parts
-  (aborted on failure).  Local: a temporary file in the key's directory,
+  ``multipart_threshold`` (16 MiB), else a multipart upload in 8 MiB parts,
+  4 in flight (aborted on failure); large downloads are ranged GETs of 8 MiB,
+  4 in flight.  Local: a temporary file in the key's directory,
   fsync, rename, directory fsync -- an object is either whole or absent.
-- ``get`` / ``get_to_file`` (streamed, temp file + fsync + rename) / ``head``
+- ``get`` / ``get_to_file`` (streamed into a temp file, renamed when whole;
+  not fsynced: a download is staging, the caller fsyncs what it keeps --
+  backup_crypto.open_to_file does) / ``head``
   / ``list(prefix)`` (sorted keys; S3: ListObjectsV2 pages) / ``delete``
   (S3: DeleteObjects in batches of 1,000; missing keys are not errors).
 - Errors: ``TargetUnavailable`` (network, timeouts, 5xx, throttling -- after
@@ -43,16 +46,19 @@ import shutil
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
 import botocore.exceptions
+import gevent
 from botocore.config import Config as BotoConfig
-from gevent import get_hub
+from gevent import get_hub, monkey
 from gevent._hub_local import get_hub_if_exists
+from gevent.pool import Pool as GeventPool
 
 from node.config import BackupSettings
 
@@ -117,6 +123,53 @@ def _offload(fn: Callable[..., T], *args: Any) -> T:
     return get_hub().threadpool.apply(fn, args)
 
 
+def _parallel(fn: Callable[[Any], T], items: list[Any], limit: int) -> list[T]:
+    """fn over items, ``limit`` at a time (greenlets when gevent patched the
+    sockets, threads otherwise); results in order; the first error is raised."""
+    if len(items) <= 1 or limit <= 1:
+        return [fn(item) for item in items]
+    if monkey.is_module_patched("socket"):
+        group = GeventPool(limit)
+        jobs = [group.spawn(fn, item) for item in items]
+        try:
+            gevent.joinall(jobs, raise_error=True)
+        finally:
+            group.kill()
+        return [job.value for job in jobs]
+    with ThreadPoolExecutor(min(limit, len(items))) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            return [future.result() for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+class _Source:
+    """Positional reads of a part from bytes or a file (safe from many workers)."""
+
+    def __init__(self, data: bytes | Path) -> None:
+        self.data = data
+        self.fd: int | None = None
+
+    def __enter__(self) -> _Source:
+        if isinstance(self.data, Path):
+            self.fd = os.open(self.data, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.fd is None:
+            return bytes(memoryview(self.data)[offset : offset + length])  # type: ignore[arg-type]
+        block = _offload(os.pread, self.fd, length, offset)
+        if len(block) != length:
+            raise TargetError(f"source file {self.data} changed during the upload")
+        return block
+
+
 class Target(ABC):
     """Where backup objects live.  Keys are relative to the target's root."""
 
@@ -132,7 +185,7 @@ class Target(ABC):
 
     @abstractmethod
     def get_to_file(self, key: str, path: Path) -> None:
-        """Stream the object into ``path`` (temp file, fsync, rename)."""
+        """Stream the object into ``path`` (temp file renamed when whole; not fsynced)."""
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo | None:
@@ -264,8 +317,6 @@ class LocalTarget(Target):
                 try:
                     with open(tmp, "wb") as out:
                         shutil.copyfileobj(f, out, STREAM_BLOCK)
-                        out.flush()
-                        os.fsync(out.fileno())
                     os.replace(tmp, dest)
                 except BaseException:
                     tmp.unlink(missing_ok=True)
@@ -274,7 +325,6 @@ class LocalTarget(Target):
             if exc.filename is not None and Path(exc.filename) == src:
                 raise self._translate(exc, key) from exc
             raise  # the destination's problem, not the target's
-        _fsync_dir(dest.parent)
 
     def get_to_file(self, key: str, path: Path) -> None:
         _offload(self._get_to_file_sync, key, Path(path))
@@ -389,6 +439,7 @@ class S3Target(Target):
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
         page_size: int = 1000,
+        concurrency: int = 4,
     ) -> None:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -399,6 +450,7 @@ class S3Target(Target):
         self.multipart_threshold = multipart_threshold
         self.part_size = part_size
         self.page_size = page_size
+        self.concurrency = concurrency  # parts in flight per large put/get (x part_size memory)
         self._bucket_checked = False
         config = BotoConfig(
             region_name=region,
@@ -495,33 +547,31 @@ class S3Target(Target):
             return
         self._put_multipart(key, data)
 
-    def _parts(self, data: bytes | Path) -> Iterator[bytes]:
-        if isinstance(data, Path):
-            with open(data, "rb") as f:
-                while block := _offload(f.read, self.part_size):
-                    yield block
-            return
-        view = memoryview(data)
-        for start in range(0, len(view), self.part_size):
-            yield bytes(view[start : start + self.part_size])
-
     def _put_multipart(self, key: str, data: bytes | Path) -> None:
+        """Parts of ``part_size`` uploaded ``concurrency`` at a time; abort on failure."""
         full = self._key(key)
+        size = os.path.getsize(data) if isinstance(data, Path) else len(data)
         upload = self._call(self.client.create_multipart_upload, key, Bucket=self.bucket, Key=full)
         upload_id = upload["UploadId"]
         try:
-            parts = []
-            for number, block in enumerate(self._parts(data), 1):
-                resp = self._call(
-                    self.client.upload_part,
-                    key,
-                    Bucket=self.bucket,
-                    Key=full,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=block,
-                )
-                parts.append({"ETag": resp["ETag"], "PartNumber": number})
+            with _Source(data) as source:
+
+                def send(item: tuple[int, int]) -> dict[str, Any]:
+                    number, offset = item
+                    block = source.read(offset, min(self.part_size, size - offset))
+                    resp = self._call(
+                        self.client.upload_part,
+                        key,
+                        Bucket=self.bucket,
+                        Key=full,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=block,
+                    )
+                    return {"ETag": resp["ETag"], "PartNumber": number}
+
+                items = list(enumerate(range(0, size, self.part_size), 1))
+                parts = _parallel(send, items, self.concurrency)
             self._call(
                 self.client.complete_multipart_upload,
                 key,
@@ -545,15 +595,19 @@ class S3Target(Target):
             raise self._not_found_or(exc, key) from exc
 
     def get_to_file(self, key: str, path: Path) -> None:
+        """Small objects: one streamed GET; large ones: ranged GETs of
+        ``part_size``, ``concurrency`` at a time, each pinned to the ETag."""
         path = Path(path)
         tmp = _tmp_name(path)
         try:
             with open(tmp, "wb") as out:
-                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-                for block in resp["Body"].iter_chunks(STREAM_BLOCK):
-                    out.write(block)
-                out.flush()
-                _offload(os.fsync, out.fileno())
+                info = self.head(key)
+                if info is None:
+                    raise NoSuchObject(f"{self._where()}: no object {key}")
+                if info.size <= self.multipart_threshold:
+                    self._get_stream(key, out)
+                else:
+                    self._get_ranges(key, info, out)
             os.replace(tmp, path)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
             tmp.unlink(missing_ok=True)
@@ -561,7 +615,33 @@ class S3Target(Target):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _offload(_fsync_dir, path.parent)
+
+    def _get_stream(self, key: str, out: BinaryIO) -> None:
+        resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        for block in resp["Body"].iter_chunks(STREAM_BLOCK):
+            out.write(block)
+
+    def _get_ranges(self, key: str, info: ObjectInfo, out: BinaryIO) -> None:
+        out.truncate(info.size)
+        fd = out.fileno()
+        extra = {"IfMatch": f'"{info.etag}"'} if info.etag else {}
+
+        def fetch(offset: int) -> None:
+            end = min(offset + self.part_size, info.size) - 1
+            resp = self._call(
+                self.client.get_object,
+                key,
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Range=f"bytes={offset}-{end}",
+                **extra,
+            )
+            block = resp["Body"].read()
+            if len(block) != end - offset + 1:
+                raise TargetUnavailable(f"{self._where()}: short range read of {key}")
+            _offload(os.pwrite, fd, block, offset)
+
+        _parallel(fetch, list(range(0, info.size, self.part_size)), self.concurrency)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

@@ -329,7 +329,7 @@ def test_open_target_rejects_bad_urls(tmp_path: Path) -> None:
 
 def gevent_round_trips(endpoint: str, secret_file: str, local_root: str) -> None:
     """In a monkey-patched child: 16 greenlets each put/get/head on S3 and on
-    a local directory at once (LocalTarget's file work goes through the hub's
+    a local directory at once, plus a 20 MiB multipart put and ranged get (LocalTarget's file work goes through the hub's
     threadpool); a greenlet ticking meanwhile shows the hub kept running."""
     import gevent
 
@@ -358,8 +358,19 @@ def gevent_round_trips(endpoint: str, secret_file: str, local_root: str) -> None
         info = target.head(f"g/{i:02d}")
         assert info is not None and info.size == len(data)
 
+    def large(target: Target) -> None:
+        """Multipart upload and ranged download: parts in flight as greenlets."""
+        src = Path(local_root).with_name(f"large-{id(target)}")
+        src.write_bytes(os.urandom(20 * 1024 * 1024 + 5))
+        target.put("large", src)
+        back = src.with_name(src.name + ".back")
+        target.get_to_file("large", back)
+        assert back.read_bytes() == src.read_bytes()
+        target.delete(["large"])
+
     tick = gevent.spawn(ticker)
     jobs = [gevent.spawn(work, t, i) for t in (s3, local) for i in range(16)]
+    jobs += [gevent.spawn(large, t) for t in (s3, local)]
     gevent.joinall(jobs, raise_error=True)
     tick.kill()
     for target in (s3, local):
