@@ -347,6 +347,8 @@ def _verify_chain(ctx: BackupContext, n: int, objs: ShardObjects, v: Verificatio
                 v.bad(key, f"ops before {first} are in no segment and no snapshot covers them")
         elif prev is None:
             v.bad(key, "follows a segment that could not be read")
+        elif first <= prev[0]:
+            v.bad(key, f"overlaps {prev[1]} (two uploaders of one shard?)")
         elif first != prev[0] + 1:
             v.bad(key, f"ops {prev[0] + 1}..{first - 1} are missing (gap after {prev[1]})")
         elif meta.get("prev") is None:
