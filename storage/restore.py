@@ -174,7 +174,6 @@ class Catalog:
         self.segments: dict[int, list[Segment]] = {}
         self.snapshots: dict[int, list[Snapshot]] = {}
         self.etcd: list[EtcdExport] = []
-        self.blob_count = 0
         self.refresh()
 
     # -- listing
@@ -281,20 +280,20 @@ class Catalog:
         return header, plain
 
     def check_key(self) -> None:
-        """WrongKeyError (naming both key ids) unless the newest objects are
-        sealed under a key we hold."""
+        """WrongKeyError (naming both key ids) unless the newest small objects
+        (a segment, an etcd export; else a snapshot) are sealed under a key we hold."""
         probes = [s[-1].key for s in self.segments.values() if s][:1]
-        probes += [s[-1].key for s in self.snapshots.values() if s][:1]
         probes += [e.key for e in self.etcd[-1:]]
+        if not probes:
+            probes = [s[-1].key for s in self.snapshots.values() if s][:1]
+        held = {self.keys.key_id} if isinstance(self.keys, crypto.Key) else set(self.keys)
         for key in probes:
             try:
                 header = self.header(key)
             except ObjectLost:
                 continue
-            try:
-                crypto._select_key(self.keys, header)
-            except crypto.WrongKey as exc:
-                raise _wrong_key(exc) from None
+            if header.key_id not in held:
+                raise _wrong_key(crypto.WrongKey(",".join(sorted(held)), header.key_id))
 
     # -- times
 
@@ -306,7 +305,8 @@ class Catalog:
 
         Oldest: -inf when the segments start at op 1 (everything is in
         them), else the oldest snapshot's upload time.  Newest: the last
-        op time of the newest segment, or the newest snapshot's time."""
+        op time of the newest readable segment (a snapshot never holds ops
+        past the uploaded segments), else the newest snapshot's time."""
         segs = self.segments.get(shard, [])
         snaps = self.snapshots.get(shard, [])
         oldest = -math.inf if segs and segs[0].first == 1 else math.inf
@@ -319,9 +319,9 @@ class Catalog:
                 break
             except ObjectLost:
                 continue
-        for snap in reversed(snaps):
+        for snap in reversed(snaps if newest == -math.inf else []):
             try:
-                newest = max(newest, self.snapshot_ts(snap))
+                newest = self.snapshot_ts(snap)
                 break
             except ObjectLost:
                 continue
