@@ -484,21 +484,28 @@ def _install_snapshot(
             if at is not None and catalog.snapshot_ts(snap) > at:
                 continue
             header = catalog.fetch_to_file(snap.key, dest)
-        except ObjectLost as exc:
+            last = _snapshot_last(dest, snap)
+        except ObjectLost as exc:  # the next older one, or the log from op 1
             report.lost_objects.append(str(exc))
+            dest.unlink(missing_ok=True)
             continue
         report.snapshot = snap.key
         report.last_ts = float(header.meta.get("ts", 0.0))
-        return _snapshot_last(dest, snap)
+        return last
     return 0
 
 
 def _snapshot_last(path: Path, snap: Snapshot) -> int:
-    with closing(sqlite3.connect(path)) as conn:
-        row = conn.execute("SELECT value FROM shard_meta WHERE key = 'last_index'").fetchone()
+    """The snapshot's last op index, which must be the one its key names."""
+    try:
+        with closing(sqlite3.connect(path)) as conn:
+            row = conn.execute(
+                "SELECT value FROM shard_meta WHERE key = 'last_index'").fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise ObjectLost(snap.key, f"damaged (not a shard database: {exc})") from None
     last = row[0] if row else 0
     if last != snap.last_index:
-        raise RestoreError(f"{snap.key}: holds op {last}, its name says {snap.last_index}")
+        raise ObjectLost(snap.key, f"damaged (holds op {last}, its name says {snap.last_index})")
     return last
 
 
@@ -530,7 +537,12 @@ def _apply_segments(
             report.lost_ops = (expected, segs[-1].last)
             return
         prev = (seg, hashlib.sha256(raw).hexdigest())
-        ops = [op for op in _segment_ops(seg, plain) if op.index >= expected]
+        try:
+            ops = [op for op in _segment_ops(seg, plain) if op.index >= expected]
+        except ObjectLost as exc:
+            report.lost_objects.append(str(exc))
+            report.lost_ops = (expected, segs[-1].last)
+            return
         applied = _apply_until(db, ops, at, report)
         expected += applied
         if applied < len(ops):  # an op after ``at``: the state at ``at`` is built
@@ -538,13 +550,15 @@ def _apply_segments(
 
 
 def _segment_ops(seg: Segment, plain: bytes) -> list[Op]:
-    ops = []
-    for line in plain.splitlines():
-        if line.strip():
-            index, epoch, ts, op, args = json.loads(line)
-            ops.append(Op(int(index), int(epoch), float(ts), str(op), args))
-    if ops and (ops[0].index != seg.first or ops[-1].index != seg.last):
-        raise RestoreError(f"{seg.key}: holds ops {ops[0].index}..{ops[-1].index}")
+    """The ops of a segment, which must be exactly first..last in order."""
+    try:
+        ops = [Op(int(i), int(e), float(t), str(o), a)
+               for i, e, t, o, a in (json.loads(line) for line in plain.splitlines()
+                                     if line.strip())]
+    except (ValueError, TypeError) as exc:
+        raise ObjectLost(seg.key, f"damaged (not op lines: {exc})") from None
+    if [op.index for op in ops] != list(range(seg.first, seg.last + 1)):
+        raise ObjectLost(seg.key, "damaged (does not hold the ops its name says)")
     return ops
 
 
