@@ -544,7 +544,8 @@ class BackupAgent:
                 continue
             index, epoch = lines[-1][0], lines[-1][1]
             if self.store.op_epoch(st.number, index) == epoch:
-                st.tail_key, st.tail_sha256, st.tail_last = key, hashlib.sha256(data).hexdigest(), index
+                st.tail_sha256 = in_pool(lambda d=data: hashlib.sha256(d).hexdigest())
+                st.tail_key, st.tail_last = key, index
                 st.segments = [(first, last, key)]
                 st.uploaded = (index, float(lines[-1][2]))
                 return
