@@ -19,8 +19,11 @@ of these failures raises ``CorruptObject``; an object sealed under a key we do
 not hold raises ``WrongKey`` before any decryption is attempted.
 
 Large plaintexts stream: ``seal`` reads a ``Path`` twice (hash, then
-encrypt) and writes to ``out``; ``open_to_file`` decrypts a sealed file into
-a destination file chunk by chunk.  Nothing holds a whole snapshot twice.
+encrypt) and writes to ``out``; ``SealedFile`` hashes once, then encrypts
+on demand whatever range an upload asks for (``Target.put`` takes it: no
+staging file, sealing overlaps the transfer); ``open_to_file`` decrypts a
+sealed file into a destination file chunk by chunk.  Nothing holds a whole
+snapshot twice.
 
 Everything here is CPU-bound and blocking: in a gevent process call it through
 ``gevent.get_hub().threadpool.apply(...)`` (``seal``/``open_object``/
@@ -38,6 +41,7 @@ import os
 import secrets
 import stat
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +284,78 @@ def seal_file(key: Key, kind: str, src: Path, dest: Path, meta: Mapping[str, Any
     nothing that the next upload would not redo)."""
     with open(dest, "wb") as out:
         seal(key, kind, src, meta, out)
+
+
+class SealedFile:
+    """A sealed object computed on demand from a plaintext file, for uploads
+    without a staging file: one hashing pass gives the header and ``size``;
+    ``read(offset, length)`` then encrypts just the chunks covering the range
+    (from any thread, in any order: chunks are independent under GCM).
+
+    The plaintext file must not change until the upload has finished (a
+    changed length raises; changed content would fail the restore's
+    ``plain_sha256`` check).  CPU-bound: call ``read`` from the threadpool
+    (``Target.put`` does)."""
+
+    _CACHE = 4  # sealed chunks kept: the parts of a multipart upload share boundary chunks
+
+    def __init__(self, key: Key, kind: str, src: Path, meta: Mapping[str, Any]) -> None:
+        self.src = Path(src)
+        plain_size, digest = _hash_plain(self.src)
+        self.prefix, self._nonce = encode_header(key, kind, plain_size, digest, meta)
+        self.header = _parse_header(self.prefix[_PREFIX:])
+        self.size = self.header.sealed_size
+        self._aead = AESGCM(key.material)
+        self._fd = os.open(self.src, os.O_RDONLY)
+        self._cache: dict[int, bytes] = {}
+        self._lock = threading.Lock()
+
+    def _sealed_chunk(self, index: int) -> bytes:
+        with self._lock:
+            cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        h = self.header
+        length = min(h.chunk, h.plain_size - index * h.chunk)
+        piece = os.pread(self._fd, length, index * h.chunk)
+        if len(piece) != length:
+            raise BackupCryptoError(f"{self.src} changed while it was being sealed")
+        sealed = self._aead.encrypt(
+            _nonce(self._nonce, index), piece, _aad(h.raw, index == h.chunks - 1)
+        )
+        with self._lock:
+            self._cache[index] = sealed
+            while len(self._cache) > self._CACHE:
+                del self._cache[next(iter(self._cache))]
+        return sealed
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` octets of the sealed object from ``offset`` (fewer at its end)."""
+        end = min(offset + length, self.size)
+        out = []
+        body = self.header.body_offset
+        if offset < body:
+            out.append(self.prefix[offset : min(end, body)])
+            offset = min(end, body)
+        span = self.header.chunk + TAG
+        while offset < end:
+            index, skip = divmod(offset - body, span)
+            sealed = self._sealed_chunk(index)
+            take = sealed[skip : skip + (end - offset)]
+            out.append(take)
+            offset += len(take)
+        return b"".join(out)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SealedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- reading ----------------------------------------------------------------

@@ -6,7 +6,9 @@ storage/backup_crypto.py) under keys relative to the target's root:
 Both implement the same operations with the same errors, and one conformance
 suite (tests/integration/test_backup_targets.py) runs on both:
 
-- ``put(key, data)``: bytes or a file.  S3: one PutObject up to
+- ``put(key, data)``: bytes, a file, or a ``PartSource`` such as
+  backup_crypto.SealedFile (sealed on demand, part by part, in the
+  threadpool: no staging file, and sealing overlaps the transfer).  S3: one PutObject up to
   ``multipart_threshold`` (16 MiB), else a multipart upload in 8 MiB parts,
   4 in flight (aborted on failure); large downloads are ranged GETs of 8 MiB,
   4 in flight.  Local: a temporary file in the key's directory,
@@ -49,7 +51,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
@@ -145,10 +147,31 @@ def _parallel(fn: Callable[[Any], T], items: list[Any], limit: int) -> list[T]:
                 future.cancel()
 
 
-class _Source:
-    """Positional reads of a part from bytes or a file (safe from many workers)."""
+class PartSource(Protocol):
+    """Object data produced on demand (e.g. backup_crypto.SealedFile):
+    ``size`` octets, any range readable from any thread."""
 
-    def __init__(self, data: bytes | Path) -> None:
+    size: int
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+
+Data = bytes | Path | PartSource
+
+
+def _size(data: Data) -> int:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return len(data)
+    if isinstance(data, Path):
+        return os.path.getsize(data)
+    return data.size
+
+
+class _Source:
+    """Positional reads of a part from bytes, a file or a PartSource (safe
+    from many workers; file reads and PartSource work go to the threadpool)."""
+
+    def __init__(self, data: Data) -> None:
         self.data = data
         self.fd: int | None = None
 
@@ -162,11 +185,14 @@ class _Source:
             os.close(self.fd)
 
     def read(self, offset: int, length: int) -> bytes:
+        if isinstance(self.data, bytes | bytearray | memoryview):
+            return bytes(memoryview(self.data)[offset : offset + length])
         if self.fd is None:
-            return bytes(memoryview(self.data)[offset : offset + length])  # type: ignore[arg-type]
-        block = _offload(os.pread, self.fd, length, offset)
+            block = _offload(self.data.read, offset, length)  # type: ignore[union-attr]
+        else:
+            block = _offload(os.pread, self.fd, length, offset)
         if len(block) != length:
-            raise TargetError(f"source file {self.data} changed during the upload")
+            raise TargetError(f"source {self.data} changed during the upload")
         return block
 
 
@@ -176,8 +202,8 @@ class Target(ABC):
     url: str = ""
 
     @abstractmethod
-    def put(self, key: str, data: bytes | Path) -> None:
-        """Store bytes or a file's contents under ``key`` (replacing it)."""
+    def put(self, key: str, data: Data) -> None:
+        """Store bytes, a file's contents or a PartSource under ``key`` (replacing it)."""
 
     @abstractmethod
     def get(self, key: str) -> bytes:
@@ -228,7 +254,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{secrets.token_hex(6)}")
 
 
-def _write_atomic(path: Path, data: bytes | Path) -> None:
+def _write_atomic(path: Path, data: Data) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename + dir fsync."""
     tmp = _tmp_name(path)
     try:
@@ -238,7 +264,11 @@ def _write_atomic(path: Path, data: bytes | Path) -> None:
                 os.fsync(f.fileno())
         else:
             with open(tmp, "wb") as f:
-                f.write(data)
+                if isinstance(data, bytes | bytearray | memoryview):
+                    f.write(data)
+                else:
+                    for offset in range(0, data.size, PART_SIZE):
+                        f.write(data.read(offset, min(PART_SIZE, data.size - offset)))
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -288,13 +318,13 @@ class LocalTarget(Target):
                 continue
             _fsync_dir(d.parent)
 
-    def _put_sync(self, key: str, data: bytes | Path) -> None:
+    def _put_sync(self, key: str, data: Data) -> None:
         self._check_root()
         path = self._path(key)
         self._make_dirs(path.parent)
         _write_atomic(path, data)
 
-    def put(self, key: str, data: bytes | Path) -> None:
+    def put(self, key: str, data: Data) -> None:
         try:
             _offload(self._put_sync, key, data)
         except OSError as exc:
@@ -537,20 +567,21 @@ class S3Target(Target):
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
 
-    def put(self, key: str, data: bytes | Path) -> None:
-        size = os.path.getsize(data) if isinstance(data, Path) else len(data)
+    def put(self, key: str, data: Data) -> None:
+        size = _size(data)
         if size <= self.multipart_threshold:
-            body = _offload(data.read_bytes) if isinstance(data, Path) else data
+            with _Source(data) as source:
+                body = source.read(0, size) if size else b""
             self._call(
                 self.client.put_object, key, Bucket=self.bucket, Key=self._key(key), Body=body
             )
             return
         self._put_multipart(key, data)
 
-    def _put_multipart(self, key: str, data: bytes | Path) -> None:
+    def _put_multipart(self, key: str, data: Data) -> None:
         """Parts of ``part_size`` uploaded ``concurrency`` at a time; abort on failure."""
         full = self._key(key)
-        size = os.path.getsize(data) if isinstance(data, Path) else len(data)
+        size = _size(data)
         upload = self._call(self.client.create_multipart_upload, key, Bucket=self.bucket, Key=full)
         upload_id = upload["UploadId"]
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from node.config import BackupSettings
-from storage.backup_crypto import Key, open_object, seal
+from storage.backup_crypto import Key, SealedFile, open_object, open_to_file, seal
 from storage.backup_target import (
     LocalTarget,
     NoSuchObject,
@@ -163,6 +163,20 @@ def test_sealed_objects_round_trip(target: Target, tmp_path: Path) -> None:
     assert open_object(key, target.get("c/blobs/00/x"))[1] == plain
     target.get_to_file("c/blobs/00/x", tmp_path / "sealed")
     assert open_object(key, tmp_path / "sealed")[1] == plain
+
+
+@pytest.mark.parametrize("size", [1000, 20 * 1024 * 1024 + 1])
+def test_sealed_file_uploads_without_staging(target: Target, tmp_path: Path, size: int) -> None:
+    key = Key(os.urandom(32))
+    src = tmp_path / "snapshot.db"
+    src.write_bytes(os.urandom(size))
+    with SealedFile(key, "snapshot", src, {"shard": 1}) as sealed:
+        target.put("c/shards/0001/snap/000000000007", sealed)
+        info = target.head("c/shards/0001/snap/000000000007")
+        assert info is not None and info.size == sealed.size
+    target.get_to_file("c/shards/0001/snap/000000000007", tmp_path / "sealed")
+    assert open_to_file(key, tmp_path / "sealed", tmp_path / "restored").meta == {"shard": 1}
+    assert (tmp_path / "restored").read_bytes() == src.read_bytes()
 
 
 def test_listing_pages_and_batched_deletes(make: Callable[..., Target]) -> None:

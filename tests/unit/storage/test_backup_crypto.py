@@ -18,9 +18,11 @@ from storage.backup_crypto import (
     CHUNK,
     MAGIC,
     TAG,
+    BackupCryptoError,
     CorruptObject,
     Key,
     KeyFileError,
+    SealedFile,
     WrongKey,
     generate_key_file,
     load_key,
@@ -300,3 +302,51 @@ def test_generate_key_file(tmp_path: Path) -> None:
 
 def test_key_repr_hides_the_material() -> None:
     assert KEY.material.hex() not in repr(KEY)
+
+
+# -- sealing on demand ------------------------------------------------------------
+
+
+SEALED_SIZES = [0, 1, CHUNK - 1, CHUNK + 1, 2 * CHUNK + 3]
+
+
+@pytest.mark.parametrize("size", SEALED_SIZES)
+def test_sealed_file_reads_a_valid_object(tmp_path: Path, size: int) -> None:
+    src = tmp_path / "plain"
+    src.write_bytes(_payload(size))
+    with SealedFile(KEY, "snapshot", src, {"shard": 2}) as sealed:
+        whole = sealed.read(0, sealed.size)
+        assert len(whole) == sealed.size == sealed.header.sealed_size
+        assert sealed.read(sealed.size, 10) == b""
+    header, plain = open_object(KEY, whole)
+    assert plain == src.read_bytes()
+    assert header.meta == {"shard": 2} and header.kind == "snapshot"
+
+
+BIG_PLAIN = _payload(2 * CHUNK + 1000)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=3 * CHUNK), min_size=1, max_size=6))
+def test_sealed_file_ranges_in_any_order_make_the_same_object(tmp_path_factory, lengths) -> None:
+    src = tmp_path_factory.mktemp("sealed") / "plain"
+    src.write_bytes(BIG_PLAIN)
+    with SealedFile(KEY, "blob", src, {}) as sealed:
+        whole = sealed.read(0, sealed.size)
+        offsets, pos = [], 0
+        for length in lengths:
+            offsets.append((pos, length))
+            pos += length
+        offsets.append((pos, sealed.size))
+        pieces = {off: sealed.read(off, length) for off, length in reversed(offsets)}
+        assert b"".join(pieces[off] for off, _ in offsets)[: sealed.size] == whole
+    assert open_object(KEY, whole)[1] == BIG_PLAIN
+
+
+def test_sealed_file_notices_a_shrunk_source(tmp_path: Path) -> None:
+    src = tmp_path / "plain"
+    src.write_bytes(_payload(CHUNK + 10))
+    with SealedFile(KEY, "blob", src, {}) as sealed:
+        src.write_bytes(b"short")
+        with pytest.raises(BackupCryptoError, match="changed"):
+            sealed.read(0, sealed.size)
