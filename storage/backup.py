@@ -822,15 +822,20 @@ def prune(sealer: Sealer, index: LocalIndex | None, cid: str, retention_days: fl
           now: float | None = None) -> PruneReport:
     """Retention (docs/backup.md): per shard keep snapshots newer than the
     window plus the newest one before it, segments not wholly before that
-    snapshot; then delete blobs no retained object references (and older
+    snapshot (and segments moved to ``diverged/`` until they leave the
+    window); then delete blobs no retained object references (and older
     than BLOB_GRACE).  Blob marking reads each retained object's blob set
     from the local index's cache, else downloads it once."""
     now = time.time() if now is None else now
     horizon = now - float(retention_days) * 86400.0
     report = PruneReport()
     target = sealer.target
-    keys = [info.key for info in target.list(f"{cid}/shards/")]
+    infos = list(target.list(f"{cid}/shards/"))
+    keys = [info.key for info in infos]
     retained: list[str] = []
+    old_aside = [i.key for i in infos if "/diverged/" in i.key and i.mtime < horizon]
+    target.delete(old_aside)
+    report.deleted_segments += old_aside
     for shard in shard_numbers(keys, cid):
         head = shard_prefix(cid, shard)
         mine = [k for k in keys if k.startswith(head)]

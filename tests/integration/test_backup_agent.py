@@ -344,6 +344,8 @@ def test_restart_moves_a_diverged_tail_aside_then_retention(tmp_path: Path, caps
     assert _snapshots(target, cid, shard) == [max(snaps)]
     assert report.deleted_segments
     assert [i.key for i in target.list(f"{cid}/shards/{shard:04d}/seg/")] == [following]
+    assert aside[0] in report.deleted_segments  # diverged/ leaves with the window
+    assert not list(target.list(f"{cid}/shards/{shard:04d}/diverged/"))
     stored = {i.key[-64:] for i in target.list(f"{cid}/blobs/")}
     assert expunged not in stored and kept <= stored
     code, out = _verify(node, capsys)  # the first retained segment rests on the snapshot
