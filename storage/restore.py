@@ -439,6 +439,7 @@ class ShardRestoreReport:
     lost_objects: list[str] = field(default_factory=list)  # "KEY: reason"
     lost_ops: tuple[int, int] | None = None  # op indexes after a break, not restored
     digest: str = ""
+    unreadable_snapshot: int = 0  # last op of the newest lost snapshot that was wanted
 
     @property
     def ok(self) -> bool:
@@ -466,6 +467,9 @@ def build_shard(
         _apply_segments(catalog, db, shard, at, base, report, progress)
         db.open_reader()
         report.position, report.digest = db.state_digest()
+        if report.lost_ops is None and report.position[0] < report.unreadable_snapshot:
+            # Only the lost snapshot held these ops (no segment covers them).
+            report.lost_ops = (report.position[0] + 1, report.unreadable_snapshot)
     finally:
         db.close()
     _finish(dest)
@@ -487,6 +491,7 @@ def _install_snapshot(
             last = _snapshot_last(dest, snap)
         except ObjectLost as exc:  # the next older one, or the log from op 1
             report.lost_objects.append(str(exc))
+            report.unreadable_snapshot = max(report.unreadable_snapshot, snap.last_index)
             dest.unlink(missing_ok=True)
             continue
         report.snapshot = snap.key

@@ -421,3 +421,47 @@ def test_damaged_segment_and_missing_blob(node: NodeProcess, env: dict) -> None:
     assert any(rel in line for line in report["lost"])
     assert any(f"{account}/{name} uid {uid}" in line for line in report["lost"])
     assert report["newer_live"] > 0  # what the lost segments held is only live now
+
+
+def test_damaged_snapshot(node: NodeProcess, env: dict) -> None:
+    """A damaged snapshot: the shard comes back from the log when the chain
+    starts at op 1; else the ops before the chain are lost and so is the
+    shard (each reported), and the other shards are whole."""
+    _wait_backed_up(node, env)
+    cid = _cid(node)
+    copy = env["base"] / "bad-snapshot"
+    shutil.copytree(env["target"], copy)
+    for shard in range(4):  # every shard's only snapshot
+        for snap in (copy / cid / "shards" / f"{shard:04d}" / "snap").glob("*"):
+            data = bytearray(snap.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            snap.write_bytes(bytes(data))
+
+    fresh = NodeProcess(env["base"] / "fresh-2", _backup(env, copy))
+    result = fresh.cli("restore", "cluster", "--cluster-id", cid)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lost = [line for line in result.stdout.splitlines() if line.startswith("LOST")]
+    expected = []
+    for shard in sorted(int(p.name) for p in (copy / cid / "shards").iterdir()):
+        segs = _segments(copy, cid, shard)
+        snaps = sorted((copy / cid / "shards" / f"{shard:04d}" / "snap").glob("*"))
+        held = int(snaps[-1].name)  # ops the snapshot held
+        expected += [f"LOST shard {shard:04d}: {s.relative_to(copy)}: damaged (chunk 0 of 1"
+                     " failed authentication)" for s in snaps]
+        db = fresh.data_dir / "mail" / "shards" / f"shard-{shard:04d}.sqlite"
+        live = node.data_dir / "mail" / "shards" / f"shard-{shard:04d}.sqlite"
+        first = int(segs[0].name.split("-")[0]) if segs else held + 1
+        last = int(segs[-1].name.split("-")[1]) if segs else held
+        if first == 1:  # rebuilt from the log: the live state
+            assert Shard(db, fsync=False).state_digest() == Shard(live, fsync=False).state_digest()
+        elif segs:  # the ops before the chain are gone, and with them the rest
+            expected += [f"LOST shard {shard:04d}: {cid}/shards/{shard:04d}/seg: ops 1..{first - 1}"
+                         " missing",
+                         f"LOST shard {shard:04d}: operations 1..{last} (after the beginning)"
+                         " are not restored"]
+            assert _last_index(db) == 0
+        elif held:  # only the snapshot held them
+            expected.append(f"LOST shard {shard:04d}: operations 1..{held} (after the"
+                            " beginning) are not restored")
+            assert _last_index(db) == 0
+    assert lost == expected
