@@ -45,8 +45,8 @@ class Membership:
         except EtcdError as exc:
             # The lease expired under the put (a loaded machine): the session
             # notices, takes a new lease and its restore registers us.
-            if self.session.lease_id == lease and "lease not found" not in str(exc):
-                raise
+            if lease and self.session.lease_id == lease and "lease not found" not in str(exc):
+                raise  # the lease is fine: etcd itself refused
             log.warning("membership: lease %x lost while registering; the new lease registers",
                         lease)
 
