@@ -19,8 +19,9 @@ in a temp directory removed at the end:
    drill's defaults: 20 SMTP senders, 10 IMAP clients, 20 s of load).  The
    victim (a killed node or etcd member) is started again and the cluster
    waits for every shard to be led with a full ISR before the next drill.
-   The TTL-3 drills reuse cluster 2; by default the other value is
-   ``[etcd] lease_ttl``'s default (node/config.py).
+   Drills at cluster 2's TTL (``--throughput-ttl``, default 3 as the harness
+   sets it) reuse it; by default the other value is ``[etcd] lease_ttl``'s
+   default (node/config.py).
 
 Before every load the script waits until the nodes are nearly idle: the
 full-text index of delivered mail is written in the background once a shard
@@ -806,7 +807,7 @@ def report(single: dict | None, cluster: dict | None, drill_results: list[dict],
         + ", ".join(f"{x:.1f}" for x in loadavg),
         f"- both systems: {SHARDS} shards, fsync on, default [cluster] settings"
         " (replication factor 3, ack_timeout 2 s); the cluster's throughput runs use"
-        " lease_ttl 3 s (tests/support/cluster.py), its etcd is 3 members with TLS and"
+        f" lease_ttl {THROUGHPUT_TTL[0]} s, its etcd is 3 members with TLS and"
         " authentication on the same machine",
         "- SMTP: 5 KB messages to random user0..user99@bench.test, PIPELINING, connections"
         " reused; on the cluster the sessions are spread over the 3 nodes (1 session:"
@@ -878,6 +879,7 @@ def report(single: dict | None, cluster: dict | None, drill_results: list[dict],
 
 
 MIX_MESSAGES = [0]  # set by main (the profile's mix_messages)
+THROUGHPUT_TTL = [3]  # set by main (--throughput-ttl)
 
 
 def _get(res: dict | None, kind: str, level: int) -> Rate | None:
@@ -1045,8 +1047,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--targets", default=",".join(TARGETS),
                     help="drill targets, in order (TARGET or TARGET:freeze)")
     ap.add_argument("--ttls", default=f"3,{DEFAULT_TTL}",
-                    help="lease_ttl values to drill with (3 reuses the throughput cluster)")
+                    help="lease_ttl values to drill with (--throughput-ttl's reuses the"
+                         " throughput cluster)")
     ap.add_argument("--no-drills", action="store_true", help="throughput only")
+    ap.add_argument("--throughput-ttl", type=int, default=3, metavar="S",
+                    help="lease_ttl of the throughput cluster (3 as tests/support/cluster.py"
+                         " sets it; a loaded machine may need the default)")
     ap.add_argument("--no-single", action="store_true", help="skip the single node")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="only SMTP x50, every node sampled by py-spy; stacks and report"
@@ -1056,6 +1062,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     profile = QUICK if args.quick else FULL
     MIX_MESSAGES[0] = profile.mix_messages
+    THROUGHPUT_TTL[0] = args.throughput_ttl
     targets = [t for t in args.targets.split(",") if t]
     for t in targets:
         if t.split(":")[0] not in TARGETS:
@@ -1092,13 +1099,14 @@ def main(argv: list[str]) -> int:
 
         def throughput_and_drills(c: Cluster) -> None:
             measured["cluster"] = measure(c, children, profile, args.repeat)
-            if 3 in ttls:
+            if args.throughput_ttl in ttls:
                 drills(c, targets, profile.drill_duration, drill_results)
 
-        phase(Cluster(root, 3), live, failures, throughput_and_drills, USERS + MIX)
+        phase(Cluster(root, args.throughput_ttl), live, failures, throughput_and_drills,
+              USERS + MIX)
         cluster = measured.get("cluster")
         for ttl in ttls:
-            if ttl != 3:
+            if ttl != args.throughput_ttl:
                 phase(Cluster(root, ttl), live, failures,
                       lambda c: drills(c, targets, profile.drill_duration, drill_results), [])
     except KeyboardInterrupt:
