@@ -54,7 +54,7 @@ class Progress:
         self.interval = interval if self.tty else log_interval
         self.done = 0.0
         self.started = time.monotonic()
-        self._drawn = 0.0
+        self._drawn = float("-inf")  # the first advance draws
         self._history: deque[tuple[float, float]] = deque([(self.started, 0.0)])
         self._closed = False
 
