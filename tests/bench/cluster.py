@@ -418,7 +418,8 @@ def _stat(host: str, port: int, user: str, deadline: float = 60.0) -> int:
             pop.pass_(PASSWORD)
             return pop.stat()[0]
         except poplib.error_proto as exc:
-            if b"SYS/TEMP" not in str(exc).encode() or time.monotonic() > until:
+            temporary = b"SYS/TEMP" in str(exc).encode() or b"IN-USE" in str(exc).encode()
+            if not temporary or time.monotonic() > until:  # IN-USE: our last try's session
                 raise
         finally:
             try:
@@ -585,7 +586,7 @@ def measure(system: System, children: Children, profile: Profile, repeat: int,
         waited = wait_quiet(system)
         epochs = system.epochs()
         m = fn(*args)
-        if waited > QUIET_WINDOW:
+        if waited > 2 * QUIET_WINDOW + 1:
             m.notes.append(f"waited {waited:.0f} s before the run for the nodes' deferred"
                            " work (full-text indexing of earlier deliveries) to finish")
         moved = system.epochs() - epochs
@@ -608,9 +609,15 @@ def measure(system: System, children: Children, profile: Profile, repeat: int,
         log(f"{system.name}: SMTP x{sessions}: {m.rate:.0f}/s ({m.ops} ok, {m.failed} failed)")
         out["smtp"][sessions] = m
     sent = sum(m.ops_total for m in out["smtp"].values())  # type: ignore[attr-defined]
-    stored = stored_count(system.pop3_address(), USERS)
+    try:
+        stored = stored_count(system.pop3_address(), USERS)
+    except (OSError, poplib.error_proto) as exc:
+        out["notes"].append(f"{system.name}: POP3 STAT check failed: {exc}")
+        stored = -1
     out["sent"], out["stored"] = sent, stored
-    if stored < sent:
+    if stored < 0:
+        del out["stored"]
+    elif stored < sent:
         out["notes"].append(f"{system.name}: LOST: {sent} acknowledged but only {stored}"
                             " in mailboxes")
     elif stored > sent:
