@@ -69,7 +69,8 @@ FORMAT = 1
 _MODES = ("set", "add", "remove")
 MAX_UIDS = ops.MAX_UIDS_PER_OP
 _PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the threadpool
-_INDEX_BATCH = 500  # messages indexed per write transaction (storage/fts.py)
+_INDEX_BATCH = 50  # messages indexed per write transaction (storage/fts.py): short, so a
+# replicated apply or delivery queued behind it never waits long (a follower's ack_timeout)
 _INDEX_DELAY = 1.0  # seconds without changes before the shard's pending messages are indexed
 _INDEX_MAX_WAIT = 30.0  # seconds a message waits for the index at most, even under load
 ROLES = ("primary", "follower", "none")
