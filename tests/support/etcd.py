@@ -56,6 +56,18 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+def terminate(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """Stop a test's server process: SIGTERM, SIGKILL after ``timeout``, reap."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_healthy(client_url: str, deadline: float, proc: subprocess.Popen | None = None) -> None:
     """Poll /health until {"health": "true"} or raise TimeoutError at deadline."""
     last = "no answer"
@@ -128,14 +140,7 @@ class EtcdServer:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after the deadline; waits for the PID."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL now (a crash) and reap."""

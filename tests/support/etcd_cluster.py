@@ -31,7 +31,6 @@ import ipaddress
 import json
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import time
@@ -40,7 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.etcd import find_etcd, free_port
+from tests.support.etcd import find_etcd, free_port, terminate
 
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6")
 START_DEADLINE = 30.0
@@ -388,14 +387,7 @@ class EtcdCluster:
         for i in order:
             member = self.members[i]
             proc, member.proc = member.proc, None
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, timeout)
 
     def __enter__(self) -> EtcdCluster:
         try:

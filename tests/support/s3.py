@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import http.client
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from node.config import BackupSettings
-from tests.support.etcd import free_port
+from tests.support.etcd import free_port, terminate
 
 ACCESS_KEY = "postroomtest"
 SECRET_KEY = "postroomtestsecret0123456789"
@@ -152,14 +151,7 @@ class RcloneServer(S3Server):
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after the deadline; reaps the PID."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout)
 
     def log(self) -> str:
         path = self.base_dir / "rclone.log"
