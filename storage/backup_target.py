@@ -122,7 +122,19 @@ def _offload(fn: Callable[..., T], *args: Any) -> T:
     """Run blocking file work in gevent's threadpool when a hub runs here."""
     if get_hub_if_exists() is None:
         return fn(*args)
-    return get_hub().threadpool.apply(fn, args)
+
+    def call() -> tuple[bool, Any]:
+        # The exception travels back as a value: one raised inside a pool
+        # worker is also printed by gevent (a missing file is not an error).
+        try:
+            return True, fn(*args)
+        except Exception as exc:
+            return False, exc
+
+    ok, value = get_hub().threadpool.apply(call)
+    if not ok:
+        raise value
+    return value
 
 
 def _parallel(fn: Callable[[Any], T], items: list[Any], limit: int) -> list[T]:
