@@ -57,6 +57,7 @@ import platform
 import pwd
 import re
 import shlex
+import shutil
 import signal
 import smtplib
 import ssl
@@ -138,9 +139,10 @@ def make_message(index: int, size: int = MESSAGE_SIZE) -> bytes:
 def client_main(argv: list[str]) -> int:
     """Send --count messages over --sessions connections; print JSON on stdout.
 
-    With --password, each session does STARTTLS (RFC 3207) then AUTH PLAIN
-    (RFC 4954, RFC 4616) before its transactions, as a mail client on port
-    587 does; without it, plain SMTP (the Postfix relay from mynetworks).
+    With --starttls each session does STARTTLS (RFC 3207) first, and with
+    --password then AUTH PLAIN (RFC 4954, RFC 4616) before its transactions,
+    as a mail client on port 587 does (the Postfix relay from mynetworks
+    gets STARTTLS without AUTH).
     """
     p = argparse.ArgumentParser(prog="outbound.py client")
     p.add_argument("--addr", required=True)
@@ -148,6 +150,7 @@ def client_main(argv: list[str]) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--first", type=int, default=0, help="index of the first recipient")
     p.add_argument("--password")
+    p.add_argument("--starttls", action="store_true")
     args = p.parse_args(argv)
     host, _, port = args.addr.rpartition(":")
     lock = threading.Lock()
@@ -165,9 +168,10 @@ def client_main(argv: list[str]) -> int:
     def session() -> None:
         try:
             smtp = smtplib.SMTP(host, int(port), local_hostname="client.bench.test", timeout=60)
-            if args.password:
+            if args.starttls:
                 smtp.starttls(context=tls)
                 smtp.ehlo()
+            if args.password:
                 smtp.user, smtp.password = SENDER, args.password
                 smtp.auth("PLAIN", smtp.auth_plain)
         except (OSError, smtplib.SMTPException) as exc:
@@ -322,10 +326,23 @@ alias_database =
 relayhost = [127.0.0.1]:{sink}
 default_destination_concurrency_limit = {concurrency}
 smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_tls_security_level = none
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = {cert}
+smtpd_tls_key_file = {key}
 smtp_tls_security_level = none
 biff = no
 """
+
+
+TLSMGR = "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n"
+
+
+def shared_certificate(root: Path) -> tuple[Path, Path]:
+    """One ECDSA P-256 certificate and key (node/net/tls.py makes it) that
+    postroom's submission port and Postfix's smtpd both present."""
+    from node.net.tls import ensure_self_signed
+
+    return ensure_self_signed(root / "shared-tls", "relay.bench.test")
 
 
 class PostfixRelay:
@@ -342,10 +359,13 @@ class PostfixRelay:
         self.root.mkdir(parents=True)
         os.chmod(self.root, 0o755)  # the postfix user must traverse it
         self.etc.mkdir()
-        fmt = {"root": self.root, "sink": self.sink_port, "concurrency": CONCURRENCY}
+        cert, key = shared_certificate(self.root.parent)
+        fmt = {"root": self.root, "sink": self.sink_port, "concurrency": CONCURRENCY,
+               "cert": cert, "key": key}
         (self.etc / "main.cf").write_text(POSTFIX_MAIN_CF.format(**fmt))
         # peers.MASTER_CF is a full service table; lmtp stays unused here.
-        (self.etc / "master.cf").write_text(peers.MASTER_CF.format(smtp=self.port))
+        # tlsmgr: smtpd's TLS needs it (without it: "no entropy for TLS key generation").
+        (self.etc / "master.cf").write_text(peers.MASTER_CF.format(smtp=self.port) + TLSMGR)
         for d in ("postfix-queue", "postfix-data"):
             (self.root / d).mkdir(mode=0o755)
         owner = pwd.getpwnam("postfix")
@@ -403,7 +423,7 @@ class Clients:
 
     def run(self, addr: str, count: int, first: int, password: str | None) -> dict:
         cmd = [sys.executable, __file__, "client", "--addr", addr, "--count", str(count),
-               "--first", str(first), "--sessions", str(SESSIONS)]  # fmt: skip
+               "--first", str(first), "--sessions", str(SESSIONS), "--starttls"]  # fmt: skip
         if password:
             cmd += ["--password", password]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -439,6 +459,7 @@ class Measure:
     relay_rate: float = 0.0  # messages counted by smtp-sink per second, end to end
     relay_wall: float = 0.0
     server_cpu: float = 0.0
+    main_cpu: float | None = None  # the node's main thread (postroom only)
     client_cpu: float = 0.0
     client_wall: float = 0.0
     p50_ms: float = 0.0
@@ -450,6 +471,12 @@ class Measure:
     @property
     def cpu_ms_per_msg(self) -> float:
         return 1000 * self.server_cpu / self.ok if self.ok else 0.0
+
+    @property
+    def main_ms_per_msg(self) -> float | None:
+        if self.main_cpu is None or not self.ok:
+            return None
+        return 1000 * self.main_cpu / self.ok
 
     @property
     def client_cpu_pct(self) -> float:
@@ -468,10 +495,12 @@ class Counter:
 
 
 def relay_run(sink: Sink, clients: Clients, counter: Counter, addr: str, count: int,
-              password: str | None, cpu: Callable[[], float]) -> Measure:  # fmt: skip
+              password: str | None, cpu: Callable[[], float],
+              main_cpu: Callable[[], float] | None = None) -> Measure:  # fmt: skip
     """Send ``count`` messages through ``addr``; wait until the sink has them all."""
     base, sessions0 = sink.count, sink.sessions
     cpu0 = cpu()
+    main0 = main_cpu() if main_cpu is not None else 0.0
     result = clients.run(addr, count, counter.take(count), password)
     m = Measure(ok=result["ok"], failed=result["failed"], client_cpu=result["cpu"],
                 p50_ms=result["p50_ms"], p99_ms=result["p99_ms"])  # fmt: skip
@@ -486,6 +515,8 @@ def relay_run(sink: Sink, clients: Clients, counter: Counter, addr: str, count: 
     m.relay_wall = done - result["start"]
     m.relay_rate = (sink.count - base if sink.count - base < m.ok else m.ok) / m.relay_wall
     m.server_cpu = cpu() - cpu0
+    if main_cpu is not None:
+        m.main_cpu = main_cpu() - main0
     m.sink_sessions = sink.sessions - sessions0
     return m
 
@@ -513,7 +544,17 @@ def median(measures: list[Measure]) -> Measure:
 
 def process_cpu(pid: int) -> float:
     """utime + stime of one process (children excluded), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
+def main_thread_cpu(pid: int) -> float:
+    """utime + stime of the process's main thread (where the hub and every
+    greenlet run; the rest is the threadpool: SQLite, fsync, blob writes)."""
+    return _stat_cpu(f"/proc/{pid}/task/{pid}/stat")
+
+
+def _stat_cpu(path: str) -> float:
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -556,6 +597,68 @@ def cprofile_summary(path: Path, messages: int, top: int = 25) -> str:
     return out.getvalue()
 
 
+def tree_pids(root: int) -> list[int]:
+    """``root`` and every descendant process (Postfix's master and its daemons)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack += children.get(pid, [])
+    return out
+
+
+class Strace:
+    """``strace -c -f`` attached to ``pids`` (and what they fork) until stop():
+    the syscall counts of one run, written to ``output``."""
+
+    def __init__(self, pids: list[int], output: Path) -> None:
+        self.output = output
+        cmd = ["strace", "-c", "-f", "-o", str(output)]
+        for pid in pids:
+            cmd += ["-p", str(pid)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.0)  # attaching takes a moment; the run starts after it
+
+    def stop(self, messages: int) -> str:
+        """Detach (SIGINT) and return the summary with calls per message."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return strace_summary(self.output, messages)
+
+
+def strace_summary(path: Path, messages: int, top: int = 16) -> str:
+    """The busiest syscalls of an ``strace -c`` file, per relayed message."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] not in ("total",):
+            calls = int(parts[3])
+            rows.append((calls, parts[-1], float(parts[1])))
+    rows.sort(reverse=True)
+    total = sum(c for c, _, _ in rows)
+    out = [f"syscalls per message: {total / max(1, messages):.1f} ({messages} messages)", "",
+           "| syscall | calls/msg | seconds (strace) |", "|---|---:|---:|"]
+    out += [f"| {name} | {calls / max(1, messages):.2f} | {secs:.3f} |"
+            for calls, name, secs in rows[:top]]
+    fsyncs = sum(c for c, n, _ in rows if n in ("fsync", "fdatasync"))
+    out += ["", f"fsync + fdatasync per message: {fsyncs / max(1, messages):.2f}", ""]
+    return "\n".join(out)
+
+
 def wait_file(path: Path, deadline: float) -> bool:
     while not path.exists():
         if time.monotonic() > deadline:
@@ -576,8 +679,8 @@ POSTROOM_MODES = {
 
 def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sink,
                    clients: Clients, counter: Counter, count: int, repeat: int,
-                   prof_dir: Path | None,
-                   cprof_dir: Path | None = None) -> tuple[Measure, str | None]:  # fmt: skip
+                   prof_dir: Path | None, cprof_dir: Path | None = None,
+                   strace_dir: Path | None = None) -> tuple[Measure, str | None]:  # fmt: skip
     overrides = {
         "node": {"hostname": "mx.bench.test"},
         "outbound": {
@@ -590,6 +693,7 @@ def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sin
             "dane": False,
         },
         "dkim": {"sign": True, "fast_rsa": fast_rsa},
+        "tls": dict(zip(("cert", "key"), map(str, shared_certificate(root.parent)), strict=True)),
     }
     node = NodeProcess(root, overrides)
     node.settings["storage"].pop("shards", None)  # the default a user gets
@@ -625,6 +729,9 @@ def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sin
         def cpu() -> float:
             return process_cpu(pid)
 
+        def main_cpu() -> float:
+            return main_thread_cpu(pid)
+
         warm = relay_run(sink, clients, counter, addr, WARMUP, PASSWORD, cpu)
         if warm.ok != WARMUP or warm.notes:
             raise RuntimeError(f"warm-up failed: {warm.notes}")
@@ -642,12 +749,20 @@ def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sin
             profiling = cprof_out is not None and i == 0
             if profiling:
                 os.kill(pid, signal.SIGUSR1)
+            tracer = None
+            if strace_dir is not None and i == 0:
+                tracer = Strace([pid], strace_dir / f"postroom-{'keys' if keys else 'nokey'}-"
+                                f"{'fast' if fast_rsa else 'dkimpy'}.strace")  # fmt: skip
             try:
-                m = relay_run(sink, clients, counter, addr, count, PASSWORD, cpu)
+                m = relay_run(sink, clients, counter, addr, count, PASSWORD, cpu, main_cpu)
                 if profiling:
                     m.notes.append("this run was profiled with cProfile (slower)")
+                if tracer is not None:
+                    m.notes.append("this run was traced with strace (slower)")
                 runs.append(m)
             finally:
+                if tracer is not None:
+                    profile_text = (profile_text or "") + tracer.stop(count)
                 if recorder is not None:
                     recorder.stop()
                     profile_text = pyspy.summary(recorder.output)
@@ -670,7 +785,7 @@ def bench_postroom(root: Path, label: str, keys: bool, fast_rsa: bool, sink: Sin
 
 
 def bench_postfix(root: Path, sink: Sink, clients: Clients, counter: Counter, count: int,
-                  repeat: int) -> Measure:  # fmt: skip
+                  repeat: int, strace_dir: Path | None = None) -> tuple[Measure, str | None]:  # fmt: skip
     relay = PostfixRelay(root, sink.port)
     log("Postfix: starting")
     try:
@@ -679,11 +794,21 @@ def bench_postfix(root: Path, sink: Sink, clients: Clients, counter: Counter, co
         warm = relay_run(sink, clients, counter, addr, WARMUP, None, relay.cpu)
         if warm.ok != WARMUP or warm.notes:
             raise RuntimeError(f"warm-up failed: {warm.notes}")
-        runs = []
+        runs, text = [], None
         for i in range(repeat):
             log(f"Postfix: run {i + 1}/{repeat}, {count} messages")
-            runs.append(relay_run(sink, clients, counter, addr, count, None, relay.cpu))
-        return median(runs)
+            tracer = None
+            if strace_dir is not None and i == 0 and relay.master_pid():
+                tracer = Strace(tree_pids(relay.master_pid() or 0), strace_dir / "postfix.strace")
+            try:
+                m = relay_run(sink, clients, counter, addr, count, None, relay.cpu)
+                if tracer is not None:
+                    m.notes.append("this run was traced with strace (slower)")
+                runs.append(m)
+            finally:
+                if tracer is not None:
+                    text = tracer.stop(count)
+        return median(runs), text
     except Exception:
         log("Postfix: log tail:\n" + relay.log_tail())
         raise
@@ -715,17 +840,23 @@ def report(results: dict[str, Measure], command: str, profile_name: str,
         + ", ".join(f"{a:.1f}" for a in LOADAVG),
         f"- workload: 5 KB messages, one recipient each (rcptN@{REMOTE}), {SESSIONS} client "
         "sessions reusing their connections; receiver: Postfix's smtp-sink on loopback",
-        "- postroom: submission port with STARTTLS + AUTH PLAIN, `relay_host` = the sink, "
+        "- both: the clients do STARTTLS (TLS 1.3) with the same ECDSA P-256 certificate "
+        "on both servers, then send over the session",
+        "- postroom: submission port with STARTTLS + AUTH PLAIN (argon2id, once per "
+        "session), `relay_host` = the sink, "
         f"`tls = \"opportunistic\"`, `max_connections_per_domain = {CONCURRENCY}`, default "
         "storage (16 shards, fsync on)",
         "- Postfix " + _version(["postconf", "-h", "mail_version"])
-        + f": plain SMTP from mynetworks, `relayhost = [127.0.0.1]:PORT`, "
-        f"`default_destination_concurrency_limit = {CONCURRENCY}`, no TLS",
+        + ": STARTTLS (`smtpd_tls_security_level = may`), relay allowed from mynetworks "
+        "(no AUTH), `relayhost = [127.0.0.1]:PORT`, "
+        f"`default_destination_concurrency_limit = {CONCURRENCY}`, queue files fsynced "
+        "(Postfix's fixed behaviour)",
         "",
         "| system | relayed/s | accepted/s | relayed/s vs Postfix | server CPU ms/msg "
+        "| main thread ms/msg "
         "| p50 ms | p99 ms | failed | msgs per sink session | client CPU % "
         "| every run (relayed/s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]  # fmt: skip
     for label, m in results.items():
         ratio = f"{m.relay_rate / postfix.relay_rate:.2f}" if postfix and postfix.relay_rate \
@@ -733,6 +864,7 @@ def report(results: dict[str, Measure], command: str, profile_name: str,
         cpu_label = f"{m.cpu_ms_per_msg:.2f}" + (" (all processes)" if label == "Postfix" else "")
         out.append(
             f"| {label} | {m.relay_rate:,.0f} | {m.accepted_rate:,.0f} | {ratio} | {cpu_label} "
+            f"| {'-' if m.main_ms_per_msg is None else f'{m.main_ms_per_msg:.2f}'} "
             f"| {m.p50_ms:.1f} | {m.p99_ms:.1f} | {m.failed} "
             f"| {m.ok / max(1, m.sink_sessions):.1f} | {m.client_cpu_pct:.0f} "
             f"| {', '.join(f'{r:.0f}' for r in m.runs)} |"
@@ -803,6 +935,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="py-spy the node during the first run of each mode")  # fmt: skip
     parser.add_argument("--cprofile", metavar="DIR", type=Path,
                         help="cProfile the node during the first run of each mode")  # fmt: skip
+    parser.add_argument("--strace", metavar="DIR", type=Path,
+                        help="count syscalls (strace -c -f) during the first run of each "
+                             "system")  # fmt: skip
     parser.add_argument("--nice", type=int, default=0, metavar="N",
                         help="run everything at this niceness")  # fmt: skip
     parser.add_argument(
@@ -824,6 +959,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cprofile:
         args.cprofile = args.cprofile.resolve()
         args.cprofile.mkdir(parents=True, exist_ok=True)
+    if args.strace:
+        if shutil.which("strace") is None:
+            parser.error("--strace needs strace")
+        args.strace = args.strace.resolve()
+        args.strace.mkdir(parents=True, exist_ok=True)
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
@@ -858,6 +998,7 @@ def main(argv: list[str] | None = None) -> int:
                         args.repeat,
                         args.profile,
                         args.cprofile,
+                        args.strace,
                     )
                     results[label] = m
                     if prof:
@@ -871,9 +1012,11 @@ def main(argv: list[str] | None = None) -> int:
             log("Postfix: not installed")
         else:
             try:
-                results["Postfix"] = bench_postfix(
-                    root / "postfix", sink, clients, counter, count, args.repeat
+                results["Postfix"], prof = bench_postfix(
+                    root / "postfix", sink, clients, counter, count, args.repeat, args.strace
                 )
+                if prof:
+                    profiles["Postfix"] = prof
             except Exception as exc:
                 log(f"Postfix: FAILED: {exc}")
                 failures.append(f"Postfix failed: {str(exc).splitlines()[0]}")
