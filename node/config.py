@@ -55,6 +55,12 @@ class StorageSettings:
     shards: int = 16  # mailbox shards; fixed when the store is first created
     fsync: bool = True  # never turn off outside throwaway tests
     group_commit_max: int = 256  # operations per SQLite transaction at most
+    # Space reclaiming (storage/reclaim.py, docs/storage.md "Reclaiming space").
+    log_keep_ops: int = 100_000  # newest ops every shard's log keeps at least
+    compact_interval: float = 600.0  # seconds between log compactions; 0: never
+    blob_gc_interval: float = 3600.0  # seconds between blob sweeps; 0: never
+    blob_gc_grace: float = 3600.0  # an unreferenced blob younger than this is kept
+    blob_gc_settle: float = 60.0  # seconds trashed blobs wait before the re-check
 
 
 @dataclass(frozen=True)
