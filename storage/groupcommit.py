@@ -95,6 +95,11 @@ class GroupCommitter:
         self._wakeup.set()
         return result
 
+    @property
+    def busy(self) -> bool:
+        """True while a batch runs or intents wait: a write now joins the next batch."""
+        return not self._idle.is_set()
+
     def submit(self, intent: Intent, check: Check | None = None) -> Any:
         """Run an intent in the next batch and return once it is committed."""
         return self.submit_nowait(intent, check).get()

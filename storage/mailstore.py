@@ -291,6 +291,11 @@ class MailStore:
         entry = self._entry(number)
         return entry.shard, entry.committer
 
+    def busy_shards(self, numbers: list[int]) -> list[int]:
+        """Those of ``numbers`` that are open with a batch running or waiting
+        (storage/queue.py sends new entries there: one commit for several)."""
+        return [n for n in numbers if (e := self._open.get(n)) is not None and e.committer.busy]
+
     def existing_shards(self) -> list[int]:
         """Numbers of the shards that are open or have a database on disk."""
         found = set(self._open)
@@ -530,9 +535,18 @@ class MailStore:
     # -- writes ------------------------------------------------------------
 
     def ensure_account(self, account: str) -> None:
-        """Create the default folders if the account has no INBOX yet; idempotent."""
+        """Create the default folders if the account has no INBOX yet; idempotent.
+
+        Every IMAP/POP3 login calls this: an account that has its INBOX costs
+        one read, not a place in the committer's queue (a login proxied to a
+        busy primary waited there behind replicated batches past the proxy's
+        bound, docs/cluster.md)."""
         acct = _account(account)
-        self._submit(acct, functools.partial(ops.intent_ensure_account, account=acct))
+        entry = self._shard(acct)
+        entry.require_primary()
+        if any(box.name == "INBOX" for box in entry.shard.list_mailboxes(acct)):
+            return
+        self._write(entry, functools.partial(ops.intent_ensure_account, account=acct))
 
     def delete_account(self, account: str) -> None:
         """Remove every mailbox of the account.  Blobs stay (see docs/storage.md)."""
