@@ -12,7 +12,8 @@ Theory of operation
    ``[etcd] lease_ttl = 3`` (the ``lease_ttl`` argument) and the etcd cluster's TLS/auth settings;
 3. ``postroom cluster init --shards 8`` once, ``postroom cluster join`` per node;
 4. ``postroom domain add`` / ``user add`` for example.test, alice and bob
-   (tests/support/node.py USERS);
+   (tests/support/node.py USERS); steps 3 and 4 run in one process
+   (tests/support/cli_batch.py: the same ``node.cli.main``, one start-up);
 5. ``python -m node --config X serve`` per node (in parallel), each ready
    when it prints "postroom ready".
 
@@ -26,8 +27,10 @@ process it started.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,9 +41,10 @@ import pytest
 
 from tests.support.etcd import free_port, skip_without_etcd
 from tests.support.etcd_cluster import HOSTS, EtcdCluster
-from tests.support.node import DOMAIN, USERS, NodeProcess
+from tests.support.node import DOMAIN, REPO, USERS, NodeProcess
 
 SHARDS = 8
+CLI_BATCH = Path(__file__).with_name("cli_batch.py")
 LEASE_TTL = 3
 
 
@@ -138,15 +142,14 @@ class ClusterHarness:
         if not any(m.pid for m in self.etcd.members):
             self.etcd.start()
         self.nodes = [self._make_node(i) for i in range(self.count)]
-        # Two rounds of CLI processes in parallel: (init, domain add), then
-        # (join per node, user add per user).
-        first = self._parallel(self.cli, [("cluster", "init", "--shards", str(self.shards)),
-                                          ("domain", "add", DOMAIN)], star=True)
-        self.cluster_id = first[0].split()[2].rstrip(":")
-        steps: list[Callable[[], Any]] = [lambda n=n: self._join(n) for n in self.nodes]
-        steps += [lambda a=a, p=p: self.cli("user", "add", a, input=p + "\n")
-                  for a, p in USERS.items()]
-        self._parallel(lambda step: step(), steps)
+        # One process runs every command (node.cli.main each time, in order):
+        # seven interpreters would cost about a second of CPU each.
+        commands = [(0, ("cluster", "init", "--shards", str(self.shards)), ""),
+                    (0, ("domain", "add", DOMAIN), "")]
+        commands += [(n.index, ("cluster", "join"), "") for n in self.nodes]
+        commands += [(0, ("user", "add", a), p + "\n") for a, p in USERS.items()]
+        results = self.cli_batch(commands)
+        self.cluster_id = results[0].split()[2].rstrip(":")
 
     def _make_node(self, i: int) -> ClusterNode:
         return ClusterNode(i, self.base_dir / f"n{i + 1}", self.etcd, self.shards, self.lease_ttl)
@@ -178,6 +181,23 @@ class ClusterHarness:
         if start:
             node.start()
         return node
+
+    def cli_batch(self, commands: list[tuple[int, tuple[str, ...], str]]) -> list[str]:
+        """(node, args, stdin) commands in one process (tests/support/cli_batch.py),
+        in order; their stdouts, or RuntimeError naming the first that failed."""
+        batch = [{"argv": ["--config", str(self.nodes[i].config_path), *args], "stdin": stdin}
+                 for i, args, stdin in commands]
+        node = self.nodes[0]
+        result = subprocess.run([sys.executable, str(CLI_BATCH)], input=json.dumps(batch),
+                                capture_output=True, text=True, env=node.env, cwd=str(REPO),
+                                timeout=120, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"cli_batch failed: {result.stderr.strip()[-2000:]}")
+        answers = json.loads(result.stdout)
+        for (_, args, _), answer in zip(commands, answers, strict=True):
+            if answer["rc"] != 0:
+                raise RuntimeError(f"postroom {' '.join(args)} failed: {answer['stderr'].strip()}")
+        return [a["stdout"] for a in answers]
 
     def cli(self, *args: str, input: str | None = None, node: int = 0) -> str:
         """`postroom ARGS` with node's configuration; stdout, or RuntimeError."""
