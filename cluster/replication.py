@@ -606,8 +606,8 @@ class Replicator:
 
     def _in_my_log(self, pos: tuple[int, int]) -> bool:
         index, epoch = pos
-        if index == 0:
-            return True
+        if index == 0:  # an empty log: ours must still start at op 1 (storage/reclaim.py)
+            return self.store.log_start(self.shard) <= 1
         mine = self.store.position(self.shard)
         return index <= mine[0] and self.store.op_epoch(self.shard, index) == epoch
 
@@ -674,6 +674,8 @@ class Replicator:
         ops = self.store.ops_since(self.shard, pos[0], self.host.catchup_batch)
         if not ops:
             raise Retry(f"no ops after {pos[0]}")
+        if ops[0].index != pos[0] + 1:  # compacted meanwhile (storage/reclaim.py)
+            raise Retry(f"our log no longer holds op {pos[0] + 1}")
         chunk, size = [], 0
         for op in ops:
             blob = op.args.get("blob")

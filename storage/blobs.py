@@ -8,9 +8,11 @@ destination directory (and any directory created for it) is fsynced, so once
 committing the operation that references it (docs/storage.md).
 
 All file I/O runs in gevent's threadpool so a slow disk never blocks the hub.
-Blobs are never deleted here: a blob no longer referenced by any message may
-still be needed by the operation log, a replica catching up, or a backup; a
-later garbage collector will remove them.
+The garbage collector (storage/reclaim.py) moves unreferenced blobs into
+``trash/`` and deletes them only after a second look; meanwhile ``put``,
+``read`` and ``exists`` move a trashed blob back, ``put`` of a stored blob
+refreshes its mtime (the collector's grace clock), and every name asked for
+during a sweep is remembered (``wanted``) so the sweep keeps it.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ class BlobStore:
         self._root_str = str(self.root)
         self.fsync = fsync
         self._tmp = self.root / "tmp"
+        self.trash = self.root / "trash"
+        # Names put, read or found during a blob sweep (None: no sweep runs);
+        # the sweep never deletes them (storage/reclaim.py).  Hub only.
+        self.wanted: set[str] | None = None
         # Bounded LRU of small bodies read or written recently.  Blobs are
         # immutable, so a cached copy is never stale; a hit skips the
         # threadpool round trip (the top cost of IMAP FETCH BODY[] on hot
@@ -74,6 +80,7 @@ class BlobStore:
         Only one process uses a store, so every file in ``tmp/`` is garbage.
         """
         self._tmp.mkdir(parents=True, exist_ok=True)
+        self.trash.mkdir(exist_ok=True)  # left to the next sweep: never emptied here
         for leftover in self._tmp.iterdir():
             leftover.unlink(missing_ok=True)
         if self.fsync:
@@ -87,18 +94,33 @@ class BlobStore:
 
     def exists(self, sha: str) -> bool:
         """True if the blob is stored.  A cached blob was stored durably or
-        read here, and blobs are never removed, so it costs no stat (a
-        follower asks several times per replicated message; a garbage
-        collector must drop what it removes from the cache)."""
+        read here, and the collector drops what it trashes from the cache,
+        so a hit costs no stat (a follower asks several times per replicated
+        message).  A trashed blob is moved back first."""
         if not is_blob_name(sha):
             return False
-        return sha in self._cache or os.path.isfile(
-            os.path.join(self._root_str, sha[:2], sha[2:4], sha))
+        if self.wanted is not None:
+            self.wanted.add(sha)
+        if sha in self._cache or os.path.isfile(
+                os.path.join(self._root_str, sha[:2], sha[2:4], sha)):
+            return True
+        if not os.path.isfile(os.path.join(self._root_str, "trash", sha)):
+            return False
+        return gevent.get_hub().threadpool.apply(self._untrash, (sha,))
+
+    def forget(self, shas: list[str]) -> None:
+        """Drop blobs from the cache (the collector trashed them; hub only)."""
+        for sha in shas:
+            data = self._cache.pop(sha, None)
+            if data is not None:
+                self._cached -= len(data)
 
     def put(self, data: bytes) -> str:
         """Store ``data`` durably and return its SHA-256 hex; idempotent."""
         data = bytes(data)
         sha = gevent.get_hub().threadpool.apply(self._put_sync, (data,))
+        if self.wanted is not None:
+            self.wanted.add(sha)
         self._remember(sha, data)
         return sha
 
@@ -106,6 +128,8 @@ class BlobStore:
         """The bytes of a blob; raises NoSuchBlob for a bad or unknown name."""
         if not is_blob_name(sha):
             raise NoSuchBlob(sha)
+        if self.wanted is not None:
+            self.wanted.add(sha)
         data = self._cache.get(sha)
         if data is not None:
             self._cache.move_to_end(sha)
@@ -130,13 +154,39 @@ class BlobStore:
         try:
             return self.path(sha).read_bytes()
         except FileNotFoundError:
+            pass
+        if not self._untrash(sha):
+            raise NoSuchBlob(sha)
+        try:
+            return self.path(sha).read_bytes()
+        except FileNotFoundError:
             raise NoSuchBlob(sha) from None
+
+    def _untrash(self, sha: str) -> bool:
+        """Move a trashed blob back into place (threadpool); True if it is
+        in place now.  A rename: it races safely with the collector."""
+        final = self.path(sha)
+        try:
+            os.replace(self.trash / sha, final)
+        except FileNotFoundError:
+            return final.is_file()
+        if self.fsync:
+            _fsync_dir(final.parent)
+        return True
 
     def _put_sync(self, data: bytes) -> str:
         sha = hashlib.sha256(data).hexdigest()
         final = self.path(sha)
-        if final.is_file():
-            return sha  # immutable: same name, same bytes
+        try:
+            # Immutable: same name, same bytes.  The new mtime restarts the
+            # collector's grace period (a delivery commits its op after this).
+            os.utime(final)
+            return sha
+        except FileNotFoundError:
+            pass
+        if self._untrash(sha):
+            os.utime(final)
+            return sha
         created = self._makedirs(final.parent)
         tmp = self._tmp / f"{sha}.{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)

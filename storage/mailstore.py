@@ -400,6 +400,11 @@ class MailStore:
         """(last_index, last_epoch) of the committed log; (0, 0) when empty."""
         return self._entry(number).shard.position()
 
+    def log_start(self, number: int) -> int:
+        """Index of the oldest op shard ``number``'s log still holds (0: empty;
+        storage/reclaim.py deletes old ones)."""
+        return self._entry(number).shard.log_start()
+
     def op_epoch(self, number: int, index: int) -> int | None:
         """Epoch of the committed op at ``index``; None if absent, 0 for index 0."""
         return self._entry(number).shard.op_epoch(index)

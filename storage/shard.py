@@ -958,6 +958,19 @@ def intent_apply_ops(tx: Tx, ops: list[Op]) -> int:
     return last
 
 
+def intent_compact_log(tx: Tx, floor: int, limit: int) -> int:
+    """Delete at most ``limit`` of the oldest ops with idx <= ``floor``
+    (storage/reclaim.py); the newest op always stays, and with it the
+    position in shard_meta.  Logs nothing.  Returns how many went."""
+    last = _meta_get(tx.conn, "last_index")
+    floor = min(int(floor), last - 1)
+    first = tx.conn.execute("SELECT min(idx) FROM oplog").fetchone()[0]
+    if first is None or floor < first:
+        return 0
+    upto = min(floor, first + max(1, int(limit)) - 1)
+    return tx.conn.execute("DELETE FROM oplog WHERE idx <= ?", (upto,)).rowcount
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -1159,6 +1172,16 @@ class Shard:
             rows = conn.execute("SELECT blob FROM messages UNION SELECT blob FROM queue")
             return {blob for (blob,) in rows}
 
+    def referenced_blobs(self) -> set[str]:
+        """``blob_names`` plus every blob an op still in the log names
+        (replay, catch-up and backup may need them).  Threadpool."""
+        with self._snapshot_reader() as conn:
+            rows = conn.execute(
+                "SELECT blob FROM messages UNION SELECT blob FROM queue UNION"
+                " SELECT json_extract(args, '$.blob') FROM oplog"
+                " WHERE json_extract(args, '$.blob') IS NOT NULL")
+            return {blob for (blob,) in rows if isinstance(blob, str)}
+
     # -- reader (hub) ------------------------------------------------------
 
     @property
@@ -1178,6 +1201,10 @@ class Shard:
     def position(self) -> tuple[int, int]:
         """(last_index, last_epoch) of the committed log; (0, 0) when empty."""
         return _position(self.reader)
+
+    def log_start(self) -> int:
+        """The index of the oldest op still in the log (0: empty)."""
+        return self.reader.execute("SELECT coalesce(min(idx), 0) FROM oplog").fetchone()[0]
 
     def op_epoch(self, index: int) -> int | None:
         """The epoch of the committed op at ``index`` (index 0: 0; None if absent)."""
