@@ -76,22 +76,10 @@ def _snapshot(harness: ClusterHarness) -> ClusterSnapshot:
     return read_snapshot(harness.session)
 
 
-def _fully_replicated(harness: ClusterHarness, caught_up: bool = True) -> bool:
-    """Every node a member; every shard: a live primary, 3 replicas, all in the
-    ISR, and (caught_up: the load has stopped) all at the primary's position."""
-    snap = _snapshot(harness)
-    names = {n.name for n in harness.nodes}
-    if set(snap.members) != names or snap.leaderless() or (caught_up and drill.lagging(snap)):
-        return False
-    return len(snap.shards) == snap.shard_count and all(
-        set(r.get("isr") or []) == names == set(r.get("replicas") or [])
-        for r in snap.shards.values())
-
-
 def _wait_replicated(harness: ClusterHarness, what: str, caught_up: bool = True) -> None:
     """Until _fully_replicated; on timeout the failure says what is missing."""
     try:
-        harness.wait_until(lambda: _fully_replicated(harness, caught_up), RECOVERY, what)
+        harness.wait_until(lambda: harness.fully_replicated(caught_up), RECOVERY, what)
     except TimeoutError as exc:
         snap = _snapshot(harness)
         raise AssertionError(
@@ -182,14 +170,7 @@ def chaos(harness: ClusterHarness, rpc_call) -> Iterator[Chaos]:
         yield run
     finally:
         run.close()
-        for node in harness.nodes:  # leave every node running for the next test
-            if node.frozen:
-                node.cont()
-            if not node.running:
-                node.start()
-        for i, member in enumerate(harness.etcd.members):
-            if member.pid is None:
-                harness.etcd.start_member(i)
+        harness.restore()  # every node and etcd member running for the next test
 
 
 def _primary_of(harness: ClusterHarness, shard: int) -> str:

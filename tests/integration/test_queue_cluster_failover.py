@@ -1,30 +1,45 @@
-"""The outbound queue on a real 3-node cluster: the new primary resumes.
+"""The outbound queue on a real 3-node cluster: failover and planned hand-off.
 
 Real processes (tests/support/cluster.py: 3 nodes on 127.0.0.2-4 over a
 3-member TLS+auth etcd) relaying to tests/support/smtp_peer.py's SmtpPeer on
-127.0.0.1.  A message submitted (STARTTLS + AUTH) while the receiver is down
-stays queued on the primary of its queue shard.  That node is killed
-(SIGKILL); once another node leads the shard, ``postroom queue`` on a
-surviving node shows the entry, the receiver comes up, ``postroom queue
-flush`` fans out to the primaries, and the message arrives exactly once.
+127.0.0.1.  Both tests share one cluster; after each, ``restore()`` restarts
+what was killed, drops the drain request, and the next test starts once every
+replica is back in every ISR.
+
+* **Crash.**  A message submitted (STARTTLS + AUTH) while the receiver is
+  down stays queued on the primary of its queue shard.  That node is killed
+  (SIGKILL); once another node leads the shard, ``postroom queue`` on a
+  surviving node shows the entry, the receiver comes up, ``postroom queue
+  flush`` fans out to the primaries, and the message arrives exactly once.
+* **Hand-off.**  While messages are submitted to node n1 one after another,
+  ``postroom node drain n1 --wait`` moves every shard away from it: its queue
+  runner's hand-off hook lets each attempt in flight record its result before
+  the new primary takes over, and once n1 leads nothing its submissions are
+  forwarded to a primary (``queue.enqueue``).  Every message must reach the
+  receiver exactly once.
 """
 
 from __future__ import annotations
 
+import collections
+import re
 import smtplib
 import ssl
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from storage.queue import queue_shard
 from tests.support.cluster import ClusterHarness
-from tests.support.etcd import free_port
+from tests.support.etcd import free_port, skip_without_etcd
 from tests.support.node import USERS, to_toml
 from tests.support.smtp_peer import SmtpPeer
 
 ALICE = "alice@example.test"
-DEADLINE = 60.0
+DEADLINE = 90.0
+SUBJECT = re.compile(rb"^Subject: (handoff \d+)\r$", re.MULTILINE)
 
 
 def submit(host: str, port: int, subject: str) -> None:
@@ -46,10 +61,16 @@ def queue_list(cluster: ClusterHarness, node: int) -> dict:
     return AdminClient(Path(cluster.node(node).data_dir) / "admin.sock").call("queue.list")
 
 
-@pytest.fixture
-def world(tmp_path):
+def queue_entries(cluster: ClusterHarness, node: int) -> list:
+    return queue_list(cluster, node)["entries"]
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ClusterHarness, int]]:
+    """The shared cluster, relaying everything to 127.0.0.1:port (retry after 1 s)."""
+    skip_without_etcd()
     port = free_port("127.0.0.1")
-    cluster = ClusterHarness(tmp_path / "cluster")
+    cluster = ClusterHarness(tmp_path_factory.mktemp("queue-cluster"))
     try:
         cluster.setup()
         for node in cluster.nodes:
@@ -58,13 +79,23 @@ def world(tmp_path):
                 "mta_sts": False, "dane": False, "retry_intervals": [1]})
             node.config_path.write_text(to_toml(node.settings))
         cluster.start()
-        cluster.wait_until(cluster.all_shards_led, DEADLINE, "every shard led")
         yield cluster, port
     except BaseException:
         print(cluster.log_tails())
         raise
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def world(relay: tuple[ClusterHarness, int]) -> Iterator[tuple[ClusterHarness, int]]:
+    """The shared cluster, whole: every node running and in every ISR, none draining."""
+    cluster, port = relay
+    cluster.wait_until(cluster.fully_replicated, DEADLINE, "every replica in every ISR")
+    try:
+        yield cluster, port
+    finally:
+        cluster.restore()
 
 
 def test_new_primary_resumes_the_queue_after_a_crash(world):
@@ -98,3 +129,49 @@ def test_new_primary_resumes_the_queue_after_a_crash(world):
                            "the queue to empty")
         # Delivered exactly once: the dead primary's attempts had all failed.
         assert len(peer.transactions) == 1, [t.rcpt_to for t in peer.transactions]
+
+
+def test_drain_hands_the_queue_over_without_duplicates(world):
+    cluster, peer_port = world
+    host, port = cluster.node(0).address("submission")
+    sent: list[str] = []
+    failures: list[str] = []
+    done = threading.Event()
+
+    def submit_until_done() -> None:
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE  # the node's self-signed loopback certificate
+        i = 0
+        while not done.is_set() or len(sent) < 20:
+            subject = f"handoff {i}"
+            i += 1
+            try:
+                with smtplib.SMTP(host, port, timeout=30) as smtp:
+                    smtp.starttls(context=tls)
+                    smtp.login(ALICE, USERS[ALICE])
+                    smtp.sendmail(ALICE, ["far@remote.test"],
+                                  f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+                sent.append(subject)  # 250: acknowledged
+            except (OSError, smtplib.SMTPException) as exc:  # 451 while a shard moves
+                failures.append(f"{subject}: {exc}")
+
+    with SmtpPeer("127.0.0.1", peer_port, ehlo=["PIPELINING", "8BITMIME"]) as peer:
+        sender = threading.Thread(target=submit_until_done)
+        sender.start()
+        try:
+            cluster.wait_until(lambda: len(sent) >= 5, DEADLINE, "the first submissions")
+            cluster.cli("node", "drain", "n1", "--wait", "--timeout", str(int(DEADLINE)), node=1)
+            assert "n1" not in set(cluster.primaries().values())
+        finally:
+            done.set()
+            sender.join(DEADLINE)
+        assert not sender.is_alive()
+        cluster.wait_until(lambda: len(peer.transactions) >= len(sent), DEADLINE,
+                           f"{len(sent)} messages at the receiver")
+        cluster.wait_until(lambda: not queue_entries(cluster, 1), DEADLINE, "an empty queue")
+        with peer.lock:
+            received = collections.Counter(
+                m.group(1).decode() for tx in peer.transactions if (m := SUBJECT.search(tx.data)))
+        assert set(received) == set(sent), failures
+        assert [s for s, n in received.items() if n > 1] == []  # no duplicate

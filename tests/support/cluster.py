@@ -271,6 +271,36 @@ class ClusterHarness:
         return len(records) == self.shards and all(
             r.get("primary") in live for r in records.values())
 
+    def fully_replicated(self, caught_up: bool = True) -> bool:
+        """Every node a member, none draining; every shard has a live primary
+        and every node in its replicas and ISR (caught_up: all at the
+        primary's position, which needs the load to have stopped)."""
+        from cluster import drill
+        from node.statuscli import read_snapshot
+
+        snap = read_snapshot(self.session)
+        names = {n.name for n in self.nodes}
+        if set(snap.members) != names or snap.drain or snap.leaderless():
+            return False
+        if caught_up and drill.lagging(snap):
+            return False
+        return len(snap.shards) == snap.shard_count and all(
+            set(r.get("isr") or []) == names == set(r.get("replicas") or [])
+            for r in snap.shards.values())
+
+    def restore(self) -> None:
+        """Undo a test's faults so the next test of a shared cluster finds it
+        whole: thaw frozen nodes, start dead ones and dead etcd members, drop
+        every drain request.  Wait with ``fully_replicated`` afterwards."""
+        for i, member in enumerate(self.etcd.members):
+            if member.pid is None:
+                self.etcd.start_member(i)
+        for node in self.nodes:
+            if node.frozen:
+                node.cont()
+        self._parallel(lambda n: n.start(), [n for n in self.nodes if not n.running])
+        self.session.delete_prefix("/drain/")
+
     def log_tails(self, lines: int = 30) -> str:
         return "\n".join(f"--- {n.name} ---\n{n.log_tail(lines)}" for n in self.nodes)
 
