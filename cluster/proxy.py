@@ -13,9 +13,14 @@ the protocol server (node/imap/server.py, node/pop3/server.py) calls
 2. reads the primary's answer to the login: the primary starts the session
    in the authenticated state (`Session.resume`, `Pop3Session.open_maildrop`)
    and writes the login's reply itself (`tag OK [CAPABILITY ...]`, `+OK
-   maildrop has ...`).  Anything else (say `-ERR [IN-USE]`), or no stream at
-   all (no primary, unreachable: `NO [UNAVAILABLE]` / `-ERR [SYS/TEMP]`), is
-   answered locally and the client stays unauthenticated;
+   maildrop has ...`).  While placement settles (no primary yet, a new
+   primary still syncing, one that no longer leads and says `NO
+   [UNAVAILABLE]` / `-ERR [SYS/TEMP]`, one not reachable) the login is
+   re-routed for at most the router's SETTLE seconds, each reason logged; a
+   shard that comes to be led here meanwhile is served here.  Any other
+   refusal (say `-ERR [IN-USE]`), or a shard still unavailable at the end
+   (or a primary that did not answer within the RPC timeout), is answered
+   locally and the client stays unauthenticated;
 3. forwards that reply, then the bytes the client pipelined after its login,
    then pipes both directions until either side closes.  COMPRESS, IDLE and
    everything else after login are the primary's business: bytes pass
@@ -39,12 +44,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
 import gevent
 
-from cluster.router import ClusterStore
+from cluster.router import SETTLE, ClusterStore
 from cluster.rpc import RpcError, RpcServer
 from node.context import NodeContext
 from node.pop3.session import ERR_SYS_TEMP
@@ -55,6 +61,8 @@ MOVED_IMAP = b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
 MOVED_POP3 = b"-ERR [SYS/TEMP] mailbox moved\r\n"
 PIPE_SIZE = 65536
 MAX_FIRST_LINE = 16384  # octets of the primary's answer to the login
+LOCAL = object()  # _settled: the shard is led here now, serve the login locally
+TIMED_OUT = "the primary did not answer the login in time"
 
 
 # ---------------------------------------------------------- the proxy side
@@ -68,12 +76,17 @@ def hand_over_imap(ctx: NodeContext, conn: Any) -> bool:
     tag, account = session.want_proxy
     args = {"account": account, "tag": tag, "peer_ip": session.peer_ip, "tls": session.tls,
             "enabled": sorted(session.enabled)}
-    pipe = Pipe.open(ctx, "imap.session", account, args, MOVED_IMAP)
-    refusal = _refusal(pipe, f"{tag} OK ".encode(), f"{tag} NO ".encode())
-    if pipe is None or refusal is not None:
+    outcome = _settled(ctx, "imap.session", account, args, MOVED_IMAP,
+                       f"{tag} OK ".encode(), f"{tag} NO ".encode(), b"[UNAVAILABLE]")
+    if outcome is LOCAL:
         with conn.lock:
-            session.proxy_refused(refusal or None)  # b"": NO [UNAVAILABLE]
+            session.proxy_local()
         return False
+    if not isinstance(outcome, Pipe):
+        with conn.lock:
+            session.proxy_refused(outcome or None)  # b"": NO [UNAVAILABLE]
+        return False
+    pipe = outcome
     with conn.lock:
         pending = session.framer.take_buffer()
         session.proxy_started()
@@ -84,13 +97,18 @@ def hand_over_imap(ctx: NodeContext, conn: Any) -> bool:
 
 def hand_over_pop3(ctx: NodeContext, sock: Any, session: Any, account: str) -> bool:
     """The same for a POP3 login (node/pop3/server.py); False: the client
-    got the refusal and the session stays in the AUTHORIZATION state."""
+    got the refusal (the session stays in the AUTHORIZATION state) or the
+    maildrop was opened here after all."""
     args = {"account": account, "peer_ip": session.peer_ip, "tls": session.secure}
-    pipe = Pipe.open(ctx, "pop3.session", account, args, MOVED_POP3)
-    refusal = _refusal(pipe, b"+OK", b"-ERR ")
-    if pipe is None or refusal is not None:
-        sock.sendall(refusal or ERR_SYS_TEMP.encode())
+    outcome = _settled(ctx, "pop3.session", account, args, MOVED_POP3, b"+OK", b"-ERR ",
+                       b"[SYS/TEMP]")
+    if outcome is LOCAL:
+        sock.sendall(b"".join(session.open_maildrop(account).chunks))
         return False
+    if not isinstance(outcome, Pipe):
+        sock.sendall(outcome or ERR_SYS_TEMP.encode())
+        return False
+    pipe = outcome
     pending = session.discard_input()
     session.close()
     log.info("pop3: %s from %s proxied to %s", account, session.peer_ip, pipe.primary)
@@ -98,10 +116,51 @@ def hand_over_pop3(ctx: NodeContext, sock: Any, session: Any, account: str) -> b
     return True
 
 
+def _settled(ctx: NodeContext, method: str, account: str, args: dict, goodbye: bytes,
+             accepted: bytes, refused: bytes, transient: bytes) -> Pipe | bytes | object:
+    """A pipe to the account's primary, re-routed while placement settles.
+
+    A shard between two primaries (no primary yet, a new primary still
+    syncing its followers, a primary that no longer leads, an unreachable
+    one) is retried for at most SETTLE seconds, as the router does for SMTP
+    (cluster/router.py), so the client sees a short delay, not a refusal.
+    Returns the Pipe, LOCAL if the shard came to be led here meanwhile, or
+    the refusal line to send (b"": the generic "unavailable" one)."""
+    view = ctx.cluster
+    number = view.shard_of(account) if view is not None else -1
+    deadline = time.monotonic() + SETTLE
+    delay = 0.05
+    tries = 0
+    while True:
+        tries += 1
+        if view is not None and view.is_local_primary(number):
+            log.info("%s: shard %d of %s is led here now: served locally", method, number,
+                     account)
+            return LOCAL
+        pipe, why = Pipe.open(ctx, method, account, args, goodbye)
+        refusal = _refusal(pipe, accepted, refused)
+        if pipe is not None and refusal is None:
+            if tries > 1:
+                log.info("%s: %s reached its primary %s after %d tries", method, account,
+                         pipe.primary, tries)
+            return pipe
+        if refusal is not None:
+            why = f"the primary refused: {refusal.strip()[:120]!r}"
+            if refusal and transient not in refusal:
+                return refusal  # final (e.g. the maildrop is in use)
+        if why == TIMED_OUT or time.monotonic() + delay > deadline:
+            log.warning("%s: %s refused as unavailable after %d tries: %s", method, account,
+                        tries, why)
+            return refusal or b""
+        log.info("%s: %s: %s; retrying", method, account, why)
+        gevent.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
 def _refusal(pipe: Pipe | None, accepted: bytes, refused: bytes) -> bytes | None:
-    """None if the primary accepted the login (its answer starts with
-    ``accepted``); else the primary's refusal line to forward (b"" when it
-    gave none usable), and the pipe is closed."""
+    """None if there is no pipe or the primary accepted the login (its
+    answer starts with ``accepted``); else the primary's refusal line to
+    forward (b"" when it gave none usable), and the pipe is closed."""
     if pipe is None or pipe.first.startswith(accepted):
         return None
     pipe.close()
@@ -122,18 +181,21 @@ class Pipe:
 
     @classmethod
     def open(cls, ctx: NodeContext, method: str, account: str, args: dict,
-             goodbye: bytes) -> Pipe | None:
-        """Open the stream and read the primary's answer; None if there is
-        no primary to reach (the caller answers "unavailable")."""
+             goodbye: bytes) -> tuple[Pipe | None, str]:
+        """Open the stream and read the primary's answer: (pipe, "") or
+        (None, why there is no primary to reach now)."""
         view, store = ctx.cluster, ctx.store
         if view is None or not isinstance(store, ClusterStore):
-            return None
+            return None, "not in cluster mode"
         number = view.shard_of(account)
         primary = view.primary_of(number)
-        address = view.rpc_address(primary) if primary else None
-        if primary is None or primary == view.node_name or address is None:
-            log.info("%s: no primary to serve %s (shard %d)", method, account, number)
-            return None
+        if primary is None:
+            return None, f"shard {number} has no primary"
+        if primary == view.node_name:
+            return None, f"shard {number}: this node is named primary but not leading yet"
+        address = view.rpc_address(primary)
+        if address is None:
+            return None, f"shard {number}: primary {primary} is not a member"
         pipe: Pipe | None = None
 
         def changed(shard: int) -> None:
@@ -143,19 +205,23 @@ class Pipe:
         try:
             upstream = store.rpc.open_stream(address, method, args, timeout=store.timeout)
         except RpcError as exc:
-            log.info("%s: primary %s of %s unreachable: %s", method, primary, account, exc)
-            return None
+            return None, f"primary {primary} unreachable: {exc}"
         except Exception:  # e.g. a malformed address: the login is answered "unavailable"
             log.exception("%s: cannot open a stream to %s at %s", method, primary, address)
-            return None
+            return None, f"cannot open a stream to {primary}"
         pipe = cls(upstream, primary, goodbye)
         pipe._cancel = view.on_role_change(changed)
-        if view.primary_of(number) != primary or not pipe._read_first(store.timeout):
+        if view.primary_of(number) != primary:
             pipe.close()
-            return None
-        return pipe
+            return None, f"shard {number}: the primary changed from {primary}"
+        why = pipe._read_first(store.timeout)
+        if why:
+            pipe.close()
+            return None, why
+        return pipe, ""
 
-    def _read_first(self, timeout: float) -> bool:
+    def _read_first(self, timeout: float) -> str:
+        """Read the answer to the login: "" once a line came, else why not."""
         try:
             self.upstream.settimeout(timeout)
             while b"\n" not in self.first and len(self.first) < MAX_FIRST_LINE:
@@ -164,10 +230,11 @@ class Pipe:
                     break
                 self.first += data
             self.upstream.settimeout(None)
+        except TimeoutError:
+            return TIMED_OUT
         except (OSError, ssl.SSLError, ValueError) as exc:
-            log.info("primary %s did not answer the login: %s", self.primary, exc)
-            return False
-        return bool(self.first)
+            return f"primary {self.primary} did not answer the login: {exc}"
+        return "" if self.first else f"primary {self.primary} closed without an answer"
 
     def primary_moved(self) -> None:
         """The shard's primary changed: end the session with the notice."""

@@ -477,6 +477,16 @@ class Session:
                                                           "UNAVAILABLE"))
         self.feed(b"")
 
+    def proxy_local(self) -> None:
+        """The account's shard came to be led here while the hand-over waited
+        for placement to settle: the login is served here after all."""
+        assert self.want_proxy is not None
+        tag, account = self.want_proxy
+        self.want_proxy = None
+        reply = self._guarded("LOGIN", self._start, account) or no("failed", "SERVERBUG")
+        self._write(tagged(tag, reply.status, reply.text, reply.code))
+        self.feed(b"")
+
     def proxy_started(self) -> None:
         """The primary serves the client from now on; this session is over."""
         assert self.want_proxy is not None
