@@ -13,7 +13,8 @@ Commands (docs/queue.md): ``queue.list`` {domain?, sender?, older_than? (s)},
 ``queue.release`` {id}, ``queue.delete`` {id}, ``queue.flush`` {}, ``ping``.
 Restores (single node; node/backupcli.py): ``restore.append`` {account,
 mailbox, blob, flags, internaldate}, ``restore.mailbox`` {file},
-``restore.listing`` {account}.
+``restore.listing`` {account}.  ``storage.reclaim`` {settle? (s)}: one log
+compaction and one blob sweep now (storage/reclaim.py).
 ``wake()`` is called after retry, release and flush so the queue runner acts
 at once.
 
@@ -322,6 +323,10 @@ class AdminServer:
             "restore.mailbox": self._restore_mailbox,
             "restore.listing": self._restore_listing,
         }
+
+    def register(self, name: str, command: Callable[[dict], Any]) -> None:
+        """Add a command (node/app.py: ``storage.reclaim``, storage/reclaim.py)."""
+        self._commands[name] = command
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -10,6 +10,7 @@ serves.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -112,9 +113,11 @@ class Node:
 
             self.backup = BackupAgent(cfg, self.store, self.context.cluster, self.etcd, self.meta)
             self.backup.start()
+        self._start_reclaimer()
         self.runner = QueueRunner(self.context)
         self.runner.start()
         self.admin = AdminServer(data_dir / "admin.sock", self.queue, self.runner.wake)
+        self.admin.register("storage.reclaim", self._reclaim_now)
         self.admin.start()
         self._start_listeners()
         info = {"hostname": cfg.hostname, "version": VERSION, "listeners": self.ports(),
@@ -142,6 +145,32 @@ class Node:
             raise SystemExit("postroom: [cluster] enabled but etcd holds no cluster;"
                              " run `postroom cluster init` first (docs/operations.md)")
         return record.value
+
+    def _start_reclaimer(self) -> None:
+        """Log compaction and blob sweeps (storage/reclaim.py)."""
+        from storage.reclaim import Reclaimer, keep_positions
+
+        cfg = self.config
+        backup = getattr(self, "backup", None)
+        session = self.etcd if self.meta is not None else None
+
+        def keep(numbers: list[int]) -> dict[int, list[int]]:
+            return keep_positions(numbers, backup=backup, backup_enabled=cfg.backup.enabled,
+                                  session=session, node=self.name)
+
+        self.reclaimer = Reclaimer(self.store, cfg.storage, keep)
+        self.reclaimer.start()
+
+    def _reclaim_now(self, args: dict) -> dict:
+        """Admin ``storage.reclaim`` {settle?}: compact every log, sweep blobs."""
+        settle = args.get("settle")
+        if settle is not None and (isinstance(settle, bool) or not isinstance(settle, int | float)
+                                   or not 0 <= settle <= 3600):
+            raise ValueError("settle: expected 0..3600 seconds")
+        compacted = self.reclaimer.compact_now()
+        sweep = self.reclaimer.sweep_now(settle)
+        return {"compacted": {str(n): c for n, c in compacted.items()},
+                "sweep": dataclasses.asdict(sweep)}
 
     def _start_cluster(self) -> None:
         """Multi-node mode: mTLS RPC, the cluster manager (roles, replication),
@@ -222,7 +251,7 @@ class Node:
                 server.close()
         for service in self.services:
             service.stop()
-        for name in ("backup", "admin", "runner", "controller"):
+        for name in ("reclaimer", "backup", "admin", "runner", "controller"):
             part = getattr(self, name, None)
             if part is not None:
                 part.stop()

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     alias.add_parser("list", help="list aliases")
     alias.add_parser("remove", help="remove an alias").add_argument("source")
     _add_queue_parser(sub)
+    _add_storage_parser(sub)
     _add_dkim_parser(sub)
     from node import clustercli
 
@@ -142,6 +143,32 @@ def _add_queue_parser(sub: argparse._SubParsersAction) -> None:
     queue.add_parser("release", help="undo hold, attempt now").add_argument("id")
     queue.add_parser("delete", help="remove without a report").add_argument("id")
     queue.add_parser("flush", help="attempt every message not on hold now")
+
+
+def _add_storage_parser(sub: argparse._SubParsersAction) -> None:
+    """``postroom storage reclaim`` (docs/operations.md, "Reclaiming space")."""
+    storage = sub.add_parser("storage", help="the running node's storage").add_subparsers(
+        dest="action", metavar="ACTION", required=True)
+    reclaim = storage.add_parser(
+        "reclaim", help="compact every shard's log and delete unreferenced blobs now")
+    reclaim.add_argument("--settle", type=float, metavar="SECONDS",
+                         help="wait before the second look at trashed blobs"
+                              " (default: storage.blob_gc_settle)")
+
+
+def cmd_storage(config: Config, args: argparse.Namespace) -> int:
+    """``postroom storage reclaim`` through the admin socket (storage/reclaim.py)."""
+    from node.admin import AdminClient
+
+    settle = config.storage.blob_gc_settle if args.settle is None else args.settle
+    client = AdminClient(config.data_dir / "admin.sock", timeout=settle + 600.0)
+    done = client.call("storage.reclaim", settle=settle)
+    ops = sum(done["compacted"].values())
+    sweep = done["sweep"]
+    print(f"log: {ops} operation(s) deleted from {len(done['compacted'])} shard(s)")
+    print(f"blobs: {sweep['deleted']} deleted ({sweep['freed']} octets),"
+          f" {sweep['kept']} put back, {sweep['referenced']} referenced")
+    return 0
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -331,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
         return statuscli.cmd_drill(config, _session(config), args)
     if command == "queue":
         return cmd_queue(config, args)
+    if command == "storage":
+        return cmd_storage(config, args)
     if command == "backup":
         from node import backupcli
 

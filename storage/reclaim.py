@@ -209,6 +209,7 @@ class Reclaimer:
         self.grace = float(settings.blob_gc_grace)
         self.settle = float(settings.blob_gc_settle)
         self.keep = keep or (lambda numbers: {n: [] for n in numbers})
+        self.batch = COMPACT_BATCH
         self._greenlets: list[gevent.Greenlet] = []
         self._stopping = gevent.event.Event()
         self._sweeping = gevent.lock.Semaphore()
@@ -261,7 +262,7 @@ class Reclaimer:
         floor = compaction_floor(last, self.keep_ops, keep)
         if floor < max(1, shard.log_start()):
             return 0
-        deleted = compact_shard(self.store, number, floor)
+        deleted = compact_shard(self.store, number, floor, self.batch)
         if deleted:
             self.compacted += deleted
             log.info("shard %d: log compacted: %d ops deleted, it now holds ops %d..%d",
