@@ -26,7 +26,8 @@ flight) entries with their recipients.
 
 Cluster mode (``use_cluster``): this node may write only to the shards it
 leads (the store's role gate raises StorageUnavailable otherwise).
-``enqueue`` picks one of those at random, so the commit is local; a node
+``enqueue`` picks one of those (one with a batch forming first, else at
+random), so the commit is local; a node
 that leads no shard hands the message to ``forward`` (an RPC to a primary,
 node/admin.py).  Reads without an explicit shard list cover the led shards.
 """
@@ -195,26 +196,46 @@ def _require(tx: Tx, queue_id: str) -> tuple:
 # Intents (run by the group committer in the write transaction).
 
 
+_ID_DRAW = 64  # candidate ids per getrandom call
+
+
+def _draw_id(tx: Tx, number: int, shards: int) -> str:
+    """16 random hex digits that map to shard ``number`` and name no entry yet."""
+    for _ in range(16 * shards):  # ~1000 candidates per shard, as many as needed
+        pool = secrets.token_bytes(8 * _ID_DRAW)
+        for i in range(0, len(pool), 8):
+            candidate = pool[i:i + 8].hex()
+            if queue_shard(candidate, shards) == number and tx.conn.execute(
+                "SELECT 1 FROM queue WHERE id = ?", (candidate,)
+            ).fetchone() is None:
+                return candidate
+    raise StorageError("could not draw a queue id")  # pragma: no cover - p ~ e^-1000
+
+
+def _new_entry(a: dict) -> QueueEntry:
+    """The entry ``_apply_enqueue`` stores for the op args ``a`` (no re-read)."""
+    return QueueEntry(
+        id=a["id"], sender=a["sender"],
+        recipients=tuple(QueuedRecipient(r["address"], tuple(r["notify"]), r["orcpt"],
+                                         updated=a["created"]) for r in a["recipients"]),
+        blob=a["blob"], size=a["size"], created=a["created"], next_attempt=a["next_attempt"],
+        envid=a["envid"], ret=a["ret"], requiretls=bool(a["requiretls"]),
+        smtputf8=bool(a["smtputf8"]), body=a["body"], is_dsn=bool(a["is_dsn"]),
+    )  # fmt: skip
+
+
 def intent_enqueue(
     tx: Tx, number: int, shards: int, sender: str, recipients: list[dict], blob: str,
     size: int, options: dict,
 ) -> QueueEntry:
     """Draw a fresh id that maps to this shard, then log ``enqueue``."""
-    for _ in range(1000 * shards):
-        candidate = secrets.token_hex(8)
-        if queue_shard(candidate, shards) == number and tx.conn.execute(
-            "SELECT 1 FROM queue WHERE id = ?", (candidate,)
-        ).fetchone() is None:
-            break
-    else:  # pragma: no cover - probability ~ e^-1000
-        raise StorageError("could not draw a queue id")
     now = time.time()
-    tx.log("enqueue", {
-        "id": candidate, "sender": sender, "recipients": recipients, "blob": blob,
-        "size": size, "created": now, "next_attempt": now, **options,
-    })
-    return _entry(tx.conn, tx.conn.execute(
-        f"SELECT {_ENTRY_COLUMNS} FROM queue WHERE id = ?", (candidate,)).fetchone())
+    args = {
+        "id": _draw_id(tx, number, shards), "sender": sender, "recipients": recipients,
+        "blob": blob, "size": size, "created": now, "next_attempt": now, **options,
+    }
+    tx.log("enqueue", args)
+    return _new_entry(args)
 
 
 def intent_record_attempt(
@@ -460,11 +481,10 @@ class OutboundQueue:
         anything is written."""
         args = enqueue_args(sender, recipients, envid=envid, ret=ret, requiretls=requiretls,
                             smtputf8=smtputf8, body=body, is_dsn=is_dsn)
-        number = self._enqueue_shard()
-        if number is None:
+        if self.cluster is not None and not self.cluster.local_primary_shards():
             return self._forward_enqueue(args, raw)
         try:
-            return self.enqueue_checked(args, raw, number)
+            return self.enqueue_checked(args, raw)
         except StorageUnavailable:
             if self.cluster is None or self.remote is None:
                 raise
@@ -472,12 +492,13 @@ class OutboundQueue:
 
     def enqueue_checked(self, args: dict, raw: bytes, number: int | None = None) -> QueueEntry:
         """Enqueue ``enqueue_args`` output into shard ``number`` (default: one
-        chosen here); never forwards (the ``queue.enqueue`` RPC handler)."""
+        chosen here once the body is stored); never forwards (the
+        ``queue.enqueue`` RPC handler)."""
+        blob = self.store.blobs.put(raw)  # durable before the op that names it
         if number is None:
             number = self._enqueue_shard()
             if number is None:
                 raise StorageUnavailable("this node leads no queue shard")
-        blob = self.store.blobs.put(raw)  # durable before the op that names it
         entry = self._submit(number, functools.partial(
             intent_enqueue, number=number, shards=self.store.shards, sender=args["sender"],
             recipients=args["recipients"], blob=blob, size=len(raw), options=args["options"],
@@ -489,11 +510,19 @@ class OutboundQueue:
         return entry
 
     def _enqueue_shard(self) -> int | None:
-        """A random shard (single node), or a random led shard (cluster; None if none)."""
+        """A shard to enqueue into: any (single node) or a led one (cluster;
+        None if none).  A shard whose committer has a batch running or
+        waiting comes first, so that concurrent enqueues and attempt results
+        share commits (one transaction and one fsync for several) instead of
+        each opening its own on a random shard; otherwise a random one."""
         if self.cluster is None:
-            return secrets.randbelow(self.store.shards)
-        led = self.cluster.local_primary_shards()
-        return random.choice(led) if led else None
+            candidates = list(range(self.store.shards))
+        else:
+            candidates = list(self.cluster.local_primary_shards())
+            if not candidates:
+                return None
+        busy = self.store.busy_shards(candidates)
+        return random.choice(busy or candidates)
 
     def _forward_enqueue(self, args: dict, raw: bytes) -> QueueEntry:
         if self.remote is None:
