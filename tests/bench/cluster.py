@@ -1,6 +1,6 @@
 """Cluster benchmarks (issue 5): replicated throughput vs one node, failover RTO.
 
-    python3 tests/bench/cluster.py [--quick] [--write-docs] [--repeat N]
+    python3 tests/bench/cluster.py [--quick] [--write-docs] [--repeat N] [--only smtp]
                                    [--targets primary,follower,controller,etcd-member]
                                    [--ttls 3,DEFAULT] [--no-drills] [--profile DIR]
 
@@ -1061,6 +1061,8 @@ def main(argv: list[str]) -> int:
                     help="lease_ttl of the throughput cluster (3 as tests/support/cluster.py"
                          " sets it; a loaded machine may need the default)")
     ap.add_argument("--no-single", action="store_true", help="skip the single node")
+    ap.add_argument("--only", choices=("smtp",),
+                    help="smtp: only the SMTP throughput loads (no IMAP, no drills)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="only SMTP x50, every node sampled by py-spy; stacks and report"
                          " to DIR")
@@ -1074,7 +1076,9 @@ def main(argv: list[str]) -> int:
     for t in targets:
         if t.split(":")[0] not in TARGETS:
             ap.error(f"unknown target {t!r}")
-    ttls = [int(x) for x in args.ttls.split(",") if x] if not args.no_drills else []
+    drilling = not args.no_drills and args.only is None
+    ttls = [int(x) for x in args.ttls.split(",") if x] if drilling else []
+    imap = args.only is None
     command = "python3 tests/bench/cluster.py " + shlex.join(argv)
 
     def on_sigterm(signum: int, frame: object) -> None:
@@ -1101,11 +1105,11 @@ def main(argv: list[str]) -> int:
             return 0
         if not args.no_single:
             single = phase(Single(root), live, failures,
-                           lambda sys_: measure(sys_, children, profile, args.repeat))
+                           lambda sys_: measure(sys_, children, profile, args.repeat, imap))
         measured: dict[str, Any] = {}
 
         def throughput_and_drills(c: Cluster) -> None:
-            measured["cluster"] = measure(c, children, profile, args.repeat)
+            measured["cluster"] = measure(c, children, profile, args.repeat, imap)
             if args.throughput_ttl in ttls:
                 drills(c, targets, profile.drill_duration, drill_results)
 
