@@ -24,6 +24,13 @@ class Secret(str):
 
 
 def setup(level: str = "info") -> None:
+    # The format uses none of these record fields: skip collecting them
+    # (the logging HOWTO's "Optimization"; the caller lookup walks the stack
+    # on every record).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # type: ignore[attr-defined]  # no funcName/lineno lookup
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -81,6 +81,14 @@ def _split_path(arg: str) -> tuple[str, str]:
     arg = arg.lstrip(" ")
     if not arg.startswith("<"):
         raise AddressError(R.BAD_ADDRESS, "path without angle brackets")
+    if '"' not in arg:  # no quoted string: the first ">" ends the path
+        i = arg.find(">", 1)
+        if i < 0:
+            raise AddressError(R.BAD_ADDRESS, "unterminated path")
+        rest = arg[i + 1 :]
+        if rest and not rest.startswith(" "):
+            raise AddressError(R.ARG_SYNTAX, "junk after path")
+        return arg[1:i], rest.strip(" ")
     quoted = escaped = False
     for i in range(1, len(arg)):
         ch = arg[i]
@@ -124,6 +132,8 @@ def _parse_local(text: str) -> tuple[str, bool]:
 
 def _find_at(text: str) -> int:
     """Index of the '@' separating local part and domain (outside quotes)."""
+    if '"' not in text:  # nothing quoted: the last "@"
+        return text.rfind("@")
     quoted = escaped = False
     at = -1
     for i, ch in enumerate(text):
