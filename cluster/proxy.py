@@ -60,6 +60,7 @@ log = logging.getLogger("postroom.cluster.proxy")
 MOVED_IMAP = b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
 MOVED_POP3 = b"-ERR [SYS/TEMP] mailbox moved\r\n"
 PIPE_SIZE = 65536
+YIELD_AT = 16384  # octets read at once (a full TLS record) after which the relay yields
 MAX_FIRST_LINE = 16384  # octets of the primary's answer to the login
 LOCAL = object()  # _settled: the shard is led here now, serve the login locally
 TIMED_OUT = "the primary did not answer the login in time"
@@ -282,14 +283,23 @@ class Pipe:
 
 
 def _copy(src: Any, dst: Any) -> None:
-    """Bytes from src to dst until src ends or either fails."""
+    """Bytes from src to dst until src ends or either fails.
+
+    One buffer per direction, reused; bytes pass unparsed.  A read that
+    filled a TLS record (or the buffer) may have more queued behind it, and
+    gevent's recv returns at once while data is buffered: only then does
+    the loop yield, so a bulk transfer cannot keep the hub to itself while
+    the command/response ping-pong (short reads) pays no extra hub cycle."""
+    buf = bytearray(PIPE_SIZE)
+    view = memoryview(buf)
     try:
         while True:
-            data = src.recv(PIPE_SIZE)
-            if not data:
+            n = src.recv_into(buf)
+            if not n:
                 return
-            dst.sendall(data)
-            gevent.idle()  # a bulk transfer must not keep the hub to itself
+            dst.sendall(view[:n])
+            if n >= YIELD_AT:
+                gevent.idle()
     except (OSError, ssl.SSLError, ValueError):
         # ValueError: gevent's TLS socket read after it was closed elsewhere.
         return
