@@ -170,12 +170,7 @@ def test_drain_under_load_moves_everything_and_loses_nothing(cluster: ClusterHar
     from cluster.directory import EtcdDirectory
     from node.statuscli import read_snapshot
 
-    names = {n.name for n in cluster.nodes}
-
-    def full(caught_up: bool) -> bool:
-        snap = read_snapshot(cluster.session)
-        return not snap.leaderless() and not (caught_up and drill.lagging(snap)) and all(
-            set(r["isr"]) == set(r["replicas"]) == names for r in snap.shards.values())
+    full = cluster.fully_replicated
 
     cluster.wait_until(lambda: full(True), 60, "a fully replicated cluster")
     ledger = drill.Ledger("drain")
