@@ -43,7 +43,7 @@ MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>\r\n]*>)", re.IGNORECASE | re.MUL
 @pytest.fixture(scope="module")
 def ready(cluster: ClusterHarness) -> ClusterHarness:
     """The cluster once every shard has a live primary and full replicas."""
-    cluster.wait_until(lambda: _replicated(cluster), DEADLINE, "every shard led and replicated")
+    cluster.wait_until(cluster.fully_replicated, DEADLINE, "every shard led and replicated")
     return cluster
 
 
@@ -58,13 +58,6 @@ def rpc_call(ready: ClusterHarness) -> Iterator[Callable[[str, str, dict], dict]
 
     yield call
     client.close()
-
-
-def _replicated(cluster: ClusterHarness) -> bool:
-    snap = read_snapshot(cluster.session)
-    names = {n.name for n in cluster.nodes}
-    return set(snap.members) == names and not drill.lagging(snap) and all(
-        set(r.get("isr") or []) == names for r in snap.shards.values())
 
 
 def _primary(cluster: ClusterHarness, account: str) -> ClusterNode:
@@ -355,14 +348,14 @@ def test_proxied_session_ends_with_bye_when_the_primary_moves(ready: ClusterHarn
             ready.cli("node", "undrain", primary.name)
     finally:
         client.close()
-    ready.wait_until(lambda: _replicated(ready), DEADLINE, f"{primary.name} a replica again")
+    ready.wait_until(ready.fully_replicated, DEADLINE, f"{primary.name} a replica again")
 
 
 # -- every replica of every shard alike at the end ----------------------------
 
 
 def test_replicas_have_equal_positions_and_digests(ready: ClusterHarness, rpc_call) -> None:
-    ready.wait_until(lambda: _replicated(ready), DEADLINE, "every shard fully replicated")
+    ready.wait_until(ready.fully_replicated, DEADLINE, "every shard fully replicated")
     snap = drill.wait_caught_up(ready.session, time.monotonic() + DEADLINE)
     names = {n.name for n in ready.nodes}
     for n in range(snap.shard_count):
