@@ -25,6 +25,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import gevent
+from gevent.event import AsyncResult
 
 from storage.model import NoSuchBlob
 
@@ -73,6 +74,7 @@ class BlobStore:
         self.cache_max_blob = cache_max_blob
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cached = 0
+        self._writing: dict[str, bytes] = {}  # put_nowait bodies not yet durable
 
     def open(self) -> None:
         """Create the directories and remove temp files left by a crash.
@@ -124,12 +126,36 @@ class BlobStore:
         self._remember(sha, data)
         return sha
 
+    def put_nowait(self, data: bytes) -> tuple[str, AsyncResult]:
+        """Start storing ``data``: its SHA-256 hex at once, and a result set
+        to it once the blob is durable (or to the exception).  Meanwhile
+        ``read`` answers from memory (replication ships it) while ``exists``
+        stays False; whoever references the blob waits for the result."""
+        data = bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        if self.wanted is not None:
+            self.wanted.add(sha)
+        self._writing[sha] = data
+        done = gevent.get_hub().threadpool.spawn(self._put_sync, data)
+
+        def finished(result: AsyncResult) -> None:
+            if self._writing.get(sha) is data:
+                del self._writing[sha]
+            if result.successful():
+                self._remember(sha, data)
+
+        done.rawlink(finished)
+        return sha, done
+
     def read(self, sha: str) -> bytes:
         """The bytes of a blob; raises NoSuchBlob for a bad or unknown name."""
         if not is_blob_name(sha):
             raise NoSuchBlob(sha)
         if self.wanted is not None:
             self.wanted.add(sha)
+        data = self._writing.get(sha)
+        if data is not None:
+            return data
         data = self._cache.get(sha)
         if data is not None:
             self._cache.move_to_end(sha)
@@ -137,6 +163,15 @@ class BlobStore:
         data = gevent.get_hub().threadpool.apply(self._read_sync, (sha,))
         self._remember(sha, data)
         return data
+
+    def put_in_thread(self, data: bytes) -> str:
+        """``put`` for code already running in a threadpool worker (a
+        follower's batch); the caller then ``remember``s it on the hub."""
+        return self._put_sync(bytes(data))
+
+    def remember(self, sha: str, data: bytes) -> None:
+        """Cache a body stored durably (hub only)."""
+        self._remember(sha, data)
 
     def _remember(self, sha: str, data: bytes) -> None:
         """Keep a small body in the LRU (hub only: no lock needed)."""

@@ -28,7 +28,12 @@ Without a hook a batch is one hop, exactly as on a single node.
 
 Each submission may carry a ``check`` run on the hub when its batch starts
 (the MailStore's role gate: "not led here", stale epoch); if it raises, that
-caller alone gets the exception.  ``paused()`` waits for the running batch
+caller alone gets the exception.  It may also carry ``after``, a result the
+batch's COMMIT must wait for (a message body still being fsynced, see
+MailStore.deliver): with a ``replicate`` hook the wait overlaps replication,
+so the primary's blob fsync and its followers' run at the same time; a
+failed ``after`` fails its caller alone before prepare, or the whole batch
+(rolled back, and fenced if replicated) when it fails later.  ``paused()`` waits for the running batch
 and holds back further batches while held.
 """
 
@@ -50,7 +55,8 @@ from storage.shard import BatchResult, Changes, Intent, Op, Shard
 log = logging.getLogger(__name__)
 
 Check = Callable[[], None]
-_Item = tuple[Intent, AsyncResult, "Check | None"]
+_Item = tuple[Intent, AsyncResult, "Check | None", "AsyncResult | None"]
+_Live = tuple[Intent, AsyncResult, "AsyncResult | None"]
 
 
 class GroupCommitter:
@@ -81,16 +87,19 @@ class GroupCommitter:
         self._closed = False
         self._greenlet = gevent.spawn(self._run)
 
-    def submit_nowait(self, intent: Intent, check: Check | None = None) -> AsyncResult:
+    def submit_nowait(
+        self, intent: Intent, check: Check | None = None, after: AsyncResult | None = None
+    ) -> AsyncResult:
         """Queue an intent; the AsyncResult holds its value or exception.
 
         ``check`` runs on the hub when the intent's batch starts; an exception
-        it raises fails this intent alone."""
+        it raises fails this intent alone.  The batch commits only once
+        ``after`` holds a value (see the module docstring)."""
         result = AsyncResult()
         if self._closed:
             result.set_exception(StorageUnavailable("store is closing"))
             return result
-        self._queue.append((intent, result, check))
+        self._queue.append((intent, result, check, after))
         self._idle.clear()
         self._wakeup.set()
         return result
@@ -131,51 +140,63 @@ class GroupCommitter:
             self._idle.set()
 
     def _run_batch(self, batch: list[_Item]) -> None:
-        live: list[tuple[Intent, AsyncResult]] = []
-        for intent, result, check in batch:
+        live: list[_Live] = []
+        for intent, result, check, after in batch:
             try:
                 if check is not None:
                     check()
+                if after is not None and self.replicate is None:
+                    after.get()  # no replication to overlap with: wait now
+                    after = None
+                if after is not None and after.ready() and not after.successful():
+                    after.get()
             except Exception as exc:
-                result.set_exception(exc)
+                result.set_exception(_unavailable(exc))
             else:
-                live.append((intent, result))
+                live.append((intent, result, after))
         if not live:
             return
-        intents = [i for i, _ in live]
+        intents = [i for i, _, _ in live]
+        afters = [a for _, _, a in live if a is not None]
         try:
             if self.replicate is None:
                 pool = gevent.get_hub().threadpool
                 outcome = pool.apply(self.shard.run_batch, (intents, self.shard.epoch))
             else:
-                outcome = self._replicated(intents, self.replicate)
+                outcome = self._replicated(intents, self.replicate, afters)
         except Exception as exc:
             if not isinstance(exc, StorageUnavailable):
                 log.exception("shard %s: batch failed", self.shard.path)
             failure = exc if isinstance(exc, StorageUnavailable) else None
-            for _, result in live:
+            for _, result, _ in live:
                 result.set_exception(failure or StorageUnavailable("commit failed"))
             return
         self._answer(live, outcome)
 
-    def _replicated(self, intents: list[Intent], replicate: Callable[[list[Op]], None]) -> BatchResult:
-        """prepare -> replicate (hub) -> commit; rolled back if any step fails."""
+    def _replicated(
+        self, intents: list[Intent], replicate: Callable[[list[Op]], None],
+        afters: list[AsyncResult],
+    ) -> BatchResult:
+        """prepare -> replicate (hub) -> afters -> commit; rolled back if any step fails."""
         pool = gevent.get_hub().threadpool
         generation, epoch = self.generation, self.shard.epoch
         outcome, new_ops = pool.apply(self.shard.prepare_batch, (intents, epoch))
+        shipped = False
         try:
             if new_ops:
-                self.replicating = True
+                self.replicating = shipped = True
                 try:
                     replicate(new_ops)
                 finally:
                     self.replicating = False
                 if self.generation != generation:
                     raise StorageUnavailable("shard role changed during replication")
+            for after in afters:  # e.g. the primary's own blob fsyncs
+                after.get()
             pool.apply(self.shard.commit_prepared)
         except BaseException as exc:
             pool.apply(self.shard.rollback_prepared)
-            if new_ops:
+            if shipped:
                 # Followers may have these ops: reusing their (index, epoch)
                 # for other ops would pass log matching with other contents.
                 self.fenced_epoch = max(self.fenced_epoch, epoch)
@@ -187,11 +208,11 @@ class GroupCommitter:
             raise
         return outcome
 
-    def _answer(self, live: list[tuple[Intent, AsyncResult]], outcome: BatchResult) -> None:
+    def _answer(self, live: list[_Live], outcome: BatchResult) -> None:
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(len(live))
         changed: Changes = []
-        for (_, result), (ok, value, changes) in zip(live, outcome, strict=True):
+        for (_, result, _), (ok, value, changes) in zip(live, outcome, strict=True):
             if ok:
                 result.set(value)
                 changed += changes
@@ -202,3 +223,11 @@ class GroupCommitter:
                 self.on_commit(changed)
             except Exception:
                 log.exception("shard %s: commit notification failed", self.shard.path)
+
+
+def _unavailable(exc: Exception) -> Exception:
+    """A check's exception as is; a failed ``after`` (an OSError of a blob
+    write, ...) as StorageUnavailable, as a failed commit would be."""
+    if isinstance(exc, StorageUnavailable) or not isinstance(exc, OSError):
+        return exc
+    return StorageUnavailable(f"write failed: {exc}")

@@ -69,6 +69,7 @@ FORMAT = 1
 _MODES = ("set", "add", "remove")
 MAX_UIDS = ops.MAX_UIDS_PER_OP
 _PARSE_INLINE_MAX = 64 * 1024  # octets parsed on the hub; larger ones in the threadpool
+_OVERLAP_MAX = 256 * 1024  # bodies up to this size are hashed on the hub (put_nowait)
 _INDEX_BATCH = 50  # messages indexed per write transaction (storage/fts.py): short, so a
 # replicated apply or delivery queued behind it never waits long (a follower's ack_timeout)
 _INDEX_DELAY = 1.0  # seconds without changes before the shard's pending messages are indexed
@@ -435,11 +436,18 @@ class MailStore:
         """
         entry = self._entry(number)
         entry.require_follower(epoch)
-        self._store_blobs(blobs, _referenced_blobs(ops_))
-        return entry.committer.submit(
-            functools.partial(ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_),
-            functools.partial(entry.require_follower, epoch),
-        )
+        fresh = {name: data for name, data in blobs.items() if not self.blobs.exists(name)}
+        missing = [b for b in _referenced_blobs(ops_) if b not in fresh and not self.blobs.exists(b)]
+        if missing:
+            raise StorageUnavailable(f"replicated ops reference missing blobs: {missing[:3]}")
+        intent: Intent = functools.partial(
+            ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_)
+        if fresh:  # written by the batch's own thread before the ops: one hop, not two
+            intent = functools.partial(_blobs_first, self.blobs, fresh, intent)
+        last = entry.committer.submit(intent, functools.partial(entry.require_follower, epoch))
+        for name, data in fresh.items():
+            self.blobs.remember(name, data)
+        return last
 
     def _store_blobs(self, blobs: Mapping[str, bytes], needed: set[str]) -> None:
         for name, data in blobs.items():
@@ -582,7 +590,10 @@ class MailStore:
         """Store one message for several accounts, all committed before returning.
 
         The blob is written (and fsynced) once, then one append per account is
-        queued on every shard at once, so the shards commit concurrently.
+        queued on every shard at once, so the shards commit concurrently.  On
+        replicated primaries the appends are queued while the blob is still
+        being written: each batch commits only after it is durable, and its
+        followers store their copies meanwhile.
         Raises the first failure after all appends have finished; the others
         may have committed (the sender retries: at-least-once).
         """
@@ -596,14 +607,20 @@ class MailStore:
         for entry in entries:
             entry.require_primary()
         metadata = self._meta(raw, meta)
-        blob = self.blobs.put(raw)
+        stored = None
+        if len(raw) <= _OVERLAP_MAX and all(e.committer.replicate for e in entries):
+            # Replicated primaries: the body's fsync here overlaps the
+            # followers' (each batch commits only once ``stored`` is set).
+            blob, stored = self.blobs.put_nowait(raw)
+        else:
+            blob = self.blobs.put(raw)
         pending = []
         for acct, entry in zip(targets, entries, strict=True):
             intent = functools.partial(
                 ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
                 flags=canon, internaldate=when, meta=metadata,
             )
-            pending.append(entry.committer.submit_nowait(intent, entry.require_primary))
+            pending.append(entry.committer.submit_nowait(intent, entry.require_primary, stored))
         results: list[AppendResult] = []
         error: BaseException | None = None
         for p in pending:
@@ -878,6 +895,15 @@ class MailStore:
     def read_message(self, blob: str) -> bytes:
         """The stored bytes; raises NoSuchBlob."""
         return self.blobs.read(blob)
+
+
+def _blobs_first(blobs: BlobStore, fresh: Mapping[str, bytes], intent: Intent, tx: Any) -> Any:
+    """Threadpool, inside the batch: store (fsync) a replicated append's new
+    blobs, each checked against its name, then run ``intent`` (its ops)."""
+    for name, data in fresh.items():
+        if blobs.put_in_thread(data) != name:
+            raise StorageError(f"blob {name}: content does not match its name")
+    return intent(tx)
 
 
 def _referenced_blobs(ops_: Iterable[Op]) -> set[str]:
