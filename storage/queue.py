@@ -382,6 +382,7 @@ class OutboundQueue:
         self.store = store
         self._watchers: list[tuple[Callable[..., None], bool]] = []
         self._known: set[int] | None = None  # shards that may hold entries
+        self._recent: int | None = None  # the shard of the last enqueue
         self.cluster: Any = None  # node.context.ClusterView in cluster mode
         self.remote: Any = None  # node/admin.py ClusterQueue in cluster mode
 
@@ -516,13 +517,17 @@ class OutboundQueue:
         share commits (one transaction and one fsync for several) instead of
         each opening its own on a random shard; otherwise a random one."""
         if self.cluster is None:
-            candidates = list(range(self.store.shards))
+            candidates = range(self.store.shards)
         else:
-            candidates = list(self.cluster.local_primary_shards())
+            candidates = self.cluster.local_primary_shards()
             if not candidates:
                 return None
-        busy = self.store.busy_shards(candidates)
-        return random.choice(busy or candidates)
+        recent = self._recent
+        if recent in candidates and self.store.busy_shards([recent]):
+            return recent  # the common case under load: no scan of every shard
+        busy = self.store.busy_shards(list(candidates))
+        self._recent = random.choice(busy or list(candidates))
+        return self._recent
 
     def _forward_enqueue(self, args: dict, raw: bytes) -> QueueEntry:
         if self.remote is None:

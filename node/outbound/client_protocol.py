@@ -87,21 +87,22 @@ class ReplyParser:
         self._lines: list[str] = []
 
     def feed(self, data: bytes) -> list[Reply]:
-        self._buf += data
+        if self._buf:
+            self._buf += data
+            data = bytes(self._buf)
+        lines = data.split(b"\n")  # one split per read, not a find per line
+        rest = lines.pop()
         replies: list[Reply] = []
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl < 0:
-                if len(self._buf) > MAX_REPLY_LINE:
-                    raise ReplyError("reply line too long")
-                return replies
-            if nl > MAX_REPLY_LINE:
+        for raw in lines:
+            if len(raw) > MAX_REPLY_LINE:
                 raise ReplyError("reply line too long")
-            raw = bytes(self._buf[:nl]).rstrip(b"\r")
-            del self._buf[: nl + 1]
-            reply = self._line(raw.decode("utf-8", "replace"))
+            reply = self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
             if reply is not None:
                 replies.append(reply)
+        if len(rest) > MAX_REPLY_LINE:
+            raise ReplyError("reply line too long")
+        self._buf = bytearray(rest)
+        return replies
 
     @property
     def pending(self) -> bool:
@@ -162,14 +163,15 @@ class Extensions:
         value = self.keywords["SIZE"].strip()
         return int(value) if value.isdigit() and int(value) > 0 else None
 
-    pipelining = property(lambda self: self.has("PIPELINING"))  # RFC 2920
-    starttls = property(lambda self: self.has("STARTTLS"))  # RFC 3207
-    eightbitmime = property(lambda self: self.has("8BITMIME"))  # RFC 6152
-    smtputf8 = property(lambda self: self.has("SMTPUTF8"))  # RFC 6531
-    chunking = property(lambda self: self.has("CHUNKING"))  # RFC 3030
-    binarymime = property(lambda self: self.has("BINARYMIME"))  # RFC 3030 §3
-    dsn = property(lambda self: self.has("DSN"))  # RFC 3461
-    requiretls = property(lambda self: self.has("REQUIRETLS"))  # RFC 8689
+    # Keywords are stored upper-cased: plain membership tests (several per message).
+    pipelining = property(lambda self: "PIPELINING" in self.keywords)  # RFC 2920
+    starttls = property(lambda self: "STARTTLS" in self.keywords)  # RFC 3207
+    eightbitmime = property(lambda self: "8BITMIME" in self.keywords)  # RFC 6152
+    smtputf8 = property(lambda self: "SMTPUTF8" in self.keywords)  # RFC 6531
+    chunking = property(lambda self: "CHUNKING" in self.keywords)  # RFC 3030
+    binarymime = property(lambda self: "BINARYMIME" in self.keywords)  # RFC 3030 §3
+    dsn = property(lambda self: "DSN" in self.keywords)  # RFC 3461
+    requiretls = property(lambda self: "REQUIRETLS" in self.keywords)  # RFC 8689
 
 
 @dataclass(frozen=True)
