@@ -60,7 +60,7 @@ import gevent.lock
 
 from cluster.etcd import EtcdError, EtcdSession
 from cluster.placement import ShardRecord
-from cluster.rpc import RpcClient, RpcError, RpcServer, RpcUnavailable
+from cluster.rpc import EncodedArgs, RpcClient, RpcError, RpcServer, RpcUnavailable
 from storage import model
 from storage.blobs import is_blob_name
 from storage.mailstore import MailStore
@@ -177,12 +177,15 @@ def _parallel(calls: Mapping[str, Callable[[], Any]], timeout: float | None) -> 
 
 @dataclass(frozen=True)
 class _Chunk:
-    """One repl.append of a batch: wire ops, blob names, blob bytes, last (index, epoch)."""
+    """One repl.append of a batch: wire ops, blob names, blob bytes, last (index,
+    epoch), and its arguments encoded once for every follower (after ``prev``)."""
 
     ops: list
     names: list[str]
     blobs: list[bytes]
     end: tuple[int, int]
+    prev: tuple[int, int]
+    encoded: EncodedArgs
 
 
 class Deposed(Exception):
@@ -373,13 +376,17 @@ class Replicator:
             raise RpcUnavailable(f"{node} is not a member")
         return address
 
+    def _append_args(self, prev: tuple[int, int], wire_ops: list, blobs: list[str]) -> dict:
+        return {"shard": self.shard, "epoch": self.epoch, "prev": list(prev),
+                "ops": wire_ops, "blobs": blobs}
+
     def _append(
         self, node: str, prev: tuple[int, int], wire_ops: list, blobs: list[str],
-        attachments: list[bytes], timeout: float,
+        attachments: list[bytes], timeout: float, encoded: EncodedArgs | None = None,
     ) -> tuple[int, int]:
-        """One repl.append; returns the follower's new last (index, epoch)."""
-        args = {"shard": self.shard, "epoch": self.epoch, "prev": list(prev),
-                "ops": wire_ops, "blobs": blobs}
+        """One repl.append (``encoded``: its arguments, already encoded);
+        returns the follower's new last (index, epoch)."""
+        args = encoded or self._append_args(prev, wire_ops, blobs)
         result, _ = self.host.rpc_client.call(
             self._address(node), "repl.append", args, attachments, timeout=timeout)
         return _pos(result.get("last"))
@@ -394,20 +401,28 @@ class Replicator:
         names = blob_refs(ops)
         return [op_to_wire(op) for op in ops], names, [self.store.blobs.read(n) for n in names]
 
-    def _chunks(self, ops: list[Op]) -> list[_Chunk]:
-        """The batch as appends of at most APPEND_BYTES of blobs (one op at least)."""
+    def _chunks(self, ops: list[Op], prev: tuple[int, int]) -> list[_Chunk]:
+        """The batch after ``prev`` as appends of at most APPEND_BYTES of blobs
+        (one op at least)."""
         chunks: list[_Chunk] = []
         part: list[Op] = []
         size = 0
+
+        def close() -> None:
+            wire, names, data = self._payload(part)
+            start = chunks[-1].end if chunks else prev
+            chunks.append(_Chunk(wire, names, data, (part[-1].index, part[-1].epoch), start,
+                                 EncodedArgs(self._append_args(start, wire, names))))
+
         for op in ops:
             blob = op.args.get("blob")
             extra = len(self.store.blobs.read(blob)) if is_blob_name(blob) else 0
             if part and size + extra > APPEND_BYTES:
-                chunks.append(_Chunk(*self._payload(part), (part[-1].index, part[-1].epoch)))
+                close()
                 part, size = [], 0
             part.append(op)
             size += extra
-        chunks.append(_Chunk(*self._payload(part), (part[-1].index, part[-1].epoch)))
+        close()
         return chunks
 
     def _append_chunks(
@@ -421,7 +436,8 @@ class Replicator:
         while i < len(chunks):
             chunk = chunks[i]
             try:
-                pos = self._append(node, pos, chunk.ops, chunk.names, chunk.blobs, timeout)
+                pos = self._append(node, pos, chunk.ops, chunk.names, chunk.blobs, timeout,
+                                   chunk.encoded if pos == chunk.prev else None)
             except RpcError as exc:
                 last = error_fields(exc).get("last") if exc.kind == "LogMismatch" else None
                 if not isinstance(last, list) or tuple(last) not in ends[i:]:
@@ -493,8 +509,8 @@ class Replicator:
             gevent.sleep(RETRY_MIN)
 
     def _replicate(self, ops: list[Op]) -> None:
-        chunks = self._chunks(ops)
         prev = self._last
+        chunks = self._chunks(ops, prev)
         target = (ops[-1].index, ops[-1].epoch)
         acked: set[str] = set()
         backoff = RETRY_MIN

@@ -109,12 +109,28 @@ class _Closed(Exception):
 # ---------------------------------------------------------------- frames
 
 
+class EncodedArgs:
+    """Call arguments encoded to JSON once (``RpcClient.call`` takes them as
+    ``args``): a request sent to several peers is not encoded once per peer."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, args: dict) -> None:
+        self.json = json.dumps(args, separators=(",", ":")).encode()
+
+
 def encode_frame(header: dict, attachments: Sequence[bytes] = ()) -> list[bytes | memoryview]:
     """The chunks of one frame; raises TypeError/ValueError if it cannot be sent."""
     sizes = [len(a) for a in attachments]
     if sum(sizes) > MAX_ATTACHMENTS:
         raise ValueError(f"attachments of {sum(sizes)} bytes exceed {MAX_ATTACHMENTS}")
-    body = json.dumps({**header, "att": sizes}, separators=(",", ":")).encode()
+    args = header.get("args")
+    if isinstance(args, EncodedArgs):  # splice the encoded args into the header object
+        rest = {k: v for k, v in header.items() if k != "args"}
+        body = json.dumps({**rest, "att": sizes}, separators=(",", ":")).encode()
+        body = b"".join((body[:-1], b',"args":', args.json, b"}"))
+    else:
+        body = json.dumps({**header, "att": sizes}, separators=(",", ":")).encode()
     if len(body) > MAX_HEADER:
         raise ValueError(f"header of {len(body)} bytes exceeds {MAX_HEADER}")
     head = _LEN.pack(len(body)) + body
@@ -499,7 +515,8 @@ class _Connection:
         self._reader = gevent.spawn(self._read_loop)
 
     def call(
-        self, method: str, args: dict, attachments: Sequence[bytes], deadline: float
+        self, method: str, args: dict | EncodedArgs, attachments: Sequence[bytes],
+        deadline: float,
     ) -> tuple[dict, list[bytes]]:
         rid = next(self._ids)
         header = {"id": rid, "method": method, "args": args}
@@ -603,11 +620,12 @@ class RpcClient:
         self,
         address: str,
         method: str,
-        args: dict,
+        args: dict | EncodedArgs,
         attachments: Sequence[bytes] = (),
         timeout: float = 10.0,
     ) -> tuple[dict, list[bytes]]:
         """Run ``method`` on the node at ``address`` -> (result, attachments).
+        ``args`` may be :class:`EncodedArgs` (the same JSON object, encoded once).
 
         Raises RpcError(kind, message) when the handler raised, RpcUnavailable
         when the peer cannot be reached or does not answer within ``timeout``.
