@@ -155,7 +155,7 @@ def _trash_candidates(blobs: BlobStore, top: str, refs: set[str], wanted: set[st
                       horizon: float) -> list[str]:
     """Phase 1 for one fan-out directory (threadpool): rename candidates."""
     moved = []
-    base = blobs.root / top
+    base, trash = os.path.join(blobs.root, top), str(blobs.trash)
     for sub in os.scandir(base):
         if sub.name not in _HEX2 or not sub.is_dir(follow_symlinks=False):
             continue
@@ -166,7 +166,7 @@ def _trash_candidates(blobs: BlobStore, top: str, refs: set[str], wanted: set[st
             try:
                 if entry.stat(follow_symlinks=False).st_mtime >= horizon:
                     continue
-                os.replace(entry.path, blobs.trash / sha)
+                os.replace(entry.path, os.path.join(trash, sha))
             except FileNotFoundError:
                 continue
             moved.append(sha)
