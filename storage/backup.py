@@ -24,7 +24,7 @@ Then, every ``segment_interval``: the committed ops after the tail
 blob once: a local SQLite index ``data_dir/backup/uploaded.sqlite``, HEAD on
 a miss, ``upload_concurrency`` uploads at once), and the segment is sealed
 with ``prev``/``prev_sha256`` and uploaded.  A snapshot (``VACUUM INTO``
-copy, sealed streamed, uploaded from a file) is taken when the shard has
+copy, sealed part by part while it uploads: no staging copy) is taken when the shard has
 none and every ``snapshot_interval``, after the ops up to its position are
 in uploaded segments and the blobs its messages and queue reference are
 uploaded.  Sealing, hashing, JSON and SQLite run in the threadpool.
@@ -76,7 +76,7 @@ SEGMENT_MAX_BYTES = 64 << 20
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 PRUNE_INTERVAL = 3600.0
-STREAM_BLOB = 8 << 20  # larger blobs are sealed file to file, not in memory
+STREAM_BLOB = 8 << 20  # larger blobs are sealed on demand from their file, not in memory
 BLOB_GRACE = 86400.0  # a blob younger than this is never pruned (in-flight segments)
 ETCD_EXCLUDED = ("/members/", "/positions/", "/controller", "/backup/")
 STATUS_PREFIX = "/backup/"
@@ -351,13 +351,19 @@ class Sealer:
         self.target.put(key, data)
         return data
 
-    def put_file(self, key: str, kind: str, source: Path, meta: dict, scratch: Path) -> None:
-        """Seal a file streamed into ``scratch`` and upload that file."""
+    def put_file(self, key: str, kind: str, source: Path, meta: dict) -> None:
+        """Seal a file on demand while it uploads (``SealedFile``: one hashing
+        pass, then each part sealed in the threadpool as it is sent; no
+        staging copy).  ``source`` must not change until this returns."""
+        sealed = in_pool(self.crypto.SealedFile, self.key, kind, Path(source), meta)
         try:
-            in_pool(self.crypto.seal_file, self.key, kind, Path(source), scratch, meta)
-            self.target.put(key, scratch)
+            self.target.put(key, sealed)
         finally:
-            scratch.unlink(missing_ok=True)
+            sealed.close()
+
+    def get_file(self, key: str, dest: Path) -> Any:
+        """Download and decrypt a (large) object into ``dest``; its header."""
+        return self.crypto.open_remote_to_file(self.key, self.target, key, dest, run=in_pool)
 
     def get(self, key: str) -> tuple[bytes, Any, bytes]:
         """(object bytes, header, plaintext); CorruptObject / WrongKey from crypto."""
@@ -641,7 +647,7 @@ class BackupAgent:
             raise failed
 
     def _upload_blob(self, sha: str) -> None:
-        """HEAD, then seal and PUT; a large blob streams through a sealed file."""
+        """HEAD, then seal and PUT; a large blob is sealed part by part as it uploads."""
         key = blob_key(self.cid, sha)
         if self.target.head(key) is not None:
             return
@@ -651,7 +657,7 @@ class BackupAgent:
         if size <= STREAM_BLOB:
             self.sealer.put(key, "blob", self.store.read_message(sha), meta)
         else:
-            self.sealer.put_file(key, "blob", path, meta, self.work_dir / f"blob-{sha}.tmp")
+            self.sealer.put_file(key, "blob", path, meta)
 
     def _snapshot(self, st: ShardState) -> None:
         """Export, ship the log up to it, upload its blobs, seal and upload it.
@@ -660,7 +666,6 @@ class BackupAgent:
         becomes its position only once it is uploaded."""
         self._require_lead(st)
         tmp = self.work_dir / f"snap-{st.number:04d}.tmp"
-        sealed = self.work_dir / f"snap-{st.number:04d}.sealed.tmp"
         try:
             ts = time.time()
             last_index, last_epoch = self.store.export_snapshot(st.number, tmp)
@@ -676,7 +681,7 @@ class BackupAgent:
                     "ts": ts, "segment": holder}
             key = snapshot_key(self.cid, st.number, last_index)
             self._require_lead(st)
-            self.sealer.put_file(key, "snapshot", tmp, meta, sealed)
+            self.sealer.put_file(key, "snapshot", tmp, meta)
             self.index.set_refs(key, blobs, ts)
             if new_chain:
                 st.tail_key = st.tail_sha256 = None
@@ -688,7 +693,6 @@ class BackupAgent:
             log.info("backup: shard %d: snapshot %s", st.number, key)
         finally:
             tmp.unlink(missing_ok=True)
-            sealed.unlink(missing_ok=True)
 
     # -- etcd data -------------------------------------------------------------------
 
@@ -783,15 +787,8 @@ def _cut_segment(ops: list[Any]) -> tuple[list[Any], bytes]:
 
 
 def read_remote_header(target: Any, crypto: Any, key: str) -> Any:
-    """An object's header (unauthenticated): the object's first 64 KiB when
-    the target serves ranges, else the whole object."""
-    get_range = getattr(target, "get_range", None)
-    if get_range is not None:
-        try:
-            return crypto.read_header(get_range(key, 0, 65536))
-        except crypto.CorruptObject:
-            pass  # a header longer than the range
-    return crypto.read_header(target.get(key))
+    """An object's header (unauthenticated), from a ranged read of its start."""
+    return crypto.header_from(lambda offset, length: target.get_range(key, offset, length))
 
 
 def snapshot_ts(sealer: Sealer, index: LocalIndex | None, key: str) -> float:
@@ -905,7 +902,6 @@ def object_blobs(sealer: Sealer, key: str) -> set[str]:
         _data, _header, plain = sealer.get(key)
         return in_pool(lambda: segment_blobs(decode_segment(plain)))
     with tempfile.TemporaryDirectory(prefix="postroom-backup-") as scratch:
-        sealed, db = Path(scratch) / "sealed", Path(scratch) / "plain.sqlite"
-        sealer.target.get_to_file(key, sealed)
-        in_pool(sealer.crypto.open_to_file, sealer.key, sealed, db)
+        db = Path(scratch) / "plain.sqlite"
+        sealer.get_file(key, db)
         return in_pool(snapshot_blobs, db)

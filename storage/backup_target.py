@@ -13,9 +13,14 @@ suite (tests/integration/test_backup_targets.py) runs on both:
   4 in flight (aborted on failure); large downloads are ranged GETs of 8 MiB,
   4 in flight.  Local: a temporary file in the key's directory,
   fsync, rename, directory fsync -- an object is either whole or absent.
+  A source with a ``parts(part_size)`` method (SealedFile) chooses its own
+  part boundaries (whole sealed chunks, so each is sealed once).
 - ``get`` / ``get_to_file`` (streamed into a temp file, renamed when whole;
   not fsynced: a download is staging, the caller fsyncs what it keeps --
-  backup_crypto.open_to_file does) / ``head``
+  backup_crypto.open_to_file does) / ``get_range`` / ``get_ranges`` (ranges
+  fetched ``concurrency`` at a time on S3, each handed to a callback as it
+  arrives: backup_crypto.open_remote_to_file decrypts them straight into
+  the destination file, with no sealed staging copy) / ``head``
   / ``list(prefix)`` (sorted keys; S3: ListObjectsV2 pages) / ``delete``
   (S3: DeleteObjects in batches of 1,000; missing keys are not errors).
 - Errors: ``TargetUnavailable`` (network, timeouts, 5xx, throttling -- after
@@ -66,6 +71,7 @@ from node.config import BackupSettings
 
 MULTIPART_THRESHOLD = 16 * 1024 * 1024
 PART_SIZE = 8 * 1024 * 1024
+CONCURRENCY = 4  # parts/ranges in flight per large transfer
 DELETE_BATCH = 1000
 STREAM_BLOCK = 1024 * 1024
 MAX_KEY = 1024  # octets of UTF-8, as in S3
@@ -165,7 +171,7 @@ class PartSource(Protocol):
 
     size: int
 
-    def read(self, offset: int, length: int) -> bytes: ...
+    def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
 
 Data = bytes | Path | PartSource
@@ -196,7 +202,7 @@ class _Source:
         if self.fd is not None:
             os.close(self.fd)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         if isinstance(self.data, bytes | bytearray | memoryview):
             return bytes(memoryview(self.data)[offset : offset + length])
         if self.fd is None:
@@ -224,6 +230,23 @@ class Target(ABC):
     @abstractmethod
     def get_to_file(self, key: str, path: Path) -> None:
         """Stream the object into ``path`` (temp file renamed when whole; not fsynced)."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        """Up to ``length`` octets of the object from ``offset`` (fewer at its
+        end); ``NoSuchObject`` if absent.  S3: pinned to ``etag`` if given."""
+
+    @abstractmethod
+    def get_ranges(
+        self,
+        key: str,
+        ranges: list[tuple[int, int]],
+        handle: Callable[[int, bytes], None],
+        etag: str | None = None,
+    ) -> None:
+        """Fetch each (offset, length) range whole and call ``handle(offset,
+        data)`` as each arrives (in the threadpool under gevent; any order;
+        S3: ``concurrency`` ranges in flight).  The first error is raised."""
 
     @abstractmethod
     def head(self, key: str) -> ObjectInfo | None:
@@ -371,6 +394,42 @@ class LocalTarget(Target):
     def get_to_file(self, key: str, path: Path) -> None:
         _offload(self._get_to_file_sync, key, Path(path))
 
+    def _open_object(self, key: str) -> int:
+        try:
+            return os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise self._translate(exc, key) from exc
+
+    def _read_range(self, fd: int, offset: int, length: int, key: str) -> bytes:
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise self._translate(exc, key) from exc
+
+    def get_range(self, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        fd = _offload(self._open_object, key)
+        try:
+            return _offload(self._read_range, fd, offset, length, key)
+        finally:
+            os.close(fd)
+
+    def get_ranges(
+        self,
+        key: str,
+        ranges: list[tuple[int, int]],
+        handle: Callable[[int, bytes], None],
+        etag: str | None = None,
+    ) -> None:
+        fd = _offload(self._open_object, key)  # one open file: a replaced object is not mixed in
+        try:
+            for offset, length in ranges:
+                block = _offload(self._read_range, fd, offset, length, key)
+                if len(block) != length:
+                    raise TargetError(f"{self.url}: {key} is shorter than {offset + length}")
+                _offload(handle, offset, block)
+        finally:
+            os.close(fd)
+
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
         try:
@@ -481,7 +540,7 @@ class S3Target(Target):
         multipart_threshold: int = MULTIPART_THRESHOLD,
         part_size: int = PART_SIZE,
         page_size: int = 1000,
-        concurrency: int = 4,
+        concurrency: int = CONCURRENCY,
     ) -> None:
         if prefix and not prefix.endswith("/"):
             prefix += "/"
@@ -599,9 +658,9 @@ class S3Target(Target):
         try:
             with _Source(data) as source:
 
-                def send(item: tuple[int, int]) -> dict[str, Any]:
-                    number, offset = item
-                    block = source.read(offset, min(self.part_size, size - offset))
+                def send(item: tuple[int, tuple[int, int]]) -> dict[str, Any]:
+                    number, (offset, length) = item
+                    block = source.read(offset, length)
                     resp = self._call(
                         self.client.upload_part,
                         key,
@@ -613,8 +672,8 @@ class S3Target(Target):
                     )
                     return {"ETag": resp["ETag"], "PartNumber": number}
 
-                items = list(enumerate(range(0, size, self.part_size), 1))
-                parts = _parallel(send, items, self.concurrency)
+                parts = _parallel(send, list(enumerate(self._layout(data, size), 1)),
+                                  self.concurrency)
             self._call(
                 self.client.complete_multipart_upload,
                 key,
@@ -629,6 +688,14 @@ class S3Target(Target):
             except Exception:
                 pass  # the bucket's lifecycle rule cleans up what we cannot
             raise
+
+    def _layout(self, data: Data, size: int) -> list[tuple[int, int]]:
+        """(offset, length) of each part: the source's own cut when it has one
+        (SealedFile: at sealed-chunk boundaries), else ``part_size`` pieces."""
+        parts = getattr(data, "parts", None)
+        if callable(parts):
+            return parts(self.part_size)
+        return [(o, min(self.part_size, size - o)) for o in range(0, size, self.part_size)]
 
     def get(self, key: str) -> bytes:
         try:
@@ -667,24 +734,41 @@ class S3Target(Target):
     def _get_ranges(self, key: str, info: ObjectInfo, out: BinaryIO) -> None:
         out.truncate(info.size)
         fd = out.fileno()
-        extra = {"IfMatch": f'"{info.etag}"'} if info.etag else {}
+        ranges = [(o, min(self.part_size, info.size - o)) for o in range(0, info.size, self.part_size)]
+        self.get_ranges(key, ranges, lambda offset, block: os.pwrite(fd, block, offset), info.etag)
 
-        def fetch(offset: int) -> None:
-            end = min(offset + self.part_size, info.size) - 1
-            resp = self._call(
-                self.client.get_object,
-                key,
+    def get_range(self, key: str, offset: int, length: int, etag: str | None = None) -> bytes:
+        extra = {"IfMatch": f'"{etag}"'} if etag else {}
+        try:
+            resp = self.client.get_object(
                 Bucket=self.bucket,
                 Key=self._key(key),
-                Range=f"bytes={offset}-{end}",
+                Range=f"bytes={offset}-{offset + max(length, 1) - 1}",
                 **extra,
             )
-            block = resp["Body"].read()
-            if len(block) != end - offset + 1:
-                raise TargetUnavailable(f"{self._where()}: short range read of {key}")
-            _offload(os.pwrite, fd, block, offset)
+            return resp["Body"].read()[:length]
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "InvalidRange":
+                return b""  # ``offset`` is at or past the end
+            raise self._not_found_or(exc, key) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._not_found_or(exc, key) from exc
 
-        _parallel(fetch, list(range(0, info.size, self.part_size)), self.concurrency)
+    def get_ranges(
+        self,
+        key: str,
+        ranges: list[tuple[int, int]],
+        handle: Callable[[int, bytes], None],
+        etag: str | None = None,
+    ) -> None:
+        def fetch(item: tuple[int, int]) -> None:
+            offset, length = item
+            block = self.get_range(key, offset, length, etag)
+            if len(block) != length:
+                raise TargetUnavailable(f"{self._where()}: short range read of {key}")
+            _offload(handle, offset, block)
+
+        _parallel(fetch, ranges, self.concurrency)
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

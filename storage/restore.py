@@ -223,9 +223,8 @@ class Catalog:
 
     def _fetch_header(self, key: str) -> crypto.Header:
         try:
-            data = self.target.get_range(key, 0, 64 * 1024) \
-                if hasattr(self.target, "get_range") else self.target.get(key)
-            header = crypto.read_header(data)
+            header = crypto.header_from(
+                lambda offset, length: self.target.get_range(key, offset, length))
         except crypto.CorruptObject as exc:
             raise ObjectLost(key, f"damaged ({exc})") from None
         except Exception as exc:
@@ -251,21 +250,19 @@ class Catalog:
         return header, plain, data
 
     def fetch_to_file(self, key: str, dest: Path) -> crypto.Header:
-        """Decrypt a (large) object into ``dest``; same errors as ``fetch``."""
-        sealed = dest.with_name(dest.name + ".sealed")
+        """Decrypt a (large) object into ``dest``; same errors as ``fetch``.
+
+        No sealed staging copy: chunk-aligned ranged GETs (several in
+        flight on S3) are decrypted as they arrive, written at their
+        offsets, and ``dest`` is fsynced once whole and verified."""
         try:
-            try:
-                self.target.get_to_file(key, sealed)
-            except Exception as exc:
-                raise _lost_or_error(key, exc) from None
-            try:
-                header = crypto.open_to_file(self.keys, sealed, dest)
-            except crypto.WrongKey as exc:
-                raise _wrong_key(exc) from None
-            except crypto.CorruptObject as exc:
-                raise ObjectLost(key, f"damaged ({exc})") from None
-        finally:
-            sealed.unlink(missing_ok=True)
+            header = crypto.open_remote_to_file(self.keys, self.target, key, dest)
+        except crypto.WrongKey as exc:
+            raise _wrong_key(exc) from None
+        except crypto.CorruptObject as exc:
+            raise ObjectLost(key, f"damaged ({exc})") from None
+        except Exception as exc:
+            raise _lost_or_error(key, exc) from None
         self._headers[key] = header
         return header
 

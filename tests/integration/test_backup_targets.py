@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from node.config import BackupSettings
-from storage.backup_crypto import Key, SealedFile, open_object, open_to_file, seal
+from storage.backup_crypto import (
+    CorruptObject,
+    Key,
+    SealedFile,
+    open_object,
+    open_remote_to_file,
+    open_to_file,
+    seal,
+)
 from storage.backup_target import (
     LocalTarget,
     NoSuchObject,
@@ -177,6 +185,26 @@ def test_sealed_file_uploads_without_staging(target: Target, tmp_path: Path, siz
     target.get_to_file("c/shards/0001/snap/000000000007", tmp_path / "sealed")
     assert open_to_file(key, tmp_path / "sealed", tmp_path / "restored").meta == {"shard": 1}
     assert (tmp_path / "restored").read_bytes() == src.read_bytes()
+    # Without the staging copy: ranged reads opened as they arrive (5 MiB ranges: 2 chunks).
+    direct = tmp_path / "direct"
+    header = open_remote_to_file(key, target, "c/shards/0001/snap/000000000007", direct, 5 << 20)
+    assert header.meta == {"shard": 1} and direct.read_bytes() == src.read_bytes()
+
+
+def test_remote_open_of_missing_or_damaged_objects(target: Target, tmp_path: Path) -> None:
+    key = Key(os.urandom(32))
+    dest = tmp_path / "out"
+    with pytest.raises(NoSuchObject):
+        open_remote_to_file(key, target, "no/such", dest)
+    sealed = bytearray(seal(key, "snapshot", os.urandom(9 * 1024 * 1024), {}))
+    sealed[-100] ^= 1
+    target.put("damaged", bytes(sealed))
+    with pytest.raises(CorruptObject, match="chunk 2 of 3"):
+        open_remote_to_file(key, target, "damaged", dest)
+    target.put("cut", bytes(sealed[:-1]))
+    with pytest.raises(CorruptObject, match="truncated"):
+        open_remote_to_file(key, target, "cut", dest)
+    assert not dest.exists()
 
 
 def test_listing_pages_and_batched_deletes(make: Callable[..., Target]) -> None:
@@ -379,6 +407,13 @@ def gevent_round_trips(endpoint: str, secret_file: str, local_root: str) -> None
         target.put("large", src)
         back = src.with_name(src.name + ".back")
         target.get_to_file("large", back)
+        assert back.read_bytes() == src.read_bytes()
+        key = Key(os.urandom(32))
+        with SealedFile(key, "snapshot", src, {}) as sealed:
+            target.put("large", sealed)
+        back.unlink()
+        run = lambda fn, *args: gevent.get_hub().threadpool.apply(fn, args)  # noqa: E731
+        open_remote_to_file(key, target, "large", back, run=run)
         assert back.read_bytes() == src.read_bytes()
         target.delete(["large"])
 

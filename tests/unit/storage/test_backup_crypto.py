@@ -16,14 +16,17 @@ from hypothesis import strategies as st
 
 from storage.backup_crypto import (
     CHUNK,
+    HASH_WINDOW,
     MAGIC,
     TAG,
     BackupCryptoError,
+    ChunkOpener,
     CorruptObject,
     Key,
     KeyFileError,
     SealedFile,
     WrongKey,
+    _OrderedHash,
     generate_key_file,
     load_key,
     open_object,
@@ -350,3 +353,78 @@ def test_sealed_file_notices_a_shrunk_source(tmp_path: Path) -> None:
         src.write_bytes(b"short")
         with pytest.raises(BackupCryptoError, match="changed"):
             sealed.read(0, sealed.size)
+
+
+@pytest.mark.parametrize("size", SEALED_SIZES)
+@pytest.mark.parametrize("part_size", [5 * 1024 * 1024, 8 * 1024 * 1024])
+def test_sealed_file_parts_are_whole_chunks_covering_the_object(
+    tmp_path: Path, size: int, part_size: int
+) -> None:
+    src = tmp_path / "plain"
+    src.write_bytes(_payload(size))
+    with SealedFile(KEY, "snapshot", src, {}) as sealed:
+        parts = sealed.parts(part_size)
+        h = sealed.header
+        assert parts[0][0] == 0 and sum(length for _, length in parts) == sealed.size
+        for (offset, length), (following, _) in zip(parts, parts[1:], strict=False):
+            assert offset + length == following and length >= part_size  # S3's minimum holds
+            assert (following - h.body_offset) % (h.chunk + TAG) == 0  # a chunk boundary
+        pieces = {offset: sealed.read(offset, length) for offset, length in reversed(parts)}
+        whole = b"".join(pieces[offset] for offset, _ in parts)
+    assert open_object(KEY, whole)[1] == src.read_bytes()
+
+
+def _open_in_order(sealed: bytes, dest: Path, order) -> ChunkOpener:
+    header = read_header(sealed)
+    opener = ChunkOpener(KEY, header, len(sealed), dest)
+    for offset, length in order(opener.ranges(1)):
+        opener.feed(offset, sealed[offset : offset + length])
+    return opener
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 3 * CHUNK + 5])
+def test_chunk_opener_takes_ranges_in_any_order(tmp_path: Path, size: int) -> None:
+    plain = _payload(size)
+    sealed = seal(KEY, "snapshot", plain, {"shard": 4})
+    for order in (list, lambda r: list(reversed(r)), lambda r: r[1::2] + r[0::2]):
+        header = _open_in_order(sealed, tmp_path / "out", order).finish()
+        assert header.meta == {"shard": 4}
+        assert (tmp_path / "out").read_bytes() == plain
+
+
+def test_chunk_opener_rejects_damage_and_removes_the_output(tmp_path: Path) -> None:
+    plain = _payload(2 * CHUNK + 10)
+    sealed = seal(KEY, "blob", plain, {})
+    header = read_header(sealed)
+    dest = tmp_path / "out"
+    damaged = bytearray(sealed)
+    damaged[header.body_offset + CHUNK + TAG + 7] ^= 1  # inside the second chunk
+    with pytest.raises(CorruptObject, match="chunk 1 of 3"):
+        _open_in_order(bytes(damaged), dest, list)
+    for size in (len(sealed) - 1, len(sealed) + 1):
+        with pytest.raises(CorruptObject):
+            ChunkOpener(KEY, header, size, dest)
+    opener = _open_in_order(sealed, dest, lambda r: r[:-1])  # the last range never came
+    with pytest.raises(BackupCryptoError, match="never opened"):
+        opener.finish()
+    assert not dest.exists()
+    with pytest.raises(WrongKey):
+        ChunkOpener(OTHER, header, len(sealed), dest)
+    with pytest.raises(ValueError, match="boundary"):
+        ChunkOpener(KEY, header, len(sealed), dest).feed(header.body_offset + 1, b"x")
+
+
+def test_ordered_hash_is_the_plain_sha256_whatever_the_order() -> None:
+    pieces = [os.urandom(100 + i) for i in range(3 * HASH_WINDOW)]
+    rereads = []
+
+    def reread(index: int) -> bytes:
+        rereads.append(index)
+        return pieces[index]
+
+    hasher = _OrderedHash(len(pieces), reread)
+    for index in reversed(range(len(pieces))):
+        hasher.add(index, pieces[index])
+    hasher.add(0, b"a duplicate is ignored")
+    assert hasher.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert rereads and min(rereads) >= HASH_WINDOW  # far-ahead chunks were not held
