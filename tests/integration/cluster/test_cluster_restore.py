@@ -180,8 +180,7 @@ def test_whole_cluster_restored_from_s3(cluster: BackedUpCluster, s3) -> None:
     assert len(records) == cluster.shards
     assert all(r["primary"] == "n1" and r["isr"] == ["n1"] and r["primary_lease"] == 0
                for r in records.values())
-    for node in cluster.nodes:
-        assert node.cli("cluster", "join").returncode == 0
+    cluster.cli_batch([(n.index, ("cluster", "join"), "") for n in cluster.nodes])  # raises
     cluster._parallel(lambda n: n.start(), cluster.nodes)
     cluster.wait_until(cluster.all_shards_led, DEADLINE, "every shard led again")
 
