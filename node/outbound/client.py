@@ -306,7 +306,11 @@ class Connection:
             raise ConnectionLost(deferred(451, "4.4.2", "connection closed"))
         try:
             self.sock.settimeout(timeout)
-            self.sock.sendall(data)
+            # One send() takes a command group or a 5 KB message whole on a
+            # connected socket; sendall (a getsockopt and a loop) only for the rest.
+            sent = self.sock.send(data)
+            if sent < len(data):
+                self.sock.sendall(memoryview(data)[sent:])
         except TimeoutError:
             self.close()
             raise ConnectionLost(deferred(451, "4.4.2", f"timeout writing to {self._where()}")) from None
