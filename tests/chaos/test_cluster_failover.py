@@ -256,7 +256,8 @@ def _etcd_status(harness: ClusterHarness) -> Callable[[str], dict]:
     s = harness.etcd.settings()
 
     def status(endpoint: str) -> dict:
-        session = EtcdSession([endpoint], s["prefix"], LEASE_TTL, 2.0, ca_cert=s["ca_cert"],
+        # a deadline for one status call (5 s: a loaded 2-CPU machine can take 2 s)
+        session = EtcdSession([endpoint], s["prefix"], LEASE_TTL, 5.0, ca_cert=s["ca_cert"],
                               cert=s["cert"], key=s["key"], username=s["username"],
                               password=harness.etcd.password)
         try:
