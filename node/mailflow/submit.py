@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 import secrets
 import time
 
@@ -32,14 +33,22 @@ from storage.model import QueuedRecipient
 log = logging.getLogger("postroom.submission")
 
 _HEADER_SCAN_LIMIT = 1024 * 1024  # octets of header searched for Date/Message-ID
+# A Date or Message-ID field name at the start of a header line (not a folded
+# continuation, RFC 5322 §2.2.3), blanks allowed before the colon.
+_DATE_OR_ID = re.compile(rb"(?:^|\r\n)(date|message-id)[ \t]*:", re.IGNORECASE)
+
+
+def _header_section(message: bytes) -> bytes:
+    """The header section (up to the first empty line, at most the scan limit)."""
+    if message.startswith(b"\r\n"):
+        return b""
+    end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN_LIMIT)
+    return message[: end if end >= 0 else _HEADER_SCAN_LIMIT]
 
 
 def header_names(message: bytes) -> set[str]:
     """Lower-cased field names of the header section (RFC 5322 §2.2)."""
-    end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN_LIMIT)
-    if message.startswith(b"\r\n"):
-        return set()
-    head = message[: end if end >= 0 else _HEADER_SCAN_LIMIT]
+    head = _header_section(message)
     names = set()
     for line in head.split(b"\r\n"):
         if not line or line[:1] in (b" ", b"\t"):
@@ -52,7 +61,7 @@ def header_names(message: bytes) -> set[str]:
 
 def missing_headers(message: bytes, hostname: str, now: float | None = None) -> bytes:
     """The Date and Message-ID fields to prepend, or b"" (RFC 6409 §8.1, §8.3)."""
-    names = header_names(message)
+    names = {m.decode("ascii").lower() for m in _DATE_OR_ID.findall(_header_section(message))}
     out = b""
     if "date" not in names:
         when = now if now is not None else time.time()

@@ -279,12 +279,12 @@ class Signer:
         """raw with one DKIM-Signature per active key prepended; raw unchanged
         when signing is off or the domain has no usable active key.  A key that
         fails is logged and skipped: mail is never held back for a signature."""
-        dkim = _lib("dkim")
         if not self.settings.sign:
             return raw
         records = self.directory.dkim_keys(domain)
         if not records:
             return raw
+        dkim = _lib("dkim")  # imports: only when there is something to sign
         message = dkim.DKIM(raw, linesep=_LINESEP)
         include = sign_headers_list(message.headers, list(self.settings.headers))
         lines: list[bytes] = []
