@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 from typing import Any
 
@@ -205,26 +206,46 @@ def top_header_fields(raw: bytes, names: tuple[str, ...], negate: bool) -> bytes
     """BODY[HEADER.FIELDS (names)] (or .NOT) of the whole message: the same
     octets as _header_fields over scan_header, without building a Field per
     line (the hot part of a client's header FETCH)."""
+    if not raw or raw[0] == 0x0A or raw.startswith(b"\r\n"):
+        return b"\r\n"  # no header fields; the blank line ends the returned header
+    blank = _HEADER_END.search(raw)
+    hend = len(raw) if blank is None else blank.start() + 1
+    if not negate and raw[0] not in b" \t":
+        # One C-level scan for just the wanted fields (a field starts at
+        # every line that does not begin with SP/HTAB).
+        out = [m[0] if m[0][-1] == 0x0A else m[0] + b"\r\n"
+               for m in _wanted_fields(names).finditer(raw, 0, hend)]
+        out.append(b"\r\n")
+        return b"".join(out)
     wanted = {n.lower() for n in names}
     out = []
-    if raw and raw[0] != 0x0A and not raw.startswith(b"\r\n"):  # else: no header fields
-        blank = _HEADER_END.search(raw)
-        hend = len(raw) if blank is None else blank.start() + 1
-        pos = 0
-        while pos < hend:
-            m = _FIELD.match(raw, pos, hend)
-            assert m is not None  # every part is optional: always matches
-            end = m.end()
-            first = raw.find(b"\n", pos, end)
-            colon = raw.find(b":", pos, end if first < 0 else first)
-            if colon > pos:
-                name = raw[pos:colon].strip(b" \t").lower().decode("latin-1")
-                if name and (name in wanted) != negate:
-                    chunk = raw[pos:end]
-                    out.append(chunk if chunk.endswith(b"\n") else chunk + b"\r\n")
-            pos = end
+    pos = 0
+    while pos < hend:
+        m = _FIELD.match(raw, pos, hend)
+        assert m is not None  # every part is optional: always matches
+        end = m.end()
+        first = raw.find(b"\n", pos, end)
+        colon = raw.find(b":", pos, end if first < 0 else first)
+        if colon > pos:
+            name = raw[pos:colon].strip(b" \t").lower().decode("latin-1")
+            if name and (name in wanted) != negate:
+                chunk = raw[pos:end]
+                out.append(chunk if chunk.endswith(b"\n") else chunk + b"\r\n")
+        pos = end
     out.append(b"\r\n")  # the blank line ends the returned header
     return b"".join(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _wanted_fields(names: tuple[str, ...]) -> re.Pattern[bytes]:
+    """Matches a whole field (folded lines included) whose name, lower-cased
+    as top_header_fields does (ASCII only, latin-1), is one of ``names``."""
+    wanted = {n.lower() for n in names}
+    alts = sorted(re.escape(n.encode("latin-1")) for n in wanted if n and max(n) <= "\xff")
+    if not alts:
+        return re.compile(rb"(?!)")
+    return re.compile(rb"(?im)^(?:" + b"|".join(alts)
+                      + rb")[ \t]*:[^\n]*\n?(?:[ \t][^\n]*\n?)*")
 
 
 def _header_fields(raw: bytes, msg: Part, names: tuple[str, ...], negate: bool) -> bytes:

@@ -53,7 +53,7 @@ class View:
         """A view from ``store.uid_flags`` output (ascending UIDs)."""
         flags = dict(pairs)
         view = cls(name, readonly, uidvalidity, list(flags), flags, modseq)
-        for fs in {id(f): f for f in flags.values()}.values():  # distinct sets only
+        for fs in set(flags.values()):  # distinct sets only (frozensets cache their hash)
             view.keywords.update(f for f in fs if not f.startswith("\\"))
         return view
 
