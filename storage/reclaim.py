@@ -68,13 +68,21 @@ def compaction_floor(last_index: int, keep_ops: int, keep: Iterable[int]) -> int
     return max(0, min(floor, last_index - 1))
 
 
+def _compact_intent(tx: Any, floor: int, limit: int, shard: Any, incarnation: int) -> int:
+    # A snapshot installed since the floor was computed holds another log: skip.
+    if shard.incarnation != incarnation:
+        return 0
+    return ops.intent_compact_log(tx, floor, limit)
+
+
 def compact_shard(store: Any, number: int, floor: int, batch: int = COMPACT_BATCH) -> int:
     """Delete shard ``number``'s ops with idx <= ``floor`` in batches; the count."""
-    _, committer = store.shard_by_number(number)
+    shard, committer = store.shard_by_number(number)
+    incarnation = shard.incarnation
     total = 0
     while True:
-        done = committer.submit(functools.partial(ops.intent_compact_log, floor=floor,
-                                                  limit=batch))
+        done = committer.submit(functools.partial(
+            _compact_intent, floor=floor, limit=batch, shard=shard, incarnation=incarnation))
         total += done
         if done < batch:
             return total
@@ -258,7 +266,7 @@ class Reclaimer:
 
     def _compact(self, number: int, keep: list[int]) -> int:
         shard, _ = self.store.shard_by_number(number)
-        last = shard.last_index()
+        last = shard.last_index()  # (a snapshot installed after this: compact_shard skips)
         floor = compaction_floor(last, self.keep_ops, keep)
         if floor < max(1, shard.log_start()):
             return 0
