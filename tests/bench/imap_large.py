@@ -28,7 +28,6 @@ monkey.patch_all()
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import functools  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import re  # noqa: E402
@@ -45,10 +44,8 @@ if str(REPO) not in sys.path:
 
 import gevent  # noqa: E402
 
-from storage import fts  # noqa: E402
-from storage import shard as ops  # noqa: E402
 from storage.mailstore import MailStore  # noqa: E402
-from storage.mime import parse_metadata  # noqa: E402
+from tests.bench import imapfixture as fx  # noqa: E402
 from tests.bench.imapclient import Client, capabilities  # noqa: E402
 from tests.support.node import NodeProcess  # noqa: E402
 
@@ -74,45 +71,16 @@ def body(i: int) -> bytes:
     ) + filler
 
 
-def flags_for(i: int) -> list[str]:
-    flags = []
-    if i % 2 == 0:
-        flags.append("\\Seen")
-    if i % 7 == 0:
-        flags.append("\\Flagged")
-    if i % 50 == 0:
-        flags.append("$Label1")
-    return flags
-
-
 def build(mail_dir: Path, count: int) -> dict[str, float]:
     """Fill INBOX; returns in-process timings of the view's store calls."""
     store = MailStore(mail_dir, SHARDS, fsync=False, group_commit_max=512)
     store.open()
     out: dict[str, float] = {}
     try:
-        store.ensure_account(USER)
-        bodies = [body(i) for i in range(1000)]
-        metas = [parse_metadata(b) for b in bodies]
-        docs = [(fts.extract(b, m),) for b, m in zip(bodies, metas, strict=True)]
-        blobs = [store.blobs.put(b) for b in bodies]
-        committer = store.committer_for(USER)
-        t0 = time.perf_counter()
-        # The intents MailStore.append submits, with the per-body work (parse,
-        # text extraction, blob write) done once per distinct body: the
-        # committer still logs and applies one append op per message.
-        for start in range(0, count, 2000):
-            pending = [
-                committer.submit_nowait(functools.partial(
-                    ops.intent_append, account=USER, mailbox="INBOX", blob=blobs[i % 1000],
-                    size=len(bodies[i % 1000]), flags=sorted(flags_for(i)),
-                    internaldate=1.6e9 + i, meta=metas[i % 1000], search_doc=docs[i % 1000],
-                ))
-                for i in range(start, min(count, start + 2000))
-            ]
-            for p in pending:
-                p.get()
-        out["build"] = time.perf_counter() - t0
+        # The intents MailStore.append submits, with the per-body work done
+        # once per distinct body (tests/bench/imapfixture.py).
+        out["build"] = fx.fill(store, [USER], count, [body(i) for i in range(1000)],
+                               flags=fx.flags_for, batch=2000)
         t0 = time.perf_counter()
         pairs = store.uid_flags(USER, "INBOX")
         out["uid_flags"] = time.perf_counter() - t0

@@ -13,7 +13,6 @@ off (the scanning path every message).  Reported, never asserted.
 from __future__ import annotations
 
 import argparse
-import functools
 import random
 import statistics
 import tempfile
@@ -24,9 +23,8 @@ from typing import Any
 import gevent
 
 from storage import fts
-from storage import shard as ops
 from storage.mailstore import MailStore
-from storage.mime import parse_metadata
+from tests.bench import imapfixture as fx
 from tests.unit.imap.helpers import Client
 
 ACCOUNT = "alice@example.test"
@@ -62,23 +60,8 @@ def build(store: MailStore, count: int, distinct: int = 5000, batch: int = 1000)
     """
     rng = random.Random(42)
     raws = [message(rng, i) for i in range(min(count, distinct))]
-    metas = [parse_metadata(raw) for raw in raws]
-    docs = [fts.extract(raw, meta) for raw, meta in zip(raws, metas, strict=True)]
-    blobs = gevent.get_hub().threadpool.apply(lambda: [store.blobs._put_sync(r) for r in raws])
-    store.ensure_account(ACCOUNT)
-    committer = store.committer_for(ACCOUNT)
-    start = time.perf_counter()
-    for first in range(0, count, batch):
-        pending = []
-        for n in range(first, min(count, first + batch)):
-            k = n % len(raws)
-            pending.append(committer.submit_nowait(functools.partial(
-                ops.intent_append, account=ACCOUNT, mailbox="INBOX", blob=blobs[k],
-                size=len(raws[k]), flags=[], internaldate=1_699_000_000.0 + n,
-                meta=metas[k], search_doc=(docs[k],))))
-        for p in pending:
-            p.get()
-    return time.perf_counter() - start
+    return fx.fill(store, [ACCOUNT], count, raws, internaldate=lambda n: 1_699_000_000.0 + n,
+                   batch=batch)
 
 
 class Scanning:
