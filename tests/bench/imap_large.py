@@ -57,18 +57,7 @@ SHARDS = 4
 
 
 def body(i: int) -> bytes:
-    filler = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit %d.\r\n" % i) * (
-        30 + i % 30
-    )
-    return (
-        b"From: Sender %d <sender%d@example.test>\r\n"
-        b"To: user0@bench.test\r\n"
-        b"Subject: large mailbox message %d\r\n"
-        b"Date: Mon, 7 Feb 2022 21:52:25 -0800\r\n"
-        b"Message-ID: <%d@bench.test>\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"\r\n" % (i, i, i, i)
-    ) + filler
+    return fx.body(i, subject=b"large mailbox message %d" % i, to=USER.encode())
 
 
 def build(mail_dir: Path, count: int) -> dict[str, float]:

@@ -35,18 +35,21 @@ def users(n: int) -> list[str]:
     return [f"user{i}@{DOMAIN}" for i in range(n)]
 
 
-def body(i: int) -> bytes:
+def body(i: int, subject: bytes | None = None, to: bytes = b"someone@bench.test") -> bytes:
+    """Bench message i (2-4 KB); the subject defaults to "bench message i about topic i%17"."""
     filler = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit %d.\r\n" % i) * (
         30 + i % 30
     )
+    if subject is None:
+        subject = b"bench message %d about topic %d" % (i, i % 17)
     return (
         b"From: Sender %d <sender%d@example.test>\r\n"
-        b"To: someone@bench.test\r\n"
-        b"Subject: bench message %d about topic %d\r\n"
+        b"To: %s\r\n"
+        b"Subject: %s\r\n"
         b"Date: Mon, 7 Feb 2022 21:52:25 -0800\r\n"
         b"Message-ID: <%d@bench.test>\r\n"
         b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"\r\n" % (i, i, i, i % 17, i)
+        b"\r\n" % (i, i, to, subject, i)
     ) + filler
 
 
