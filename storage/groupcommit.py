@@ -33,8 +33,8 @@ batch's COMMIT must wait for (a message body still being fsynced, see
 MailStore.deliver): with a ``replicate`` hook the wait overlaps replication,
 so the primary's blob fsync and its followers' run at the same time; a
 failed ``after`` fails its caller alone before prepare, or the whole batch
-(rolled back, and fenced if replicated) when it fails later.  ``paused()`` waits for the running batch
-and holds back further batches while held.
+(rolled back, and fenced if replicated) when it fails later.  ``paused()``
+waits for the running batch and holds back further batches while held.
 """
 
 from __future__ import annotations
