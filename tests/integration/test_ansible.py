@@ -9,7 +9,9 @@ Each is an etcd member and a postroom node.  systemd does not run here, so
 the roles pick the fallback supervisor (ansible/roles/supervise).  Test
 shortcuts, all plain role variables: no system users (everything runs as
 root), no apt, venvs made with ``--system-site-packages --without-pip`` and
-``pip install --no-index`` (the packages of this Python, no download).
+``pip install --no-index`` (the packages of this Python, no download);
+ansible's modules run under /usr/bin/python3 when there is one (as on a
+Debian host; postroom itself runs in the venv of this Python).
 
 Two wheels of the current tree are built here (a wheel is a zip: the
 packages plus a dist-info; building them by hand takes a fraction of a
