@@ -40,6 +40,13 @@ def primary(tmp_path):
         yield store, hook
 
 
+def _until(condition, what: str, deadline: float = 10.0) -> None:
+    """Wait (cooperatively) until condition() holds; fail after the deadline."""
+    with gevent.Timeout(deadline, AssertionError(f"timed out waiting for {what}")):
+        while not condition():
+            gevent.sleep(0.01)
+
+
 def _append(i: int):
     return functools.partial(
         ops.intent_append, account=ALICE, mailbox="INBOX", blob="ab" * 32, size=10,
@@ -52,7 +59,7 @@ def test_commit_waits_for_after_which_overlaps_replication(primary):
     before = store.position(N)
     after = AsyncResult()
     result = committer.submit_nowait(_append(1), None, after)
-    gevent.sleep(0.05)
+    _until(lambda: hook.batches, "the batch to be shipped")
     assert hook.batches == [[before[0] + 1]]  # shipped while the blob is "being written"
     assert not result.ready() and store.position(N) == before  # but not committed
     after.set("done")
@@ -81,7 +88,7 @@ def test_after_failing_during_replication_rolls_back_and_fences(primary):
     before = store.position_digest(N)
     after = AsyncResult()
     result = committer.submit_nowait(_append(1), None, after)
-    gevent.sleep(0.05)
+    _until(lambda: hook.batches, "the batch to be shipped")
     assert len(hook.batches) == 1
     after.set_exception(OSError("I/O error"))
     with pytest.raises(StorageUnavailable):
