@@ -164,15 +164,6 @@ class BlobStore:
         self._remember(sha, data)
         return data
 
-    def put_in_thread(self, data: bytes) -> str:
-        """``put`` for code already running in a threadpool worker (a
-        follower's batch); the caller then ``remember``s it on the hub."""
-        return self._put_sync(bytes(data))
-
-    def remember(self, sha: str, data: bytes) -> None:
-        """Cache a body stored durably (hub only)."""
-        self._remember(sha, data)
-
     def _remember(self, sha: str, data: bytes) -> None:
         """Keep a small body in the LRU (hub only: no lock needed)."""
         if len(data) > self.cache_max_blob or sha in self._cache:

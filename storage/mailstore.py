@@ -440,14 +440,13 @@ class MailStore:
         missing = [b for b in _referenced_blobs(ops_) if b not in fresh and not self.blobs.exists(b)]
         if missing:
             raise StorageUnavailable(f"replicated ops reference missing blobs: {missing[:3]}")
-        intent: Intent = functools.partial(
-            ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_)
-        if fresh:  # written by the batch's own thread before the ops: one hop, not two
-            intent = functools.partial(_blobs_first, self.blobs, fresh, intent)
-        last = entry.committer.submit(intent, functools.partial(entry.require_follower, epoch))
         for name, data in fresh.items():
-            self.blobs.remember(name, data)
-        return last
+            if self.blobs.put(data) != name:
+                raise StorageError(f"blob {name}: content does not match its name")
+        return entry.committer.submit(
+            functools.partial(ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_),
+            functools.partial(entry.require_follower, epoch),
+        )
 
     def _store_blobs(self, blobs: Mapping[str, bytes], needed: set[str]) -> None:
         for name, data in blobs.items():
@@ -895,15 +894,6 @@ class MailStore:
     def read_message(self, blob: str) -> bytes:
         """The stored bytes; raises NoSuchBlob."""
         return self.blobs.read(blob)
-
-
-def _blobs_first(blobs: BlobStore, fresh: Mapping[str, bytes], intent: Intent, tx: Any) -> Any:
-    """Threadpool, inside the batch: store (fsync) a replicated append's new
-    blobs, each checked against its name, then run ``intent`` (its ops)."""
-    for name, data in fresh.items():
-        if blobs.put_in_thread(data) != name:
-            raise StorageError(f"blob {name}: content does not match its name")
-    return intent(tx)
 
 
 def _referenced_blobs(ops_: Iterable[Op]) -> set[str]:
