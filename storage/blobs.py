@@ -110,6 +110,14 @@ class BlobStore:
             return False
         return gevent.get_hub().threadpool.apply(self._untrash, (sha,))
 
+    def cached(self, sha: str) -> bool:
+        """True if the blob is in the LRU: stored durably (or read) here."""
+        if sha in self._cache:
+            if self.wanted is not None:
+                self.wanted.add(sha)
+            return True
+        return False
+
     def forget(self, shas: list[str]) -> None:
         """Drop blobs from the cache (the collector trashed them; hub only)."""
         for sha in shas:
@@ -207,9 +215,15 @@ class BlobStore:
             # Immutable: same name, same bytes.  The new mtime restarts the
             # collector's grace period (a delivery commits its op after this).
             os.utime(final)
-            return sha
         except FileNotFoundError:
             pass
+        else:
+            if self.fsync:
+                # Another thread may have just renamed this blob into place and
+                # not yet fsynced the directories: our caller commits an op
+                # that references it, so make the entries durable here too.
+                self._fsync_chain(final.parent)
+            return sha
         if self._untrash(sha):
             os.utime(final)
             return sha
@@ -234,6 +248,12 @@ class BlobStore:
             for directory in created:  # new fan-out dirs: make their entries durable
                 _fsync_dir(directory.parent)
         return sha
+
+    def _fsync_chain(self, directory: Path) -> None:
+        """fsync the fan-out directories of a blob and the root (cheap when clean)."""
+        _fsync_dir(directory)
+        _fsync_dir(directory.parent)
+        _fsync_dir(self.root)
 
     def _makedirs(self, directory: Path) -> list[Path]:
         """mkdir -p; returns the directories created, deepest first."""

@@ -450,7 +450,10 @@ class MailStore:
 
     def _store_blobs(self, blobs: Mapping[str, bytes], needed: set[str]) -> None:
         for name, data in blobs.items():
-            if self.blobs.exists(name):
+            # Only a cached blob is known durable: a file may be visible while
+            # another write of the same bytes has not fsynced its directory
+            # yet, and put() of an existing file makes its entries durable.
+            if self.blobs.cached(name):
                 continue
             if self.blobs.put(data) != name:
                 raise StorageError(f"blob {name}: content does not match its name")
