@@ -564,7 +564,8 @@ class MailStore:
         self._write(entry, functools.partial(ops.intent_ensure_account, account=acct))
 
     def delete_account(self, account: str) -> None:
-        """Remove every mailbox of the account.  Blobs stay (see docs/storage.md)."""
+        """Remove every mailbox of the account; its bodies go at the next blob sweep
+        once nothing references them (storage/reclaim.py, docs/storage.md)."""
         acct = _account(account)
         self._submit(acct, functools.partial(ops.intent_delete_account, account=acct))
 
