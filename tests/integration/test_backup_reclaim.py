@@ -56,10 +56,12 @@ def log_span(path: Path) -> tuple[int, int]:
 def uploaded(node: NodeProcess, number: int, since: float) -> int | None:
     session = EtcdSession([node.settings["etcd"]["embedded_client_url"]], "/postroom")
     try:
-        [record] = session.get_prefix("/backup/")[0]
+        records = session.get_prefix("/backup/")[0]
     finally:
         session.close()
-    status = record.value
+    if len(records) != 1:
+        return None  # a restarted agent has not published its status yet
+    status = records[0].value
     row = status["shards"].get(str(number))
     return row["uploaded"][0] if status["ts"] > since and row and not row["error"] else None
 
