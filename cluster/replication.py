@@ -617,6 +617,8 @@ class Replicator:
                     raise self._depose(f"{node} knows epoch {known}")
                 out[node] = last
             else:
+                log.info("shard %d: no position from %s: %s", self.shard, node,
+                         "timed out" if answer is _TIMED_OUT else answer)
                 out[node] = None
         return out
 
