@@ -16,7 +16,7 @@ the protocol server (node/imap/server.py, node/pop3/server.py) calls
    maildrop has ...`).  While placement settles (no primary yet, a new
    primary still syncing, one that no longer leads and says `NO
    [UNAVAILABLE]` / `-ERR [SYS/TEMP]`, one not reachable) the login is
-   re-routed for at most the router's SETTLE seconds, each reason logged; a
+   re-routed for at most ``[cluster] settle`` seconds (the router's window), each reason logged; a
    shard that comes to be led here meanwhile is served here.  Any other
    refusal (say `-ERR [IN-USE]`), or a shard still unavailable at the end
    (or a primary that did not answer within the RPC timeout), is answered
@@ -123,13 +123,14 @@ def _settled(ctx: NodeContext, method: str, account: str, args: dict, goodbye: b
 
     A shard between two primaries (no primary yet, a new primary still
     syncing its followers, a primary that no longer leads, an unreachable
-    one) is retried for at most SETTLE seconds, as the router does for SMTP
-    (cluster/router.py), so the client sees a short delay, not a refusal.
+    one) is retried for at most the ClusterStore's ``settle`` seconds, as the
+    router does for SMTP (cluster/router.py), so the client sees a short
+    delay, not a refusal.
     Returns the Pipe, LOCAL if the shard came to be led here meanwhile, or
     the refusal line to send (b"": the generic "unavailable" one)."""
     view = ctx.cluster
     number = view.shard_of(account) if view is not None else -1
-    deadline = time.monotonic() + SETTLE
+    deadline = time.monotonic() + getattr(ctx.store, "settle", SETTLE)
     delay = 0.05
     tries = 0
     while True:

@@ -71,7 +71,7 @@ CALLABLE = frozenset({
 })
 # RPC error kinds meaning the call never ran there (cluster/rpc.py): try later.
 NOT_RUN = frozenset({"Expired", "NoSuchMethod"})
-SETTLE = 5.0  # seconds a call refused with NotLeader is retried while placement settles
+SETTLE = 5.0  # default [cluster] settle: seconds a NotLeader refusal is retried (re-routed)
 # Result types rebuilt by `decode` (storage/model.py dataclasses, by name).
 DATACLASSES: dict[str, type] = {
     cls.__name__: cls
@@ -153,12 +153,14 @@ class ClusterStore:
     """node.context.MailStore over the cluster (see the module docstring)."""
 
     def __init__(
-        self, store: MailStore, view: ClusterView, rpc: RpcClient, timeout: float = 10.0
+        self, store: MailStore, view: ClusterView, rpc: RpcClient, timeout: float = 10.0,
+        settle: float = SETTLE,
     ) -> None:
         self.local = store
         self.view = view
         self.rpc = rpc
         self.timeout = float(timeout)
+        self.settle = float(settle)  # seconds NotLeader refusals are re-routed ([cluster] settle)
 
     # -- routing
 
@@ -180,9 +182,9 @@ class ClusterStore:
 
     def _settled(self, fn: Callable[[], Any]) -> Any:
         """fn(), retried while it fails with NotLeader (nothing ran: a hand-off
-        or promotion is in progress) for at most SETTLE seconds, so clients
+        or promotion is in progress) for at most ``settle`` seconds, so clients
         see a short delay instead of a temporary failure."""
-        deadline = time.monotonic() + SETTLE
+        deadline = time.monotonic() + self.settle
         delay = 0.05
         while True:
             try:
@@ -234,7 +236,7 @@ class ClusterStore:
         by_account: dict[str, AppendResult] = {}
         error: BaseException | None = None
         pending = targets
-        deadline = time.monotonic() + SETTLE
+        deadline = time.monotonic() + self.settle
         delay = 0.05
         while pending:
             # Accounts refused with NotLeader ran nowhere: they are tried again

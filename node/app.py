@@ -188,7 +188,8 @@ class Node:
         ctx = self.context
         ctx.cluster = self.manager
         ctx.store = router.ClusterStore(
-            self.store, self.manager, self.rpc_client, cfg.cluster.rpc_timeout)
+            self.store, self.manager, self.rpc_client, cfg.cluster.rpc_timeout,
+            cfg.cluster.settle)
         router.register_handlers(self.rpc_server, self.store, self.manager)
         proxy.register_handlers(self.rpc_server, ctx)
         drill.register_fault_handler(self.rpc_server)

@@ -184,6 +184,7 @@ class ClusterSettings:
     replication_factor: int = 3  # copies of each shard (fewer while fewer nodes exist)
     ack_timeout: float = 2.0  # seconds a follower may take to fsync a batch, then it leaves the ISR
     rpc_timeout: float = 10.0  # seconds per node-to-node call
+    settle: float = 5.0  # seconds a call or login refused "not the leader" is re-routed
     catchup_batch: int = 1000  # operations per catch-up message
 
 
@@ -306,6 +307,8 @@ def validate(config: Config) -> None:
             parse_listen_address(config.cluster.advertise, "cluster.advertise")
         if not 1 <= config.cluster.replication_factor <= 9:
             raise ConfigError("cluster.replication_factor: expected 1..9")
+        if not 0 <= config.cluster.settle <= 300:
+            raise ConfigError("cluster.settle: expected 0..300 seconds")
     if config.backup.enabled and not (config.backup.target and config.backup.key_file):
         raise ConfigError("backup.enabled needs backup.target and backup.key_file")
     if config.backup.target and not config.backup.target.startswith(("s3://", "file://")):

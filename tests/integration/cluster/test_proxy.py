@@ -47,6 +47,7 @@ PASSWORD = "secret-pw-1234"
 MESSAGE = b"From: x@example.test\r\nSubject: proxied\r\n\r\nhello through the proxy\r\n"
 MOVED_BYE = b"* BYE [UNAVAILABLE] Mailbox moved, reconnect\r\n"
 DEADLINE = 10.0  # seconds any single client read may wait
+SETTLE = 1.0  # [cluster] settle of both nodes: how long a refused login is re-routed
 
 
 class Placement:
@@ -110,7 +111,8 @@ class Node:
 
     def start(self, placement: Placement) -> None:
         self.view = View(self.name, placement)
-        self.cluster_store = router.ClusterStore(self.store, self.view, self.rpc_client, 5)
+        self.cluster_store = router.ClusterStore(self.store, self.view, self.rpc_client, 5,
+                                                 settle=SETTLE)
         config = from_dict({"node": {"allow_plaintext_auth_on_loopback": True},
                             "imap": {"idle_timeout": 60}})
         self.ctx = NodeContext(config=config, directory=self.directory,

@@ -32,6 +32,7 @@ from storage.model import (
 
 SHARDS = 8
 MESSAGE = b"From: a@example.test\r\nSubject: hello\r\n\r\nbody\r\n"
+SETTLE = 0.5  # seconds a NotLeader refusal is re-routed before StorageUnavailable
 
 
 class View:
@@ -141,7 +142,8 @@ def nodes(tmp_path: Path, certs) -> Iterator[dict]:
     clients = {n: RpcClient(ca.client_context(certs[n]), connect_timeout=2) for n in ("a", "b")}
     for n in ("a", "b"):
         register_handlers(servers[n], stores[n], views[n])
-    cluster = {n: ClusterStore(stores[n], views[n], clients[n], timeout=5) for n in ("a", "b")}
+    cluster = {n: ClusterStore(stores[n], views[n], clients[n], timeout=5, settle=SETTLE)
+               for n in ("a", "b")}
     yield {"stores": stores, "cluster": cluster, "leaders": leaders, "servers": servers,
            "addresses": addresses}
     for c in clients.values():
