@@ -312,15 +312,16 @@ class MailStore:
     def _submit(self, account: str, intent: Intent) -> Any:
         return self._write(self._shard(account), intent)
 
-    def _write(self, entry: _OpenShard, intent: Intent) -> Any:
+    def _write(self, entry: _OpenShard, intent: Intent, after: AsyncResult | None = None) -> Any:
         """A client write through the role gate (checked now and at its batch)."""
         entry.require_primary()
-        return entry.committer.submit(intent, entry.require_primary)
+        return entry.committer.submit(intent, entry.require_primary, after)
 
-    def submit_to(self, number: int, intent: Intent) -> Any:
+    def submit_to(self, number: int, intent: Intent, after: AsyncResult | None = None) -> Any:
         """Run a write intent on shard ``number`` through the role gate
-        (storage/queue.py); raises StorageUnavailable unless led here."""
-        return self._write(self._entry(number), intent)
+        (storage/queue.py); raises StorageUnavailable unless led here.  Its
+        batch commits only once ``after`` (a blob being stored) holds a value."""
+        return self._write(self._entry(number), intent, after)
 
     def apply_ops(self, number: int, ops_: list[Op]) -> int:
         """Append ops to shard ``number`` without any role or epoch check
@@ -391,6 +392,8 @@ class MailStore:
         committer.replicate = hook
         committer.generation += 1
         log.info("shard %d: %s at epoch %d", entry.number, role, epoch)
+        if role != "follower":
+            self._index_later(entry)  # what it deferred as a follower (fts_pending)
 
     def role(self, number: int) -> tuple[str, int]:
         """(role, highest known epoch) of shard ``number``."""
@@ -532,10 +535,12 @@ class MailStore:
         if self._is_open:
             now = time.monotonic()
             for account in {a for a, _ in changes}:
-                # New messages wait in fts_pending (storage/fts.py).
+                # New messages wait in fts_pending (storage/fts.py).  A
+                # follower serves no SEARCH: it indexes once it leads.
                 entry = self._shard(account)
                 entry.last_change = now
-                self._index_later(entry)
+                if entry.role != "follower":
+                    self._index_later(entry)
         seen: set[tuple[str, str]] = set()
         for account, mailbox in changes:
             if (account, mailbox) in seen:
@@ -859,7 +864,7 @@ class MailStore:
                 if now - entry.last_change >= _INDEX_DELAY or now - started >= _INDEX_MAX_WAIT:
                     break
             try:
-                while self._is_open:
+                while self._is_open and entry.role != "follower":
                     incarnation = entry.shard.incarnation
                     rows = fts.pending_batch(entry.shard.reader, _INDEX_BATCH)
                     if not rows:
