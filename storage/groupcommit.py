@@ -30,11 +30,16 @@ Each submission may carry a ``check`` run on the hub when its batch starts
 (the MailStore's role gate: "not led here", stale epoch); if it raises, that
 caller alone gets the exception.  It may also carry ``after``, a result the
 batch's COMMIT must wait for (a message body still being fsynced, see
-MailStore.deliver): with a ``replicate`` hook the wait overlaps replication,
-so the primary's blob fsync and its followers' run at the same time; a
-failed ``after`` fails its caller alone before prepare, or the whole batch
-(rolled back, and fenced if replicated) when it fails later.  ``paused()``
-waits for the running batch and holds back further batches while held.
+MailStore.deliver and OutboundQueue.enqueue_checked): nothing of a batch is
+committed, so no caller answered, before every ``after`` of it holds a
+value.  The wait overlaps the batch's prepare (its intents run in the open
+transaction meanwhile) and, with a ``replicate`` hook, replication, so the
+primary's blob fsync and its followers' run at the same time.  A failed
+``after`` fails its caller alone: before prepare at once; after prepare on a
+single node by rolling the batch back and running the others again (nothing
+was visible); after replication the whole batch is rolled back and fenced.
+``paused()`` waits for the running batch and holds back further batches
+while held.
 """
 
 from __future__ import annotations
@@ -109,9 +114,11 @@ class GroupCommitter:
         """True while a batch runs or intents wait: a write now joins the next batch."""
         return not self._idle.is_set()
 
-    def submit(self, intent: Intent, check: Check | None = None) -> Any:
+    def submit(
+        self, intent: Intent, check: Check | None = None, after: AsyncResult | None = None
+    ) -> Any:
         """Run an intent in the next batch and return once it is committed."""
-        return self.submit_nowait(intent, check).get()
+        return self.submit_nowait(intent, check, after).get()
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -145,11 +152,9 @@ class GroupCommitter:
             try:
                 if check is not None:
                     check()
-                if after is not None and self.replicate is None:
-                    after.get()  # no replication to overlap with: wait now
+                if after is not None and after.ready():
+                    after.get()  # raises if it failed: this caller alone fails
                     after = None
-                if after is not None and after.ready() and not after.successful():
-                    after.get()
             except Exception as exc:
                 result.set_exception(_unavailable(exc))
             else:
@@ -159,11 +164,17 @@ class GroupCommitter:
         intents = [i for i, _, _ in live]
         afters = [a for _, _, a in live if a is not None]
         try:
-            if self.replicate is None:
+            if self.replicate is not None:
+                outcome = self._replicated(intents, self.replicate, afters)
+            elif afters:
+                overlapped = self._overlapped(intents, afters)
+                if overlapped is None:  # an ``after`` failed: rolled back
+                    self._run_batch(_without_failed(live))
+                    return
+                outcome = overlapped
+            else:
                 pool = gevent.get_hub().threadpool
                 outcome = pool.apply(self.shard.run_batch, (intents, self.shard.epoch))
-            else:
-                outcome = self._replicated(intents, self.replicate, afters)
         except Exception as exc:
             if not isinstance(exc, StorageUnavailable):
                 log.exception("shard %s: batch failed", self.shard.path)
@@ -172,6 +183,23 @@ class GroupCommitter:
                 result.set_exception(failure or StorageUnavailable("commit failed"))
             return
         self._answer(live, outcome)
+
+    def _overlapped(self, intents: list[Intent], afters: list[AsyncResult]) -> BatchResult | None:
+        """One node: prepare while the ``afters`` (blob fsyncs) run, then
+        COMMIT once all of them hold a value; None (rolled back) if one failed."""
+        pool = gevent.get_hub().threadpool
+        outcome, _ = pool.apply(self.shard.prepare_batch, (intents, self.shard.epoch, False))
+        try:
+            for after in afters:
+                after.wait()
+            if not all(after.successful() for after in afters):
+                pool.apply(self.shard.rollback_prepared)
+                return None
+            pool.apply(self.shard.commit_prepared)
+        except BaseException:
+            pool.apply(self.shard.rollback_prepared)
+            raise
+        return outcome
 
     def _replicated(
         self, intents: list[Intent], replicate: Callable[[list[Op]], None],
@@ -223,6 +251,20 @@ class GroupCommitter:
                 self.on_commit(changed)
             except Exception:
                 log.exception("shard %s: commit notification failed", self.shard.path)
+
+
+def _without_failed(live: list[_Live]) -> list[_Item]:
+    """A rolled-back batch again, less the callers whose ``after`` failed
+    (they get its exception); the others' ``after`` holds a value."""
+    again: list[_Item] = []
+    for intent, result, after in live:
+        if after is not None and not after.successful():
+            exc = after.exception
+            result.set_exception(_unavailable(exc) if isinstance(exc, Exception)
+                                 else StorageUnavailable("write failed"))
+        else:
+            again.append((intent, result, None, None))
+    return again
 
 
 def _unavailable(exc: Exception) -> Exception:

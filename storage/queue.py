@@ -16,8 +16,10 @@ counters -- and records them in the op's args, so replaying the log rebuilds
 identical state.  Ops (docs/queue.md): ``enqueue``, ``attempt_result``,
 ``dequeue``, ``hold``, ``release``, ``retry``.
 
-The body is written to the BlobStore (fsynced) *before* the ``enqueue`` op is
-committed, like a mailbox append.  Reads run on the hub on each shard's
+The body is durable in the BlobStore (fsynced) *before* the ``enqueue`` op
+is committed, like a mailbox append: a body of up to 256 KiB is stored with
+``put_nowait`` and its fsyncs overlap the batch's prepare, whose COMMIT waits
+for them (storage/groupcommit.py, ``after``).  Reads run on the hub on each shard's
 reader connection; ``due`` and ``next_due`` use the ``(held, next_attempt)``
 index.  ``due`` first reads only ids in index order and skips the ones the
 caller excludes (the runner's in-flight entries), then reads whole entries
@@ -67,6 +69,7 @@ MAX_ADDRESS = 998  # octets of one address, as a safe bound on the stored text
 MAX_REPLY_TEXT = 2_000  # characters of a remote reply kept per recipient
 MAX_ENVID = 100  # RFC 3461 §4.4
 MAX_IDS_PER_OP = 10_000  # bounded op args for retry/flush
+_OVERLAP_MAX = 256 * 1024  # bodies up to this size are hashed on the hub (put_nowait)
 STATES = (PENDING, DELIVERED, FAILED, RELAYED)
 NOTIFY_VALUES = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
 BODIES = ("7BIT", "8BITMIME", "BINARYMIME")  # RFC 6152, RFC 3030
@@ -495,15 +498,21 @@ class OutboundQueue:
         """Enqueue ``enqueue_args`` output into shard ``number`` (default: one
         chosen here once the body is stored); never forwards (the
         ``queue.enqueue`` RPC handler)."""
-        blob = self.store.blobs.put(raw)  # durable before the op that names it
+        stored = None
+        if len(raw) <= _OVERLAP_MAX:
+            # The body's fsyncs overlap the batch's prepare (and replication);
+            # the batch commits only once it is durable (storage/groupcommit.py).
+            blob, stored = self.store.blobs.put_nowait(raw)
+        else:
+            blob = self.store.blobs.put(raw)  # durable before the op that names it
         if number is None:
             number = self._enqueue_shard()
             if number is None:
                 raise StorageUnavailable("this node leads no queue shard")
-        entry = self._submit(number, functools.partial(
+        entry = self.store.submit_to(number, functools.partial(
             intent_enqueue, number=number, shards=self.store.shards, sender=args["sender"],
             recipients=args["recipients"], blob=blob, size=len(raw), options=args["options"],
-        ))
+        ), stored)
         self._shard_numbers()
         assert self._known is not None
         self._known.add(number)
