@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 MEMBERS = "/members/"
 POSITIONS = "/positions/"
-POSITIONS_INTERVAL = 2.0  # seconds between /positions/<node> writes
+POSITIONS_INTERVAL = 2.0  # default [cluster] positions_interval: seconds between /positions/ writes
 HANDOFF_HOOK_TIMEOUT = 10.0  # seconds the hand-off hooks may take together
 RETRY_DELAY = 0.5  # seconds before a failed role transition is tried again
 
@@ -98,6 +98,7 @@ class ClusterManager:
         self.ack_timeout = settings.ack_timeout
         self.rpc_timeout = settings.rpc_timeout
         self.catchup_batch = max(1, settings.catchup_batch)
+        self.positions_interval = settings.positions_interval
         self.records = ShardRecords(session, on_change=self._mark)
         self.service = ReplicationService(store, rpc_client, self.rpc_address, self.rpc_timeout,
                                           self.await_follower)
@@ -463,4 +464,4 @@ class ClusterManager:
                 log.info("cannot publish positions: %s", exc)
             except Exception:
                 log.exception("cannot publish positions")
-            gevent.sleep(POSITIONS_INTERVAL)
+            gevent.sleep(self.positions_interval)

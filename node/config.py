@@ -185,6 +185,7 @@ class ClusterSettings:
     ack_timeout: float = 2.0  # seconds a follower may take to fsync a batch, then it leaves the ISR
     rpc_timeout: float = 10.0  # seconds per node-to-node call
     settle: float = 5.0  # seconds a call or login refused "not the leader" is re-routed
+    positions_interval: float = 2.0  # seconds between /positions/<node> writes (status, drills)
     catchup_batch: int = 1000  # operations per catch-up message
 
 
@@ -309,6 +310,8 @@ def validate(config: Config) -> None:
             raise ConfigError("cluster.replication_factor: expected 1..9")
         if not 0 <= config.cluster.settle <= 300:
             raise ConfigError("cluster.settle: expected 0..300 seconds")
+        if not 0.1 <= config.cluster.positions_interval <= 60:
+            raise ConfigError("cluster.positions_interval: expected 0.1..60 seconds")
     if config.backup.enabled and not (config.backup.target and config.backup.key_file):
         raise ConfigError("backup.enabled needs backup.target and backup.key_file")
     if config.backup.target and not config.backup.target.startswith(("s3://", "file://")):
