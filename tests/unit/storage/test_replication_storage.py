@@ -498,3 +498,31 @@ def test_role_changes_do_not_wait_for_a_batch_in_replication(pair):
     job.join(timeout=10)
     assert isinstance(job.exception, StorageUnavailable)
     assert a.position_digest(N) == before
+
+
+def _pending(store: MailStore) -> list:
+    return fts.pending_batch(store.shard_by_number(N)[0].reader, 10)
+
+
+def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = gevent.get_hub().loop.now() + timeout
+    while not predicate():
+        if gevent.get_hub().loop.now() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        gevent.sleep(0.02)
+
+
+def test_a_follower_leaves_full_text_indexing_to_its_promotion(pair, monkeypatch):
+    from storage import mailstore
+
+    monkeypatch.setattr(mailstore, "_INDEX_DELAY", 0.05)
+    a, b, _ = pair
+    a.ensure_account(ALICE)
+    for i in range(3):
+        a.deliver([ALICE], msg(i))
+    _wait_for(lambda: not _pending(a), "the primary's index")
+    gevent.sleep(0.5)  # ten index delays: a follower that indexed would have
+    assert len(_pending(b)) == 3
+    b.set_role(N, "primary", 2)
+    _wait_for(lambda: not _pending(b), "the promoted follower's index")
+    assert a.digest(N) == b.digest(N)
