@@ -17,11 +17,9 @@
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
 import secrets
-import time
 
 from node.context import NodeContext
 from node.mailflow import local
@@ -64,8 +62,7 @@ def missing_headers(message: bytes, hostname: str, now: float | None = None) -> 
     names = {m.decode("ascii").lower() for m in _DATE_OR_ID.findall(_header_section(message))}
     out = b""
     if "date" not in names:
-        when = now if now is not None else time.time()
-        out += f"Date: {email.utils.formatdate(when, localtime=True)}\r\n".encode()
+        out += f"Date: {local.rfc5322_date(now)}\r\n".encode()
     if "message-id" not in names:
         out += f"Message-ID: <{secrets.token_hex(16)}@{hostname}>\r\n".encode()
     return out
