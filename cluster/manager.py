@@ -21,8 +21,9 @@ primary with the replicator as the committer's ``replicate`` hook.  Until
 then writes raise StorageUnavailable (clients retry).  On session loss every
 led shard becomes follower at once, before a new lease is granted.
 
-Every 2 s the manager publishes ``/positions/<node>`` (under its lease): the
-last (index, epoch) of each shard it holds, for ``postroom status`` and lag.
+Every 2 s (``positions_interval``) the manager publishes ``/positions/<node>``
+(under its lease) if it changed: the last (index, epoch) of each shard it
+holds, for ``postroom status``, lag, drills and log compaction.
 It also implements node.context.ClusterView for the rest of the node.
 """
 
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 MEMBERS = "/members/"
 POSITIONS = "/positions/"
 POSITIONS_INTERVAL = 2.0  # default [cluster] positions_interval: seconds between /positions/ writes
+POSITIONS_REFRESH = 60.0  # seconds after which unchanged positions are written again
 HANDOFF_HOOK_TIMEOUT = 10.0  # seconds the hand-off hooks may take together
 RETRY_DELAY = 0.5  # seconds before a failed role transition is tried again
 
@@ -113,6 +115,8 @@ class ClusterManager:
         self._handoff_hooks: list[Callable[[int], None]] = []
         self._watches: list[Watch] = []
         self._publisher: gevent.Greenlet | None = None
+        self._published: tuple[int, dict] | None = None  # (lease, shards) last written
+        self._published_at = 0.0
         self._running = False
         session.add_session_callbacks(on_lost=self._session_lost,
                                       on_restored=self._session_restored)
@@ -456,12 +460,24 @@ class ClusterManager:
                 if role.role == "primary" and role.replicator is not None:
                     role.replicator.check_fenced()
             try:
-                if self.session.lease_id:
-                    self.session.put(POSITIONS + self.node_name,
-                                     {"shards": self.positions(), "ts": round(time.time(), 3)},
-                                     lease=True)
+                self._publish()
             except EtcdError as exc:
                 log.info("cannot publish positions: %s", exc)
             except Exception:
                 log.exception("cannot publish positions")
             gevent.sleep(self.positions_interval)
+
+    def _publish(self) -> None:
+        """Write /positions/<node> if it changed (or its lease did) since the
+        last write, or POSITIONS_REFRESH seconds passed: an idle node writes
+        nothing (every put is an etcd raft write on every member)."""
+        lease = self.session.lease_id
+        if not lease:
+            return
+        shards = self.positions()
+        now = time.monotonic()
+        if self._published == (lease, shards) and now - self._published_at < POSITIONS_REFRESH:
+            return
+        self.session.put(POSITIONS + self.node_name,
+                         {"shards": shards, "ts": round(time.time(), 3)}, lease=True)
+        self._published, self._published_at = (lease, shards), now

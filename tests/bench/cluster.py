@@ -90,7 +90,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from node.config import EtcdSettings  # noqa: E402
+from node.config import ClusterSettings, EtcdSettings  # noqa: E402
 from tests.bench import profile as pyspy  # noqa: E402
 from tests.bench.run import Children, process_cpu  # noqa: E402
 from tests.support.node import NodeProcess, merge, to_toml  # noqa: E402
@@ -260,6 +260,9 @@ class Cluster(System):
         h.setup()
         for node in h.nodes:
             merge(node.settings, OVERRIDES)
+            # The default interval (the harness publishes every 0.5 s for its tests).
+            merge(node.settings, {"cluster": {
+                "positions_interval": ClusterSettings().positions_interval}})
             node.config_path.write_text(to_toml(node.settings))
         h.start()
         self.wait_healthy()
