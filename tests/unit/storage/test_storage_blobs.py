@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import gevent
 import pytest
@@ -74,3 +75,26 @@ def test_unsynced_mode_stores_the_same(tmp_path):
     store.open()
     sha = store.put(b"abc")
     assert store.read(sha) == b"abc"
+
+
+def test_open_makes_first_level_fanout_durable_once(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / "blobs")
+    store.open()
+    tops = sorted(p.name for p in store.root.iterdir() if p.name not in ("tmp", "trash"))
+    assert tops == [f"{i:02x}" for i in range(256)]
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def noting_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", noting_fsync)
+    sha = store._put_sync(b"first blob of a young store")
+    path = store.path(sha)
+    # file, its new leaf directory, and the first-level one that holds the
+    # leaf: never the root, which open() made durable with every top dir.
+    assert synced[1:] == [str(path.parent), str(path.parent.parent)]
+    assert str(store.root) not in synced
+    store.open()  # reopening an existing store is fine
+    assert store.read(sha) == b"first blob of a young store"
