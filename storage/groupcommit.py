@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[], None]
 _Item = tuple[Intent, AsyncResult, "Check | None", "AsyncResult | None"]
-_Live = tuple[Intent, AsyncResult, "AsyncResult | None"]
 
 
 class GroupCommitter:
@@ -147,7 +146,7 @@ class GroupCommitter:
             self._idle.set()
 
     def _run_batch(self, batch: list[_Item]) -> None:
-        live: list[_Live] = []
+        live: list[_Item] = []
         for intent, result, check, after in batch:
             try:
                 if check is not None:
@@ -158,11 +157,11 @@ class GroupCommitter:
             except Exception as exc:
                 result.set_exception(_unavailable(exc))
             else:
-                live.append((intent, result, after))
+                live.append((intent, result, check, after))
         if not live:
             return
-        intents = [i for i, _, _ in live]
-        afters = [a for _, _, a in live if a is not None]
+        intents = [i for i, _, _, _ in live]
+        afters = [a for _, _, _, a in live if a is not None]
         try:
             if self.replicate is not None:
                 outcome = self._replicated(intents, self.replicate, afters)
@@ -179,7 +178,7 @@ class GroupCommitter:
             if not isinstance(exc, StorageUnavailable):
                 log.exception("shard %s: batch failed", self.shard.path)
             failure = exc if isinstance(exc, StorageUnavailable) else None
-            for _, result, _ in live:
+            for _, result, _, _ in live:
                 result.set_exception(failure or StorageUnavailable("commit failed"))
             return
         self._answer(live, outcome)
@@ -236,11 +235,11 @@ class GroupCommitter:
             raise
         return outcome
 
-    def _answer(self, live: list[_Live], outcome: BatchResult) -> None:
+    def _answer(self, live: list[_Item], outcome: BatchResult) -> None:
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(len(live))
         changed: Changes = []
-        for (_, result, _), (ok, value, changes) in zip(live, outcome, strict=True):
+        for (_, result, _, _), (ok, value, changes) in zip(live, outcome, strict=True):
             if ok:
                 result.set(value)
                 changed += changes
@@ -253,17 +252,17 @@ class GroupCommitter:
                 log.exception("shard %s: commit notification failed", self.shard.path)
 
 
-def _without_failed(live: list[_Live]) -> list[_Item]:
+def _without_failed(live: list[_Item]) -> list[_Item]:
     """A rolled-back batch again, less the callers whose ``after`` failed
     (they get its exception); the others' ``after`` holds a value."""
     again: list[_Item] = []
-    for intent, result, after in live:
+    for intent, result, check, after in live:
         if after is not None and not after.successful():
             exc = after.exception
             result.set_exception(_unavailable(exc) if isinstance(exc, Exception)
                                  else StorageUnavailable("write failed"))
         else:
-            again.append((intent, result, None, None))
+            again.append((intent, result, check, None))  # the role gate again
     return again
 
 
