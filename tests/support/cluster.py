@@ -9,7 +9,9 @@ Theory of operation
 2. write one TOML per node: node i (0-based) is named ``n<i+1>``, binds every
    listener and its RPC port on ``127.0.0.<i+2>`` (free ports), has
    ``[cluster] enabled = true``, labels ``{host = "h<i+1>", zone = "z<i+1>"}``,
-   ``[etcd] lease_ttl = 3`` (the ``lease_ttl`` argument) and the etcd cluster's TLS/auth settings;
+   ``[etcd] lease_ttl = 3`` (the ``lease_ttl`` argument), ``[cluster]
+   positions_interval = 1`` (caught-up checks see positions sooner) and the
+   etcd cluster's TLS/auth settings;
 3. ``postroom cluster init --shards 8`` once, ``postroom cluster join`` per node;
 4. ``postroom domain add`` / ``user add`` for example.test, alice and bob
    (tests/support/node.py USERS); steps 3 and 4 run in one process
@@ -46,6 +48,7 @@ from tests.support.node import DOMAIN, REPO, USERS, NodeProcess
 SHARDS = 8
 CLI_BATCH = Path(__file__).with_name("cli_batch.py")
 LEASE_TTL = 3
+POSITIONS_INTERVAL = 1.0  # [cluster] positions_interval of every node (default 2 s)
 
 
 class ClusterNode(NodeProcess):
@@ -66,6 +69,8 @@ class ClusterNode(NodeProcess):
                 "name": self.name,
                 "listen": f"{host}:{self.rpc_port}",
                 "labels": {"host": f"h{index + 1}", "zone": f"z{index + 1}"},
+                # caught-up checks read /positions/: fresher than the 2 s default
+                "positions_interval": POSITIONS_INTERVAL,
             },
         }
         super().__init__(base_dir, overrides, host=host)
@@ -333,18 +338,96 @@ class ClusterHarness:
         self.close()
 
 
-@pytest.fixture(scope="module")
-def etcd_cluster(tmp_path_factory) -> Iterator[EtcdCluster]:
-    """A 3-member etcd cluster with TLS and authentication (about 3 s to start)."""
+# -- fixtures shared by the test modules that ask for them ------------------
+#
+# Starting a cluster costs about 10 s (etcd, init/join, three node starts),
+# an etcd cluster about 3 s.  Modules that leave them whole or repairable
+# share one per fixture name: the first module that asks starts it; every
+# module gets it back whole; the last module of the session that uses the
+# fixture (per the collected items) stops it.  Tests keep their own accounts.
+
+_SHARED: dict[str, tuple[Any, Callable[[], None]]] = {}  # name -> (object, stop)
+
+
+def _used_later(request: pytest.FixtureRequest, name: str) -> bool:
+    """Whether an item after this module's last one uses fixture ``name``."""
+    items = request.session.items
+    mine = [i for i, item in enumerate(items) if getattr(item, "module", None) is request.module]
+    return any(name in getattr(item, "fixturenames", ())
+               for item in items[max(mine, default=len(items)) + 1:])
+
+
+def _stop_shared(name: str) -> None:
+    entry = _SHARED.pop(name, None)
+    if entry is not None:
+        entry[1]()
+
+
+def _shared(request: pytest.FixtureRequest, name: str,
+            start: Callable[[Path], tuple[Any, Callable[[], None]]]) -> tuple[Any, bool]:
+    """(the shared object of fixture ``name``, whether it was just started)."""
     skip_without_etcd()
-    with EtcdCluster(tmp_path_factory.mktemp("etcd-cluster")) as etcd:
+    if name in _SHARED:
+        return _SHARED[name][0], False
+    factory: pytest.TempPathFactory = request.getfixturevalue("tmp_path_factory")
+    _SHARED[name] = start(factory.mktemp(name))
+    request.config.add_cleanup(lambda: _stop_shared(name))  # after an abort
+    return _SHARED[name][0], True
+
+
+def _release(request: pytest.FixtureRequest, name: str) -> None:
+    """At a module's end: stop the shared object unless a later module uses it."""
+    if not _used_later(request, name):
+        _stop_shared(name)
+
+
+def _start_etcd(base: Path) -> tuple[EtcdCluster, Callable[[], None]]:
+    etcd = EtcdCluster(base).__enter__()
+    return etcd, etcd.stop_all
+
+
+def _start_cluster(base: Path) -> tuple[ClusterHarness, Callable[[], None]]:
+    harness = ClusterHarness(base).__enter__()
+    return harness, harness.close
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(request: pytest.FixtureRequest) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster with TLS and authentication (about 3 s to
+    start), shared by the modules that use this fixture, every member running."""
+    etcd, new = _shared(request, "etcd_cluster", _start_etcd)
+    try:
+        if not new:
+            for i, member in enumerate(etcd.members):
+                if member.pid is None:
+                    etcd.start_member(i)
         yield etcd
+    finally:
+        _release(request, "etcd_cluster")
+
+
+def shared_cluster(request: pytest.FixtureRequest, name: str) -> Iterator[ClusterHarness]:
+    """The body of a module fixture ``name``: the shared cluster, whole
+    (every node running and a member, every replica in its shard's ISR)."""
+    harness, new = _shared(request, name, _start_cluster)
+    try:
+        if not new:
+            harness.restore()
+        harness.wait_until(lambda: harness.fully_replicated(caught_up=False), 120,
+                           "a whole cluster (every node a member, every replica in the ISR)")
+        yield harness
+    finally:
+        _release(request, name)
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[ClusterHarness]:
-    """A running 3-node cluster (example.test, alice, bob) over its own etcd cluster."""
-    skip_without_etcd()
-    harness = ClusterHarness(tmp_path_factory.mktemp("cluster"))
-    with harness:
-        yield harness
+def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHarness]:
+    """A running 3-node cluster (example.test, alice, bob) over its own etcd
+    cluster, shared by the modules that use this fixture."""
+    yield from shared_cluster(request, "cluster")
+
+
+@pytest.fixture(scope="module")
+def chaos_cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHarness]:
+    """The same, shared by the chaos modules (tests/chaos/test_cluster_*.py)."""
+    yield from shared_cluster(request, "chaos_cluster")
