@@ -37,7 +37,6 @@ from cluster import drill
 from cluster.directory import EtcdDirectory
 from node.statuscli import ClusterSnapshot, read_snapshot
 from tests.support.cluster import LEASE_TTL, ClusterHarness
-from tests.support.etcd import skip_without_etcd
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -52,11 +51,9 @@ ROUNDS = int(os.environ.get("POSTROOM_CHAOS_ROUNDS", "3"))
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHarness]:
-    skip_without_etcd()
-    with ClusterHarness(tmp_path_factory.mktemp("chaos")) as cluster:
-        cluster.wait_until(cluster.all_shards_led, 60, "every shard led")
-        yield cluster
+def harness(chaos_cluster: ClusterHarness) -> ClusterHarness:
+    """The chaos modules' shared cluster, whole (tests/support/cluster.py)."""
+    return chaos_cluster
 
 
 @pytest.fixture(scope="module")

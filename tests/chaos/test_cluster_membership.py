@@ -40,7 +40,6 @@ from cluster import drill
 from cluster.directory import EtcdDirectory
 from node.statuscli import ClusterSnapshot, read_snapshot, render
 from tests.support.cluster import ClusterHarness
-from tests.support.etcd import skip_without_etcd
 from tests.support.node import REPO
 
 pytestmark = pytest.mark.timeout(400)
@@ -53,11 +52,11 @@ MIN_ACKED = 50  # less traffic than this proves nothing
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHarness]:
-    skip_without_etcd()
-    with ClusterHarness(tmp_path_factory.mktemp("membership")) as cluster:
-        cluster.wait_until(lambda: _settled(cluster), SETTLE, "a healthy 3-node cluster")
-        yield cluster
+def harness(chaos_cluster: ClusterHarness) -> ClusterHarness:
+    """The chaos modules' shared cluster (tests/support/cluster.py), settled.
+    This module grows and shrinks it: it must stay the last to use it."""
+    chaos_cluster.wait_until(lambda: _settled(chaos_cluster), SETTLE, "a healthy 3-node cluster")
+    return chaos_cluster
 
 
 @pytest.fixture(scope="module")
