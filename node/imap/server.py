@@ -52,7 +52,15 @@ class Connection:
         self.session = Session(ctx, self.send, peer_ip=peer_ip, tls=tls, wakeup=self._wakeup)
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        sock = self.sock
+        if isinstance(sock, DeflateSocket):  # its send() would bypass the compressor
+            sock.sendall(data)
+            return
+        # One send() covers a reply that fits the socket buffer; gevent's
+        # sendall (a getsockopt and a clock read per call) only for the rest.
+        sent = sock.send(data)
+        if sent < len(data):
+            sock.sendall(memoryview(data)[sent:])
 
     def _flush(self) -> None:
         self._flushing = False
@@ -104,7 +112,9 @@ class Connection:
     def _loop(self) -> None:
         session = self.session
         timeout = float(self.ctx.config.imap.idle_timeout)
+        loop = gevent.get_hub().loop
         while not session.closed:
+            ticks = getattr(loop, "iteration", None)  # libev: event loop iterations so far
             try:
                 data = self.sock.recv(READ_SIZE)
             except TimeoutError:
@@ -117,8 +127,10 @@ class Connection:
                 session.feed(data)
             # recv returns at once while bytes are buffered: a client that
             # pipelines faster than we answer would keep the hub to itself.
-            # idle(), not sleep(0): other sockets are polled first.
-            gevent.idle()
+            # idle(), not sleep(0): other sockets are polled first.  A recv
+            # that waited went through the hub (the loop turned): others ran.
+            if ticks is None or getattr(loop, "iteration", None) == ticks:
+                gevent.idle()
             while session.want_proxy is not None and not session.closed:
                 from cluster.proxy import hand_over_imap  # cluster mode only
 

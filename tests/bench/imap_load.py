@@ -199,8 +199,10 @@ def run_level(port: int, clients: int, duration: float, sort: bool,
 
 
 def start_profile(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy the node; PY_SPY_ARGS adds options (e.g. "--native --gil")."""
+    extra = os.environ.get("PY_SPY_ARGS", "").split()
     return subprocess.Popen(
-        ["py-spy", "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", "100"],
+        ["py-spy", "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", "100", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
