@@ -964,7 +964,8 @@ class ReplicationService:
         if role != "follower" or epoch < known:
             return  # apply_replicated gives the right refusal
         blobs = self.store.blobs
-        todo = [(n, d) for n, d in zip(names, attachments, strict=True) if not blobs.exists(n)]
+        # Not just visible: durable (a concurrent append may still be writing it).
+        todo = [(n, d) for n, d in zip(names, attachments, strict=True) if not blobs.cached(n)]
         if len(todo) < 2:
             return
         written = _parallel({n: functools.partial(blobs.put, d) for n, d in todo}, None)

@@ -439,7 +439,9 @@ class MailStore:
         """
         entry = self._entry(number)
         entry.require_follower(epoch)
-        fresh = {name: data for name, data in blobs.items() if not self.blobs.exists(name)}
+        # Only a cached blob is known durable (see _store_blobs): a visible
+        # file may be another append's write whose directory is not fsynced yet.
+        fresh = {name: data for name, data in blobs.items() if not self.blobs.cached(name)}
         missing = [b for b in _referenced_blobs(ops_) if b not in fresh and not self.blobs.exists(b)]
         if missing:
             raise StorageUnavailable(f"replicated ops reference missing blobs: {missing[:3]}")

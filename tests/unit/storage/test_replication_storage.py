@@ -9,6 +9,8 @@ is tested with cluster/replication.py.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import sqlite3
 
 import gevent
@@ -526,3 +528,19 @@ def test_a_follower_leaves_full_text_indexing_to_its_promotion(pair, monkeypatch
     b.set_role(N, "primary", 2)
     _wait_for(lambda: not _pending(b), "the promoted follower's index")
     assert a.digest(N) == b.digest(N)
+
+
+def test_a_follower_makes_a_visible_blob_durable_before_its_append(pair):
+    """A file in place is not proof of a durable blob (another append may be
+    between its rename and its directory fsync): the follower puts it again."""
+    a, b, _ = pair
+    a.ensure_account(ALICE)
+    body = msg(7)
+    path = b.blobs.path(hashlib.sha256(body).hexdigest())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)  # visible, never fsynced
+    os.utime(path, (1, 1))
+    a.deliver([ALICE], body)
+    assert path.stat().st_mtime > 1  # put() found it and made its entries durable
+    assert b.blobs.cached(path.name)
+    assert in_sync(a, b)
