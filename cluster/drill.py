@@ -341,6 +341,8 @@ def fetch_messages(client: ImapClient, first_uid: int) -> list[tuple[int, str, i
             continue
         if int(uid.group(1)) < first_uid:  # n:* always answers the last message
             continue
+        if b"BODY[HEADER.FIELDS" not in line.upper():
+            continue  # an unsolicited FETCH (another session's flag change): no header
         msgid = MESSAGE_ID.search(line)
         modseq = FETCH_MODSEQ.search(line)
         flags = FETCH_FLAGS.search(line)
