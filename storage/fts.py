@@ -38,20 +38,12 @@ state: they are not in shard.STATE_TABLES.
 
 FTS5 rowid = the 64-bit pattern ``uidvalidity << 32 | uid`` read as a signed
 integer, so one mailbox is one contiguous rowid range.
-
-SEARCH runs its index query in the threadpool (`search_in_thread`), on a
-read-only connection each pool thread keeps per shard database: SQLite
-releases the GIL while it steps, so the match runs on the second core while
-the hub serves other sessions.  A statement started after a commit returned
-sees that commit (WAL), so the answer is the same as on the hub's reader.
 """
 
 from __future__ import annotations
 
 import importlib
 import sqlite3
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -280,36 +272,6 @@ def search(conn: sqlite3.Connection, mailbox: int, query: Query) -> tuple[set[in
     pending = {u for (u,) in conn.execute(
         "SELECT uid FROM fts_pending WHERE mailbox = ?", (mailbox,))}
     return found, pending
-
-
-_POOL_CONNECTIONS = 32  # per pool thread: shard databases kept open, least recent closed
-_local = threading.local()
-
-
-def _thread_connection(path: str, incarnation: int) -> sqlite3.Connection:
-    """This thread's read-only connection to the shard database at path,
-    reopened when a snapshot replaced the file (a new incarnation)."""
-    conns: OrderedDict[str, tuple[int, sqlite3.Connection]] | None = getattr(_local, "conns", None)
-    if conns is None:
-        conns = _local.conns = OrderedDict()
-    hit = conns.pop(path, None)
-    if hit is not None and hit[0] != incarnation:
-        hit[1].close()
-        hit = None
-    if hit is None:
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("PRAGMA query_only=1")
-        hit = (incarnation, conn)
-    conns[path] = hit  # most recently used last
-    while len(conns) > _POOL_CONNECTIONS:
-        conns.popitem(last=False)[1][1].close()
-    return hit[1]
-
-
-def search_in_thread(path: str, incarnation: int, mailbox: int,
-                     query: Query) -> tuple[set[int], set[int]]:
-    """`search` on this (pool) thread's own connection to the database."""
-    return search(_thread_connection(path, incarnation), mailbox, query)
 
 
 def doc_matches(doc: Doc, field: str, needle: str) -> bool:

@@ -835,9 +835,8 @@ class MailStore:
             return None
         acct = _account(account)
         entry = self._shard(acct)
-        found, pending = entry.shard.search_text(  # the match runs in the threadpool
-            acct, names.mailbox_name(name), fts.Query(field, needle),
-            gevent.get_hub().threadpool.apply)
+        found, pending = entry.shard.search_text(
+            acct, names.mailbox_name(name), fts.Query(field, needle))
         if pending:
             self._index_later(entry)
         return TextHits(frozenset(found - pending), frozenset(pending))

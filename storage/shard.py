@@ -1318,16 +1318,11 @@ class Shard:
         return [(u, _flags_set(f)) for u, f in cur]
 
     def search_text(
-        self, account: str, name: str, query: fts.Query,
-        run: Callable[[Callable[..., Any], tuple], Any] | None = None,
+        self, account: str, name: str, query: fts.Query
     ) -> tuple[set[int], set[int]]:
-        """(UIDs whose indexed text matches, UIDs not indexed): storage/fts.py.
-        With ``run`` (a threadpool's apply) the index query runs there, on
-        that thread's own connection."""
+        """(UIDs whose indexed text matches, UIDs not indexed): storage/fts.py."""
         uv = self._mailbox_row(account, name)[0]
-        if run is None:
-            return fts.search(self.reader, uv, query)
-        return run(fts.search_in_thread, (str(self.path), self.incarnation, uv, query))
+        return fts.search(self.reader, uv, query)
 
     def changes_since(self, account: str, name: str, modseq: int) -> MailboxChanges:
         conn = self.reader

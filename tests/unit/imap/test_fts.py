@@ -230,31 +230,6 @@ def test_fts_replayed_log_is_indexed_from_the_blobs(tmp_path, store):
         replica.close()
 
 
-def test_fts_search_after_a_snapshot_install_reads_the_new_database(tmp_path, store):
-    # SEARCH matches in the threadpool on each pool thread's own connection
-    # (storage/fts.py): after a snapshot replaced the shard's file, a thread
-    # that searched before must read the new file, not the old one it opened.
-    store.append(ACCOUNT, "INBOX", QP)
-    _wait_indexed(store)
-    for _ in range(10):  # the pool's threads open their connections
-        assert store.search_text(ACCOUNT, "INBOX", "body", "café").uids == {1}
-    number = [n for n in store.existing_shards()
-              if store.shard_by_number(n)[0] is store.shard_for(ACCOUNT)][0]
-    other = MailStore(tmp_path / "other", 2, fsync=False)
-    other.open()
-    try:
-        other.append(ACCOUNT, "INBOX", B64)
-        _wait_indexed(other)
-        other.export_snapshot(number, tmp_path / "snap.sqlite")
-    finally:
-        other.close()
-    store.set_role(number, "follower", 0)
-    store.install_snapshot(number, tmp_path / "snap.sqlite", 1)
-    for _ in range(10):
-        assert store.search_text(ACCOUNT, "INBOX", "body", "zephyr").uids == {1}
-        assert store.search_text(ACCOUNT, "INBOX", "body", "café").uids == frozenset()
-
-
 @pytest.mark.parametrize("layout", ["none", "first"])
 def test_fts_database_from_before_the_index_queues_every_message(tmp_path, layout):
     # A shard from before the index (or with the first, one-table layout)
