@@ -52,15 +52,7 @@ class Connection:
         self.session = Session(ctx, self.send, peer_ip=peer_ip, tls=tls, wakeup=self._wakeup)
 
     def send(self, data: bytes) -> None:
-        sock = self.sock
-        if isinstance(sock, DeflateSocket):  # its send() would bypass the compressor
-            sock.sendall(data)
-            return
-        # One send() covers a reply that fits the socket buffer; gevent's
-        # sendall (a getsockopt and a clock read per call) only for the rest.
-        sent = sock.send(data)
-        if sent < len(data):
-            sock.sendall(memoryview(data)[sent:])
+        self.sock.sendall(data)
 
     def _flush(self) -> None:
         self._flushing = False
@@ -112,9 +104,7 @@ class Connection:
     def _loop(self) -> None:
         session = self.session
         timeout = float(self.ctx.config.imap.idle_timeout)
-        loop = gevent.get_hub().loop
         while not session.closed:
-            ticks = getattr(loop, "iteration", None)  # libev: event loop iterations so far
             try:
                 data = self.sock.recv(READ_SIZE)
             except TimeoutError:
@@ -127,10 +117,8 @@ class Connection:
                 session.feed(data)
             # recv returns at once while bytes are buffered: a client that
             # pipelines faster than we answer would keep the hub to itself.
-            # idle(), not sleep(0): other sockets are polled first.  A recv
-            # that waited went through the hub (the loop turned): others ran.
-            if ticks is None or getattr(loop, "iteration", None) == ticks:
-                gevent.idle()
+            # idle(), not sleep(0): other sockets are polled first.
+            gevent.idle()
             while session.want_proxy is not None and not session.closed:
                 from cluster.proxy import hand_over_imap  # cluster mode only
 
