@@ -1,3 +1,4 @@
-"""Fixtures for the chaos tests: one 3-node cluster shared by the cluster modules."""
+"""Fixtures for the chaos tests: the failover modules' shared cluster and the
+membership test's own (it grows and shrinks it)."""
 
-from tests.support.cluster import chaos_cluster  # noqa: F401  (fixture)
+from tests.support.cluster import chaos_cluster, membership_cluster  # noqa: F401  (fixtures)

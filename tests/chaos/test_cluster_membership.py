@@ -52,11 +52,12 @@ MIN_ACKED = 50  # less traffic than this proves nothing
 
 
 @pytest.fixture(scope="module")
-def harness(chaos_cluster: ClusterHarness) -> ClusterHarness:
-    """The chaos modules' shared cluster (tests/support/cluster.py), settled.
-    This module grows and shrinks it: it must stay the last to use it."""
-    chaos_cluster.wait_until(lambda: _settled(chaos_cluster), SETTLE, "a healthy 3-node cluster")
-    return chaos_cluster
+def harness(membership_cluster: ClusterHarness) -> ClusterHarness:
+    """This module's own cluster (tests/support/cluster.py), settled: it grows
+    and shrinks it."""
+    membership_cluster.wait_until(lambda: _settled(membership_cluster), SETTLE,
+                                  "a healthy 3-node cluster")
+    return membership_cluster
 
 
 @pytest.fixture(scope="module")
