@@ -68,8 +68,7 @@ def node(tmp_path_factory) -> Iterator[NodeProcess]:
     node = NodeProcess(tmp_path_factory.mktemp("bad-input-node"), overrides)
     node.start()
     try:
-        node.provision()
-        node.add_user(CAROL, CAROL_PW)
+        node.provision((CAROL, CAROL_PW))
         yield node
     finally:
         if node.stop() is None:

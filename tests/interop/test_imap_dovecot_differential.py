@@ -259,8 +259,7 @@ def servers() -> Iterator[tuple[Server, Server]]:
         try:
             dc.start()
             node.start()
-            node.provision()
-            node.add_user(*USER)
+            node.provision(USER)
             a = Server("postroom", node.host, node.ports["imap"])
             b = Server("dovecot", dc.host, dc.port)
             for name in CASES:

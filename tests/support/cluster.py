@@ -29,10 +29,8 @@ process it started.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +41,9 @@ import pytest
 
 from tests.support.etcd import free_port, skip_without_etcd
 from tests.support.etcd_cluster import HOSTS, EtcdCluster
-from tests.support.node import DOMAIN, REPO, USERS, NodeProcess
+from tests.support.node import DOMAIN, USERS, NodeProcess
 
 SHARDS = 8
-CLI_BATCH = Path(__file__).with_name("cli_batch.py")
 LEASE_TTL = 3
 POSITIONS_INTERVAL = 1.0  # [cluster] positions_interval of every node (default 2 s)
 
@@ -190,15 +187,9 @@ class ClusterHarness:
     def cli_batch(self, commands: list[tuple[int, tuple[str, ...], str]]) -> list[str]:
         """(node, args, stdin) commands in one process (tests/support/cli_batch.py),
         in order; their stdouts, or RuntimeError naming the first that failed."""
-        batch = [{"argv": ["--config", str(self.nodes[i].config_path), *args], "stdin": stdin}
-                 for i, args, stdin in commands]
-        node = self.nodes[0]
-        result = subprocess.run([sys.executable, str(CLI_BATCH)], input=json.dumps(batch),
-                                capture_output=True, text=True, env=node.env, cwd=str(REPO),
-                                timeout=120, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(f"cli_batch failed: {result.stderr.strip()[-2000:]}")
-        answers = json.loads(result.stdout)
+        answers = self.nodes[0].cli_batch(
+            [(["--config", str(self.nodes[i].config_path), *args], stdin)
+             for i, args, stdin in commands])
         for (_, args, _), answer in zip(commands, answers, strict=True):
             if answer["rc"] != 0:
                 raise RuntimeError(f"postroom {' '.join(args)} failed: {answer['stderr'].strip()}")

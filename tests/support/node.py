@@ -7,6 +7,7 @@ the "postroom ready" line the node prints once every listener is bound.
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -20,6 +21,7 @@ from typing import Any
 from tests.support.etcd import free_port
 
 REPO = Path(__file__).resolve().parents[2]
+CLI_BATCH = Path(__file__).with_name("cli_batch.py")
 DOMAIN = "example.test"
 USERS = {"alice@example.test": "alice-pw-1234", "bob@example.test": "bob-pw-1234"}
 START_DEADLINE = 60.0
@@ -199,18 +201,37 @@ class NodeProcess:
             check=check,
         )
 
-    def add_user(self, address: str, password: str) -> None:
-        result = self.cli("user", "add", address, input=password + "\n")
+    def cli_batch(self, commands: list[tuple[list[str], str]]) -> list[dict]:
+        """Several ``postroom`` commands, (argv, stdin) each, in one process
+        (tests/support/cli_batch.py): their ``{"rc", "stdout", "stderr"}`` in
+        order.  argv includes ``--config``; see :meth:`cli_many` for this node."""
+        batch = [{"argv": argv, "stdin": stdin} for argv, stdin in commands]
+        result = subprocess.run([sys.executable, str(CLI_BATCH)], input=json.dumps(batch),
+                                capture_output=True, text=True, env=self.env, cwd=str(REPO),
+                                timeout=120, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"user add {address} failed: {result.stderr.strip()}")
+            raise RuntimeError(f"cli_batch failed: {result.stderr.strip()[-2000:]}")
+        return json.loads(result.stdout)
 
-    def provision(self) -> None:
-        """The demo fixture's domain and users."""
-        result = self.cli("domain", "add", DOMAIN)
-        if result.returncode != 0:
-            raise RuntimeError(f"domain add failed: {result.stderr.strip()}")
-        for address, password in USERS.items():
-            self.add_user(address, password)
+    def cli_many(self, *commands: tuple[tuple[str, ...], str]) -> list[str]:
+        """(args, stdin) commands with this node's configuration in one
+        process, in order; their stdouts, or RuntimeError naming the first
+        that failed."""
+        answers = self.cli_batch(
+            [(["--config", str(self.config_path), *args], stdin) for args, stdin in commands])
+        for (args, _), answer in zip(commands, answers, strict=True):
+            if answer["rc"] != 0:
+                raise RuntimeError(f"postroom {' '.join(args)} failed: {answer['stderr'].strip()}")
+        return [a["stdout"] for a in answers]
+
+    def add_user(self, address: str, password: str) -> None:
+        self.cli_many((("user", "add", address), password + "\n"))
+
+    def provision(self, *users: tuple[str, str]) -> None:
+        """The demo fixture's domain and users (plus ``users``, (address,
+        password) pairs of example.test), in one CLI process."""
+        self.cli_many((("domain", "add", DOMAIN), ""),
+                      *((("user", "add", a), p + "\n") for a, p in [*USERS.items(), *users]))
 
     def __enter__(self) -> NodeProcess:
         self.start()
