@@ -73,7 +73,13 @@ CATCHUP_BYTES = 32 * 1024 * 1024  # blob bytes per catch-up append at most (one 
 APPEND_BYTES = 256 * 1024 * 1024  # blob bytes per live append (a bigger batch is split)
 BLOB_REPLY_BYTES = 64 * 1024 * 1024  # repl.blobs answers at most this much (one blob at least)
 BLOBS_PER_REQUEST = 64
+# New blobs per append from which a follower writes them in parallel before
+# the batch (one threadpool job each); fewer go in the batch's own job.
+PARALLEL_BLOBS = 8
 FETCH_LIMIT = 1000  # ops per repl.fetch answer
+# Octets of op args JSON per frame at most (one op at least), under the RPC's
+# 16 MiB header limit: an enqueue carries its body inline (storage/queue.py).
+OPS_BYTES = 8 * 1024 * 1024
 SNAPSHOT_CHUNK = 1024 * 1024
 RESYNC_TIMEOUT = 1800.0  # seconds a follower may take to pull and install a snapshot
 MAX_FRAME = 1024 * 1024  # snapshot stream header
@@ -958,15 +964,16 @@ class ReplicationService:
         return {"last": list(last)}, []
 
     def _store_blobs(self, number: int, epoch: int, names: list, attachments: list) -> None:
-        """Write a batch's new blobs at once (one fsync each, in parallel);
-        apply_replicated then finds them and only checks they exist."""
+        """Write many new blobs at once (one fsync each, in parallel);
+        apply_replicated then finds them and only checks they exist.  A few
+        are left to apply_replicated: its batch's job writes them."""
         role, known = self.store.role(number)
         if role != "follower" or epoch < known:
             return  # apply_replicated gives the right refusal
         blobs = self.store.blobs
         # Not just visible: durable (a concurrent append may still be writing it).
         todo = [(n, d) for n, d in zip(names, attachments, strict=True) if not blobs.cached(n)]
-        if len(todo) < 2:
+        if len(todo) < PARALLEL_BLOBS:
             return
         written = _parallel({n: functools.partial(blobs.put, d) for n, d in todo}, None)
         for name, answer in written.items():

@@ -177,6 +177,18 @@ class BlobStore:
         self._remember(sha, data)
         return data
 
+    def put_in_thread(self, data: bytes) -> str:
+        """``put``'s durable write, for a job already in the threadpool (a
+        follower's replicated batch writes its new blobs in its own job);
+        call ``stored`` on the hub once it returned."""
+        return self._put_sync(data)
+
+    def stored(self, sha: str, data: bytes) -> None:
+        """On the hub, after ``put_in_thread``: known durable, as ``put`` leaves it."""
+        if self.wanted is not None:
+            self.wanted.add(sha)
+        self._remember(sha, data)
+
     def _remember(self, sha: str, data: bytes) -> None:
         """Keep a small body in the LRU (hub only: no lock needed)."""
         if len(data) > self.cache_max_blob or sha in self._cache:

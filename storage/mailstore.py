@@ -430,12 +430,12 @@ class MailStore:
 
         Refuses with StaleEpoch(known) if ``epoch`` is older than the known
         epoch (else it becomes the known epoch), StorageUnavailable unless
-        this node is a follower of the shard.  The blobs (name -> bytes,
-        each name its sha256) are stored durably first; every blob the ops
-        reference must then exist.  Then, in one committed transaction: the
-        log's last (index, epoch) must equal ``prev`` (else LogMismatch with
-        ours) and the ops are appended.  Returns the new (last_index,
-        last_epoch).  An empty ``ops_`` only checks ``prev``.
+        this node is a follower of the shard.  Every blob the ops reference
+        must be stored or among ``blobs`` (name -> bytes, each name its
+        sha256).  Then, in one batch: the log's last (index, epoch) must equal
+        ``prev`` (else LogMismatch with ours), the new blobs are stored
+        durably, and the ops are appended and committed.  Returns the new
+        (last_index, last_epoch).  An empty ``ops_`` only checks ``prev``.
         """
         entry = self._entry(number)
         entry.require_follower(epoch)
@@ -445,13 +445,13 @@ class MailStore:
         missing = [b for b in _referenced_blobs(ops_) if b not in fresh and not self.blobs.exists(b)]
         if missing:
             raise StorageUnavailable(f"replicated ops reference missing blobs: {missing[:3]}")
+        intent = functools.partial(ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_)
+        if fresh:  # written in the batch's own threadpool job: one hand-off, not two
+            intent = functools.partial(_with_blobs, self.blobs, fresh, intent, epoch, prev)
+        last = entry.committer.submit(intent, functools.partial(entry.require_follower, epoch))
         for name, data in fresh.items():
-            if self.blobs.put(data) != name:
-                raise StorageError(f"blob {name}: content does not match its name")
-        return entry.committer.submit(
-            functools.partial(ops.intent_append_replicated, epoch=epoch, prev=prev, ops=ops_),
-            functools.partial(entry.require_follower, epoch),
-        )
+            self.blobs.stored(name, data)
+        return last
 
     def _store_blobs(self, blobs: Mapping[str, bytes], needed: set[str]) -> None:
         for name, data in blobs.items():
@@ -905,6 +905,21 @@ class MailStore:
     def read_message(self, blob: str) -> bytes:
         """The stored bytes; raises NoSuchBlob."""
         return self.blobs.read(blob)
+
+
+def _with_blobs(
+    store: BlobStore, blobs: Mapping[str, bytes], intent: Intent, epoch: int,
+    prev: tuple[int, int], tx: Any,
+) -> Any:
+    """A follower's batch intent (threadpool): check ``prev`` first (a
+    mismatch writes nothing), store ``blobs`` durably (each checked against
+    its name), then run ``intent``: the batch commits only after the blobs."""
+    ops.intent_append_replicated(tx, epoch, prev, [])
+    for name, data in blobs.items():
+        if hashlib.sha256(data).hexdigest() != name:
+            raise StorageError(f"blob {name}: content does not match its name")
+        store.put_in_thread(data)
+    return intent(tx)
 
 
 def _referenced_blobs(ops_: Iterable[Op]) -> set[str]:

@@ -544,3 +544,24 @@ def test_a_follower_makes_a_visible_blob_durable_before_its_append(pair):
     assert path.stat().st_mtime > 1  # put() found it and made its entries durable
     assert b.blobs.cached(path.name)
     assert in_sync(a, b)
+
+
+def test_shipped_blob_is_stored_with_its_batch(pair):
+    """A follower writes a shipped blob in its append's batch: nothing when
+    the append does not continue its log, durable and cached once it does."""
+    a, b, _ = pair
+    a.ensure_account(ALICE)
+    last = b.position(N)
+    uv = a.status(ALICE, "INBOX").uidvalidity
+    raw = msg(8)
+    name = hashlib.sha256(raw).hexdigest()
+    op = Op(last[0] + 1, 1, 1.0, "append", {
+        "account": ALICE, "mailbox": "INBOX", "uidvalidity": uv, "uid": 1, "modseq": 2,
+        "blob": name, "size": len(raw), "internaldate": 1.0, "flags": [], "meta": META})
+    with pytest.raises(LogMismatch):
+        b.apply_replicated(N, 1, (last[0] + 2, 1), [op], {name: raw})
+    assert not b.blobs.exists(name) and not b.blobs.cached(name)
+    assert b.apply_replicated(N, 1, last, [op], {name: raw}) == (last[0] + 1, 1)
+    assert b.blobs.cached(name)
+    assert b.blobs.path(name).read_bytes() == raw
+    assert b.read_message(name) == raw
