@@ -409,7 +409,7 @@ class Replicator:
 
     def _chunks(self, ops: list[Op], prev: tuple[int, int]) -> list[_Chunk]:
         """The batch after ``prev`` as appends of at most APPEND_BYTES of blobs
-        (one op at least)."""
+        and OPS_BYTES of inline bodies (one op at least)."""
         chunks: list[_Chunk] = []
         part: list[Op] = []
         size = 0
@@ -420,14 +420,17 @@ class Replicator:
             chunks.append(_Chunk(wire, names, data, (part[-1].index, part[-1].epoch), start,
                                  EncodedArgs(self._append_args(start, wire, names))))
 
+        inline = 0  # octets of inline bodies (base64) in ``part``'s JSON
         for op in ops:
             blob = op.args.get("blob")
             extra = len(self.store.blobs.read(blob)) if is_blob_name(blob) else 0
-            if part and size + extra > APPEND_BYTES:
+            body = len(op.args.get("data") or "")
+            if part and (size + extra > APPEND_BYTES or inline + body > OPS_BYTES):
                 close()
-                part, size = [], 0
+                part, size, inline = [], 0, 0
             part.append(op)
             size += extra
+            inline += body
         close()
         return chunks
 
@@ -695,7 +698,7 @@ class Replicator:
 
     def _ship(self, node: str, pos: tuple[int, int], timeout: float) -> tuple[int, int]:
         """Send the committed ops after pos (one size-bounded chunk); new position."""
-        ops = self.store.ops_since(self.shard, pos[0], self.host.catchup_batch)
+        ops = self.store.ops_since(self.shard, pos[0], self.host.catchup_batch, OPS_BYTES)
         if not ops:
             raise Retry(f"no ops after {pos[0]}")
         if ops[0].index != pos[0] + 1:  # compacted meanwhile (storage/reclaim.py)
@@ -1000,7 +1003,7 @@ class ReplicationService:
         last = self.store.position(number)
         if after[0] > last[0] or (after[0] and self.store.op_epoch(number, after[0]) != after[1]):
             raise LogMismatch(last=list(last))
-        ops = self.store.ops_since(number, after[0], limit)
+        ops = self.store.ops_since(number, after[0], limit, OPS_BYTES)
         names = blob_refs(ops)
         return ({"ops": [op_to_wire(o) for o in ops], "blobs": names},
                 [self.store.blobs.read(n) for n in names])

@@ -127,7 +127,7 @@ class LocalQueue:
         if entry is None:
             raise NoSuchQueueEntry(qid)
         try:
-            headers = header_section(self.queue.read_message(entry.blob))
+            headers = header_section(self.queue.read_body(entry))
         except StorageError:
             headers = ""
         return {"entry": entry_to_json(entry), "headers": headers}

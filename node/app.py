@@ -96,7 +96,7 @@ class Node:
             default_role="none" if self.meta else "primary",
         )
         self.store.open()
-        self.queue = OutboundQueue(self.store)
+        self.queue = OutboundQueue(self.store, inline_max=cfg.storage.queue_inline_max)
         self.context = NodeContext(
             config=cfg,
             directory=self.directory,

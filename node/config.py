@@ -55,6 +55,9 @@ class StorageSettings:
     shards: int = 16  # mailbox shards; fixed when the store is first created
     fsync: bool = True  # never turn off outside throwaway tests
     group_commit_max: int = 256  # operations per SQLite transaction at most
+    # Queued bodies up to this many octets travel in the enqueue op and live in
+    # the queue row (one flush per accepted message); larger ones are blob files.
+    queue_inline_max: int = 256 * 1024
     # Space reclaiming (storage/reclaim.py, docs/storage.md "Reclaiming space").
     log_keep_ops: int = 100_000  # newest ops every shard's log keeps at least
     compact_interval: float = 600.0  # seconds between log compactions; 0: never

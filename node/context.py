@@ -250,6 +250,10 @@ class OutboundQueue(Protocol):
 
     def read_message(self, blob: str) -> bytes: ...
 
+    def read_body(self, entry: QueueEntry) -> bytes:
+        """An entry's message: inline in its row, or its blob file."""
+        ...
+
     def watch(self, callback: Callable[..., None], *, entries: bool = False
               ) -> Callable[[], None]:
         """callback() on the hub after each committed enqueue/retry/release;

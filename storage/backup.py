@@ -151,7 +151,8 @@ def decode_segment(plain: bytes) -> list[list]:
 
 
 def op_blobs(args: dict) -> set[str]:
-    """Blobs an op names (append, enqueue, ...): the ``blob`` argument."""
+    """Blobs an op names (append, enqueue, ...): the ``blob`` argument (an
+    enqueue with its body inline, ``data``, names none)."""
     blob = args.get("blob") if isinstance(args, dict) else None
     return {blob} if isinstance(blob, str) else set()
 
@@ -166,7 +167,8 @@ def segment_blobs(lines: Iterable[list]) -> set[str]:
 def snapshot_blobs(path: Path) -> set[str]:
     """Blobs a shard database's messages and queue reference.  Threadpool."""
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-        rows = conn.execute("SELECT blob FROM messages UNION SELECT blob FROM queue")
+        rows = conn.execute("SELECT blob FROM messages UNION"
+                            " SELECT blob FROM queue WHERE blob <> ''")  # "": inline body
         return {b for (b,) in rows if isinstance(b, str)}
 
 

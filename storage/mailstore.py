@@ -329,13 +329,15 @@ class MailStore:
         entry = self._entry(number)
         return entry.committer.submit(functools.partial(ops.intent_apply_ops, ops=ops_))
 
-    def ops_since(self, number: int, index: int, limit: int = 10_000) -> list[Op]:
+    def ops_since(self, number: int, index: int, limit: int = 10_000,
+                  max_bytes: int | None = None) -> list[Op]:
         """Committed log entries after ``index``, ascending, at most ``limit``
-        (more than a few are read and decoded in the threadpool)."""
+        and, with ``max_bytes``, at most that many octets of args JSON after
+        the first (more than a few are read and decoded in the threadpool)."""
         shard = self._entry(number).shard
         if limit <= 64:
-            return shard.ops_since(index, limit)
-        return gevent.get_hub().threadpool.apply(shard.read_ops, (index, limit))
+            return shard.ops_since(index, limit, max_bytes)
+        return gevent.get_hub().threadpool.apply(shard.read_ops, (index, limit, max_bytes))
 
     # -- roles and replication (docs/cluster.md) -------------------------------
 

@@ -207,6 +207,10 @@ class QueueEntry:
     body: str = "7BIT"  # "7BIT" | "8BITMIME" | "BINARYMIME"
     is_dsn: bool = False  # a report: never report about it
     delay_dsn_sent: bool = False
+    # The body, when this copy of the entry carries it (an inline body read
+    # with the entry, or the one just enqueued); ``blob`` is "" for an inline
+    # body (storage/queue.py).  Not part of equality or repr.
+    data: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def pending(self) -> tuple[QueuedRecipient, ...]:

@@ -16,10 +16,20 @@ counters -- and records them in the op's args, so replaying the log rebuilds
 identical state.  Ops (docs/queue.md): ``enqueue``, ``attempt_result``,
 ``dequeue``, ``hold``, ``release``, ``retry``.
 
-The body is durable in the BlobStore (fsynced) *before* the ``enqueue`` op
-is committed, like a mailbox append: a body of up to 256 KiB is stored with
-``put_nowait`` and its fsyncs overlap the batch's prepare, whose COMMIT waits
-for them (storage/groupcommit.py, ``after``).  Reads run on the hub on each shard's
+Inline bodies.  A body of up to ``inline_max`` octets (``[storage]
+queue_inline_max``, 256 KiB by default) travels inside the ``enqueue`` op
+(``data``: base64 of the raw bytes) and lives in the entry's row (column
+``data``; ``blob`` is "").  It is durable with the batch's one WAL commit
+and, in a cluster, replicated with the op, backed up in log segments and
+restored with them -- one flush per accepted message instead of the blob
+file's, its directory's and the commit's.  A larger body is a blob file,
+durable (fsynced) *before* the ``enqueue`` op that names it is committed,
+like a mailbox append; one of up to 256 KiB is stored with ``put_nowait``
+and its fsyncs overlap the batch's prepare, whose COMMIT waits for them
+(storage/groupcommit.py, ``after``).  Entries and ops stored with a blob
+name (before inline bodies) keep working: ``read_body`` reads either form.
+Queued bodies are transient (gone once delivered), so nothing is lost by
+not sharing them; mailbox messages stay blob files.  Reads run on the hub on each shard's
 reader connection; ``due`` and ``next_due`` use the ``(held, next_attempt)``
 index.  ``due`` first reads only ids in index order and skips the ones the
 caller excludes (the runner's in-flight entries), then reads whole entries
@@ -36,6 +46,7 @@ node/admin.py).  Reads without an explicit shard list cover the led shards.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import logging
@@ -70,6 +81,8 @@ MAX_REPLY_TEXT = 2_000  # characters of a remote reply kept per recipient
 MAX_ENVID = 100  # RFC 3461 §4.4
 MAX_IDS_PER_OP = 10_000  # bounded op args for retry/flush
 _OVERLAP_MAX = 256 * 1024  # bodies up to this size are hashed on the hub (put_nowait)
+INLINE_MAX = 256 * 1024  # default [storage] queue_inline_max: bodies kept in the op and row
+INLINE_LIMIT = 4 * 1024 * 1024  # queue_inline_max's cap: an op must fit one replication frame
 STATES = (PENDING, DELIVERED, FAILED, RELAYED)
 NOTIFY_VALUES = ("NEVER", "SUCCESS", "FAILURE", "DELAY")  # RFC 3461 §4.1
 BODIES = ("7BIT", "8BITMIME", "BINARYMIME")  # RFC 6152, RFC 3030
@@ -93,8 +106,10 @@ def queue_shard(queue_id: str, shards: int) -> int:
 
 
 def entry_to_json(entry: QueueEntry) -> dict[str, Any]:
-    """A queue entry as plain JSON data (tuples become lists), plus ``pending``."""
-    data = dataclasses.asdict(entry)
+    """A queue entry as plain JSON data (tuples become lists), plus
+    ``pending``; without the body (``read_body`` reads it)."""
+    data = dataclasses.asdict(dataclasses.replace(entry, data=None))
+    del data["data"]
     data["pending"] = len(entry.pending)
     return data
 
@@ -126,8 +141,9 @@ def _text(value: str, limit: int, what: str) -> str:
 
 
 def _entry(conn: Any, row: tuple) -> QueueEntry:
+    """The entry of a row of ``_ENTRY_COLUMNS`` (with ``data`` last, if read)."""
     (qid, sender, blob, size, created, next_attempt, attempts, held, envid, ret,
-     requiretls, smtputf8, body, is_dsn, delay_dsn_sent) = row
+     requiretls, smtputf8, body, is_dsn, delay_dsn_sent) = row[:15]
     rcpts = conn.execute(
         f"SELECT {_RCPT_COLUMNS} FROM queue_rcpt WHERE qid = ? ORDER BY pos", (qid,)
     ).fetchall()
@@ -154,6 +170,7 @@ def _entry(conn: Any, row: tuple) -> QueueEntry:
         body=body,
         is_dsn=bool(is_dsn),
         delay_dsn_sent=bool(delay_dsn_sent),
+        data=row[15] if len(row) > 15 else None,
     )
 
 
@@ -174,12 +191,15 @@ def _due_ids(shard: Shard, now: float, limit: int, exclude: Collection[str]) -> 
     return out
 
 
-def _read_entries(shard: Shard, where: str, params: tuple) -> list[QueueEntry]:
-    """Entries matching ``where``, read in one WAL snapshot."""
+def _read_entries(shard: Shard, where: str, params: tuple, *, bodies: bool = False
+                  ) -> list[QueueEntry]:
+    """Entries matching ``where``, read in one WAL snapshot; with ``bodies``
+    their inline bodies too (``QueueEntry.data``)."""
     conn = shard.reader
+    columns = f"{_ENTRY_COLUMNS}, data" if bodies else _ENTRY_COLUMNS
     conn.execute("BEGIN")
     try:
-        rows = conn.execute(f"SELECT {_ENTRY_COLUMNS} FROM queue WHERE {where}", params).fetchall()
+        rows = conn.execute(f"SELECT {columns} FROM queue WHERE {where}", params).fetchall()
         return [_entry(conn, row) for row in rows]
     finally:
         conn.execute("COMMIT")
@@ -215,30 +235,37 @@ def _draw_id(tx: Tx, number: int, shards: int) -> str:
     raise StorageError("could not draw a queue id")  # pragma: no cover - p ~ e^-1000
 
 
-def _new_entry(a: dict) -> QueueEntry:
-    """The entry ``_apply_enqueue`` stores for the op args ``a`` (no re-read)."""
+def _new_entry(a: dict, raw: bytes | None) -> QueueEntry:
+    """The entry ``_apply_enqueue`` stores for the op args ``a`` (no re-read),
+    carrying ``raw``, its inline body, if any."""
     return QueueEntry(
         id=a["id"], sender=a["sender"],
         recipients=tuple(QueuedRecipient(r["address"], tuple(r["notify"]), r["orcpt"],
                                          updated=a["created"]) for r in a["recipients"]),
-        blob=a["blob"], size=a["size"], created=a["created"], next_attempt=a["next_attempt"],
-        envid=a["envid"], ret=a["ret"], requiretls=bool(a["requiretls"]),
-        smtputf8=bool(a["smtputf8"]), body=a["body"], is_dsn=bool(a["is_dsn"]),
+        blob=a.get("blob", ""), size=a["size"], created=a["created"],
+        next_attempt=a["next_attempt"], envid=a["envid"], ret=a["ret"],
+        requiretls=bool(a["requiretls"]), smtputf8=bool(a["smtputf8"]), body=a["body"],
+        is_dsn=bool(a["is_dsn"]), data=raw,
     )  # fmt: skip
 
 
 def intent_enqueue(
-    tx: Tx, number: int, shards: int, sender: str, recipients: list[dict], blob: str,
-    size: int, options: dict,
+    tx: Tx, number: int, shards: int, sender: str, recipients: list[dict], blob: str | None,
+    size: int, options: dict, raw: bytes | None = None,
 ) -> QueueEntry:
-    """Draw a fresh id that maps to this shard, then log ``enqueue``."""
+    """Draw a fresh id that maps to this shard, then log ``enqueue``: with the
+    body inline (``raw``, as base64 ``data``) or naming its blob file."""
     now = time.time()
     args = {
         "id": _draw_id(tx, number, shards), "sender": sender, "recipients": recipients,
-        "blob": blob, "size": size, "created": now, "next_attempt": now, **options,
+        "size": size, "created": now, "next_attempt": now, **options,
     }
+    if raw is not None:
+        args["data"] = base64.b64encode(raw).decode("ascii")
+    else:
+        args["blob"] = blob
     tx.log("enqueue", args)
-    return _new_entry(args)
+    return _new_entry(args, raw)
 
 
 def intent_record_attempt(
@@ -381,8 +408,9 @@ class OutboundQueue:
     release or flush.
     """
 
-    def __init__(self, store: MailStore) -> None:
+    def __init__(self, store: MailStore, inline_max: int = INLINE_MAX) -> None:
         self.store = store
+        self.inline_max = min(inline_max, INLINE_LIMIT)  # bodies up to this travel in the op
         self._watchers: list[tuple[Callable[..., None], bool]] = []
         self._known: set[int] | None = None  # shards that may hold entries
         self._recent: int | None = None  # the shard of the last enqueue
@@ -497,9 +525,14 @@ class OutboundQueue:
     def enqueue_checked(self, args: dict, raw: bytes, number: int | None = None) -> QueueEntry:
         """Enqueue ``enqueue_args`` output into shard ``number`` (default: one
         chosen here once the body is stored); never forwards (the
-        ``queue.enqueue`` RPC handler)."""
+        ``queue.enqueue`` RPC handler).  A body of up to ``inline_max``
+        octets goes into the op: durable with its commit, no blob file."""
+        raw = bytes(raw)
         stored = None
-        if len(raw) <= _OVERLAP_MAX:
+        inline = len(raw) <= self.inline_max
+        if inline:
+            blob = None
+        elif len(raw) <= _OVERLAP_MAX:
             # The body's fsyncs overlap the batch's prepare (and replication);
             # the batch commits only once it is durable (storage/groupcommit.py).
             blob, stored = self.store.blobs.put_nowait(raw)
@@ -512,6 +545,7 @@ class OutboundQueue:
         entry = self.store.submit_to(number, functools.partial(
             intent_enqueue, number=number, shards=self.store.shards, sender=args["sender"],
             recipients=args["recipients"], blob=blob, size=len(raw), options=args["options"],
+            raw=raw if inline else None,
         ), stored)
         self._shard_numbers()
         assert self._known is not None
@@ -627,7 +661,8 @@ class OutboundQueue:
             for i in range(0, len(ids), 500):  # SQLite's variable limit is far above
                 part = ids[i:i + 500]
                 found += _read_entries(
-                    shard, f"id IN ({','.join('?' * len(part))}) AND held = 0", tuple(part))
+                    shard, f"id IN ({','.join('?' * len(part))}) AND held = 0", tuple(part),
+                    bodies=True)
         found.sort(key=lambda e: (e.next_attempt, e.id))
         return found
 
@@ -671,6 +706,23 @@ class OutboundQueue:
 
     def read_message(self, blob: str) -> bytes:
         return self.store.read_message(blob)
+
+    def read_body(self, entry: QueueEntry) -> bytes:
+        """The message of an entry: the body it carries, its blob file, or
+        its row's inline body.  Raises NoSuchQueueEntry if the entry is
+        gone, NoSuchBlob if its blob is."""
+        if entry.data is not None:
+            return entry.data
+        if entry.blob:
+            return self.store.read_message(entry.blob)
+        number = self._shard_of_id(entry.id)
+        if number is None:
+            raise NoSuchQueueEntry(entry.id)
+        shard, _ = self.store.shard_by_number(number)
+        row = shard.reader.execute("SELECT data FROM queue WHERE id = ?", (entry.id,)).fetchone()
+        if row is None or row[0] is None:
+            raise NoSuchQueueEntry(entry.id)
+        return bytes(row[0])
 
 
 def _matches(

@@ -657,14 +657,14 @@ def message_meta(path: Path, uidvalidity: int, uids: Iterable[int]) -> dict[int,
 
 def referenced_blobs(path: Path) -> dict[str, list[str]]:
     """blob -> the messages (and queue entries) of a built shard that need it,
-    as "account/mailbox uid N" (or "queue ID")."""
+    as "account/mailbox uid N" (or "queue ID"; an inline queued body needs none)."""
     need: dict[str, list[str]] = {}
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         for account, name, uid, blob in conn.execute(
                 "SELECT b.account, b.name, m.uid, m.blob FROM messages m"
                 " JOIN mailboxes b ON b.uidvalidity = m.mailbox"):
             need.setdefault(blob, []).append(f"{account}/{name} uid {uid}")
-        for qid, blob in conn.execute("SELECT id, blob FROM queue"):
+        for qid, blob in conn.execute("SELECT id, blob FROM queue WHERE blob <> ''"):
             need.setdefault(blob, []).append(f"queue {qid}")
     return need
 

@@ -120,7 +120,8 @@ CREATE TABLE IF NOT EXISTS queue (
     smtputf8 INTEGER NOT NULL,
     body TEXT NOT NULL,
     is_dsn INTEGER NOT NULL,
-    delay_dsn_sent INTEGER NOT NULL
+    delay_dsn_sent INTEGER NOT NULL,
+    data BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS queue_due ON queue (held, next_attempt);
 CREATE TABLE IF NOT EXISTS queue_rcpt (
@@ -178,14 +179,18 @@ END;
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Add the MAILBOX_EXT_SCHEMA state to a database (idempotent).
+    """Add the MAILBOX_EXT_SCHEMA state and the queue's ``data`` column to a
+    database (idempotent).
 
     A database from before it gets NULL save dates (FETCH SAVEDATE NIL,
-    RFC 8514 §4.3) and its usage counted once from the messages.
+    RFC 8514 §4.3) and its usage counted once from the messages; its queue
+    entries keep their blob files (``data`` NULL).
     """
     columns = {r[1] for r in conn.execute("PRAGMA table_info(messages)")}
     if "savedate" not in columns:
         conn.execute("ALTER TABLE messages ADD COLUMN savedate REAL")
+    if "data" not in {r[1] for r in conn.execute("PRAGMA table_info(queue)")}:
+        conn.execute("ALTER TABLE queue ADD COLUMN data BLOB")  # inline queued bodies
     had_usage = conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'usage'"
     ).fetchone()
@@ -482,15 +487,29 @@ def _apply_restore_mailbox(conn: sqlite3.Connection, a: dict) -> Changes:
 # storage/queue.py tells its own watchers after the commit.
 
 
+def inline_body(a: dict) -> bytes | None:
+    """The body an ``enqueue`` op carries inline (``data``, base64), or None
+    when it names a blob file (``blob``, the only form before inline bodies)."""
+    data = a.get("data")
+    if data is None:
+        return None
+    if not isinstance(data, str):
+        raise StorageError("bad inline body")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError:
+        raise StorageError("bad inline body") from None
+
+
 def _apply_enqueue(conn: sqlite3.Connection, a: dict) -> Changes:
     conn.execute(
         "INSERT INTO queue (id, sender, blob, size, created, next_attempt, attempts, held,"
-        " envid, ret, requiretls, smtputf8, body, is_dsn, delay_dsn_sent)"
-        " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, 0)",
+        " envid, ret, requiretls, smtputf8, body, is_dsn, delay_dsn_sent, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, 0, ?)",
         (
-            a["id"], a["sender"], a["blob"], a["size"], a["created"], a["next_attempt"],
-            a["envid"], a["ret"], int(a["requiretls"]), int(a["smtputf8"]), a["body"],
-            int(a["is_dsn"]),
+            a["id"], a["sender"], a.get("blob", ""), a["size"], a["created"],
+            a["next_attempt"], a["envid"], a["ret"], int(a["requiretls"]),
+            int(a["smtputf8"]), a["body"], int(a["is_dsn"]), inline_body(a),
         ),
     )
     for pos, r in enumerate(a["recipients"]):
@@ -1161,15 +1180,17 @@ class Shard:
                     h.update(b"\n")
         return position, h.hexdigest()
 
-    def read_ops(self, index: int, limit: int) -> list[Op]:
+    def read_ops(self, index: int, limit: int, max_bytes: int | None = None) -> list[Op]:
         """``ops_since`` on a private connection (threadpool: many ops to decode)."""
         with self._snapshot_reader() as conn:
-            return _read_ops(conn, index, limit)
+            return _read_ops(conn, index, limit, max_bytes)
 
     def blob_names(self) -> set[str]:
-        """Every blob the messages and the queue reference.  Threadpool."""
+        """Every blob the messages and the queue reference (an inline queued
+        body references none).  Threadpool."""
         with self._snapshot_reader() as conn:
-            rows = conn.execute("SELECT blob FROM messages UNION SELECT blob FROM queue")
+            rows = conn.execute("SELECT blob FROM messages UNION"
+                                " SELECT blob FROM queue WHERE blob <> ''")
             return {blob for (blob,) in rows}
 
     def referenced_blobs(self) -> set[str]:
@@ -1177,8 +1198,8 @@ class Shard:
         (replay, catch-up and backup may need them).  Threadpool."""
         with self._snapshot_reader() as conn:
             rows = conn.execute(
-                "SELECT blob FROM messages UNION SELECT blob FROM queue UNION"
-                " SELECT json_extract(args, '$.blob') FROM oplog"
+                "SELECT blob FROM messages UNION SELECT blob FROM queue WHERE blob <> ''"
+                " UNION SELECT json_extract(args, '$.blob') FROM oplog"
                 " WHERE json_extract(args, '$.blob') IS NOT NULL")
             return {blob for (blob,) in rows if isinstance(blob, str)}
 
@@ -1190,9 +1211,11 @@ class Shard:
             raise StorageUnavailable("shard is closed")
         return self._reader
 
-    def ops_since(self, index: int, limit: int = 10_000) -> list[Op]:
-        """Log entries with idx > index, ascending, at most ``limit``."""
-        return _read_ops(self.reader, index, limit)
+    def ops_since(self, index: int, limit: int = 10_000, max_bytes: int | None = None
+                  ) -> list[Op]:
+        """Log entries with idx > index, ascending, at most ``limit`` (and, if
+        given, no more than ``max_bytes`` of JSON args past the first)."""
+        return _read_ops(self.reader, index, limit, max_bytes)
 
     def last_index(self) -> int:
         row = self.reader.execute("SELECT value FROM shard_meta WHERE key = 'last_index'").fetchone()
@@ -1359,12 +1382,26 @@ def _chunks(items: list[int], size: int = 500) -> Iterable[list[int]]:
         yield items[i : i + size]
 
 
-def _read_ops(conn: sqlite3.Connection, index: int, limit: int | None) -> list[Op]:
-    rows = conn.execute(
+def _read_ops(conn: sqlite3.Connection, index: int, limit: int | None,
+              max_bytes: int | None = None) -> list[Op]:
+    """Ops after ``index``; with ``max_bytes`` the first always, then only
+    while their args' JSON adds up to at most that (ops with inline queued
+    bodies are large: callers that ship ops in one frame bound them)."""
+    cursor = conn.execute(
         "SELECT idx, epoch, ts, op, args FROM oplog WHERE idx > ? ORDER BY idx LIMIT ?",
         (index, -1 if limit is None else limit),
-    ).fetchall()
-    return [Op(i, e, t, o, json.loads(a)) for i, e, t, o, a in rows]
+    )
+    if max_bytes is None:
+        return [Op(i, e, t, o, json.loads(a)) for i, e, t, o, a in cursor.fetchall()]
+    out: list[Op] = []
+    size = 0
+    for i, e, t, o, a in cursor:
+        size += len(a)
+        if out and size > max_bytes:
+            break
+        out.append(Op(i, e, t, o, json.loads(a)))
+    cursor.close()
+    return out
 
 
 def _position(conn: sqlite3.Connection) -> tuple[int, int]:

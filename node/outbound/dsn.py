@@ -420,7 +420,7 @@ def send_report(
     chosen = [r for r in recipients if wants(r.notify, kind)]
     if not chosen:
         return
-    original = ctx.queue.read_message(entry.blob) if ctx.queue is not None else b""
+    original = ctx.queue.read_body(entry) if ctx.queue is not None else b""
     now = time.time()
     until = entry.created + ctx.config.outbound.max_lifetime if kind == DELAY else None
     report = build_report(

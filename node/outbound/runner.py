@@ -433,7 +433,7 @@ class QueueRunner:
             self._log(entry, job.recipients, "-", "-", route.failure, None, "none")
             self._finish(job, self._results(job.recipients, [route.failure] * len(job.recipients), ""))
             return conn
-        raw = self.queue.read_message(entry.blob)
+        raw = self.queue.read_body(entry)
         env = envelope_of(entry, job.recipients)
         if conn is not None and (not conn.usable
                                  or conn.messages >= self.settings.messages_per_connection
@@ -499,7 +499,7 @@ class QueueRunner:
     def _deliver_local(self, job: _Job) -> None:
         """Local domain: into the mail store, never over the network."""
         entry = job.attempt.entry
-        raw = self.queue.read_message(entry.blob)
+        raw = self.queue.read_body(entry)
         results = []
         for rcpt in job.recipients:
             accounts = localflow.resolve(self.ctx.directory, rcpt.address)

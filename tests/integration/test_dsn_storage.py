@@ -79,7 +79,7 @@ def test_report_to_remote_sender_is_queued_and_never_reported_on(ctx) -> None:
     [report] = ctx.queue.due(now=entry.created + 3600, limit=10)
     assert report.sender == "" and report.is_dsn
     assert [r.address for r in report.recipients] == ["dave@far.test"]
-    assert b"To: <dave@far.test>" in ctx.queue.read_message(report.blob)
+    assert b"To: <dave@far.test>" in ctx.queue.read_body(report)
     # The report itself fails: no report about it (RFC 3461 §6.2).
     dead = [QueuedRecipient("dave@far.test", state=FAILED, code=550, text="gone")]
     gevent.spawn(dsn.send_report, ctx, report, "failure", dead).get(timeout=30)

@@ -113,7 +113,7 @@ def test_enqueue_commits_on_a_led_shard_or_is_forwarded(cluster):
     owner = nodes[leaders[queue_shard(forwarded, SHARDS)]]
     entry = owner.queue.get(forwarded)
     assert entry is not None and entry.recipients[0].address == "far@remote.test"
-    assert owner.queue.read_message(entry.blob) == MESSAGE  # the body travelled with it
+    assert owner.queue.read_body(entry) == MESSAGE  # the body travelled with it
     assert nodes["c"].queue.list() == []  # nothing committed on c
 
 

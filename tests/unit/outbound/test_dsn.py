@@ -291,6 +291,9 @@ class FakeQueue:
         assert blob == "b" * 64
         return ORIGINAL
 
+    def read_body(self, entry: QueueEntry) -> bytes:
+        return self.read_message(entry.blob)
+
     def enqueue(self, sender: str, recipients: Iterable[QueuedRecipient], raw: bytes,
                 **kw: Any) -> QueueEntry:
         self.enqueued.append((sender, list(recipients), raw, kw))

@@ -51,8 +51,11 @@ def test_enqueue_get_and_blob(queue, store):
     assert e.recipients[0].notify == ("SUCCESS",)
     assert (e.envid, e.ret, e.requiretls, e.body, e.held, e.attempts) == (
         "env-1", "HDRS", True, "8BITMIME", False, 0)
-    assert queue.read_message(e.blob) == msg(1) and e.size == len(msg(1))
+    assert e.blob == "" and e.data == msg(1) and e.size == len(msg(1))  # inline body
+    assert queue.read_body(e) == msg(1)
     assert queue.get(e.id) == e
+    assert queue.get(e.id).data is None and queue.read_body(queue.get(e.id)) == msg(1)
+    assert [p for p in (store.data_dir / "blobs").rglob("*") if p.is_file()] == []
     assert queue.get("0" * 16) is None and queue.get("../etc") is None
 
 
@@ -226,9 +229,10 @@ def test_queue_survives_restart(tmp_path):
         q = OutboundQueue(store)  # a new process: nothing in memory
         assert {x.id: x for x in q.list()} == before
         assert q.get(e.id) == before[e.id] and q.get(held.id).held
-        assert [x.id for x in q.due(e.created + 60, 10)] == [e.id]
+        due = q.due(e.created + 60, 10)
+        assert [x.id for x in due] == [e.id] and due[0].data == msg(1)  # read with the entry
         assert q.next_due() == e.created + 60
-        assert q.read_message(before[e.id].blob) == msg(1)
+        assert q.read_body(before[e.id]) == msg(1) and q.read_body(held) == msg(2)
 
 
 def test_concurrent_enqueues_group_commit(queue):
