@@ -55,7 +55,7 @@ from gevent import socket as gsocket
 from gevent import ssl as gssl
 from gevent.event import AsyncResult
 from gevent.lock import Semaphore
-from gevent.pool import Group, Pool
+from gevent.pool import Group
 from gevent.server import StreamServer
 
 from cluster.ca import peer_name
@@ -385,7 +385,7 @@ class RpcServer:
 
     def _serve_calls(self, sock: Any, peer: str) -> None:
         lock = Semaphore()
-        pool = Pool(MAX_INFLIGHT)
+        slots = Semaphore(MAX_INFLIGHT)  # a Pool's bound without its Group (per call: less)
         reader = FrameReader(sock)
         while True:
             header, attachments = reader.read_frame()
@@ -397,12 +397,29 @@ class RpcServer:
             ):
                 raise ProtocolError("request needs an id (int or str), a method and args (object)")
             deadline = header.get("deadline")
-            call = pool.spawn(
-                self._run_call, sock, lock, peer, rid, method, args, attachments, deadline
-            )
-            self._calls.add(call)
+            slots.acquire()
+            self._calls.add(gevent.spawn(
+                self._run_call, sock, lock, slots, peer, rid, method, args, attachments, deadline
+            ))
 
     def _run_call(
+        self,
+        sock: Any,
+        lock: Semaphore,
+        slots: Semaphore,
+        peer: str,
+        rid: Any,
+        method: str,
+        args: dict,
+        attachments: list[bytes],
+        deadline: Any,
+    ) -> None:
+        try:
+            self._answer_call(sock, lock, peer, rid, method, args, attachments, deadline)
+        finally:
+            slots.release()
+
+    def _answer_call(
         self,
         sock: Any,
         lock: Semaphore,

@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster import ca
+from cluster import rpc as rpc_module
 from cluster.rpc import (
     MAX_ATTACHMENTS,
     MAX_HEADER,
@@ -548,3 +549,31 @@ def test_fuzzed_bytes_never_hurt_the_server(server, certs, client, capsys, caplo
     assert client.call(server.bound_address, "echo", {"ok": 1})[0]["args"] == {"ok": 1}
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_connection_runs_at_most_max_inflight_requests(certs, handlers, monkeypatch):
+    """Beyond MAX_INFLIGHT running requests the server reads no more; each
+    finished request frees its place (every call ends)."""
+    monkeypatch.setattr(rpc_module, "MAX_INFLIGHT", 2)
+    srv = RpcServer("127.0.0.1:0", ca.server_context(certs["alpha"]))
+    handlers.register(srv)
+    srv.start()
+    cl = RpcClient(ca.client_context(certs["beta"]))
+    try:
+        calls = [gevent.spawn(cl.call, srv.bound_address, "block", {}, timeout=WAIT)
+                 for _ in range(5)]
+        _until(lambda: handlers.blocked == 2)
+        gevent.sleep(0.2)  # the 3 others are queued unread (the count stays 2)
+        assert handlers.blocked == 2
+        handlers.release.set()
+        gevent.joinall(calls, timeout=WAIT)
+        assert [c.value for c in calls] == [({"released": True}, [])] * 5
+        assert handlers.blocked == 5
+        more = [gevent.spawn(cl.call, srv.bound_address, "echo", {"n": n}, timeout=WAIT)
+                for n in range(4)]
+        gevent.joinall(more, timeout=WAIT)
+        assert [c.value[0]["args"] for c in more] == [{"n": n} for n in range(4)]
+    finally:
+        handlers.release.set()
+        cl.close()
+        srv.stop()
