@@ -52,12 +52,13 @@ def carol(postroom_node):
 
 def test_quota_cli_imap_and_smtp(carol) -> None:
     node = carol
-    done = node.cli("user", "quota", CAROL[0], "4K")
-    assert done.returncode == 0, done.stderr
-    assert "4096" in done.stdout
-    shown = node.cli("user", "quota", CAROL[0])
-    assert shown.stdout.strip() == f"{CAROL[0]}: 4096"
-    assert node.cli("user", "quota", CAROL[0], "lots").returncode != 0
+    done, shown, lots = node.cli_batch(  # one CLI process: node.cli.main per command
+        [(["--config", str(node.config_path), "user", "quota", CAROL[0], *size], "")
+         for size in (["4K"], [], ["lots"])])
+    assert done["rc"] == 0, done["stderr"]
+    assert "4096" in done["stdout"]
+    assert shown["stdout"].strip() == f"{CAROL[0]}: 4096"
+    assert lots["rc"] != 0
 
     conn = imaplib.IMAP4(node.host, node.ports["imap"], timeout=30)
     try:
