@@ -336,13 +336,14 @@ def test_wrong_key_is_named(node: NodeProcess, env: dict) -> None:
 
 def test_missing_bucket_and_at_outside_window(node: NodeProcess, env: dict) -> None:
     config = _other_config(node, env, "no-dir.toml", target=f"file://{env['base']}/nowhere")
-    result = _cli(node, config, "restore", "account", ALICE)
-    assert result.returncode == 1 and "nowhere" in result.stderr, result.stderr
     future = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 86400))
-    result = node.cli("restore", "account", ALICE, "--at", future)
-    assert result.returncode == 1
-    assert "outside the backup's point-in-time window" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    missing, outside = node.cli_batch(  # one CLI process (node.cli.main per command)
+        [(["--config", str(config), "restore", "account", ALICE], ""),
+         (["--config", str(node.config_path), "restore", "account", ALICE, "--at", future], "")])
+    assert missing["rc"] == 1 and "nowhere" in missing["stderr"], missing["stderr"]
+    assert outside["rc"] == 1
+    assert "outside the backup's point-in-time window" in outside["stderr"], outside["stderr"]
+    assert "Traceback" not in outside["stderr"]
 
 
 # -- drill -------------------------------------------------------------------------------
