@@ -4,25 +4,26 @@
         | python3 tests/support/cli_batch.py
 
 Each command goes through the same ``node.cli.main`` as ``python -m node``
-(gevent patched first, as node/launch.py does), in order, with its own stdin
-(a password line) and its own captured stdout and stderr.  The answer, on
+(gevent patched first, by node/launch.py's ``patch()``), in order, with its
+own stdin (a password line) and its own captured stdout and stderr.  The answer, on
 stdout, is one JSON list of ``{"rc", "stdout", "stderr"}``.  A command that
 fails does not stop the ones after it: the caller decides.  This spares the
 interpreter and import start-up (about a second of CPU) per command that a
 cluster's setup would otherwise pay seven times.
 """
 
-from gevent import monkey
+import sys
+from pathlib import Path
 
-monkey.patch_all()
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from node.launch import patch  # noqa: E402  (imports nothing that patching would miss)
+
+patch()
 
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from node.cli import main  # noqa: E402
 

@@ -191,7 +191,7 @@ def run_patched(module: str, function: str, *args: str, timeout: float = 120.0) 
     returns its stdout otherwise.
     """
     code = (
-        "from gevent import monkey; monkey.patch_all()\n"
+        "from node.launch import patch; patch()\n"
         "import importlib, sys\n"
         f"getattr(importlib.import_module({module!r}), {function!r})(*sys.argv[1:])\n"
     )
