@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0
 
 CHILD = r'''
-from gevent import monkey; monkey.patch_all()
+from node.launch import patch; patch()  # gevent monkey-patching, as `postroom` does
 import json, sys, traceback
 from pathlib import Path
 from gevent.fileobject import FileObjectPosix

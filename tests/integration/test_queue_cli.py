@@ -31,8 +31,8 @@ SHARDS = 4
 DEADLINE = 30.0
 
 SERVER = textwrap.dedent("""
-    from gevent import monkey
-    monkey.patch_all()
+    from node.launch import patch
+    patch()  # gevent monkey-patching, as `postroom` does
     import signal, sys
     from pathlib import Path
     import gevent

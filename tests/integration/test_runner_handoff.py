@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE = 20.0
 
 CHILD = r'''
-from gevent import monkey; monkey.patch_all()
+from node.launch import patch; patch()  # gevent monkey-patching, as `postroom` does
 import json, random, sys, traceback
 import gevent, gevent.event
 from gevent.fileobject import FileObjectPosix
