@@ -132,3 +132,20 @@ def test_ops_since_bounds_the_args_octets(tmp_path):
         some = store.ops_since(0, 0, 100, max_bytes=100_000)  # ~40 KB of JSON each
         assert some == every[:2]
         assert store.ops_since(0, 0, 100, max_bytes=10**9) == every
+
+
+def test_backup_and_restore_name_no_blob_for_an_inline_body(tmp_path):
+    from storage import backup, restore
+
+    with open_store(tmp_path / "s", shards=1) as store:
+        q = OutboundQueue(store)
+        inline = q.enqueue("a@x.test", RCPT, msg(1))
+        filed = OutboundQueue(store, inline_max=0).enqueue("a@x.test", RCPT, msg(2))
+        assert backup.op_blobs(_enqueue_op(store, inline).args) == set()
+        assert backup.op_blobs(_enqueue_op(store, filed).args) == {filed.blob}
+        lines = backup.decode_segment(backup.encode_segment(store.ops_since(0, 0)))
+        assert backup.segment_blobs(lines) == {filed.blob}
+        store.export_snapshot(0, tmp_path / "snap.sqlite")
+    assert backup.snapshot_blobs(tmp_path / "snap.sqlite") == {filed.blob}
+    assert restore.referenced_blobs(tmp_path / "snap.sqlite") == {
+        filed.blob: [f"queue {filed.id}"]}
