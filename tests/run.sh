@@ -7,4 +7,9 @@ POSTROOM_APT="etcd-server swaks isync fetchmail curl ca-certificates postfix ope
 POSTROOM_EXTRAS="[test]" bash "$here/setup-env.sh"
 cd "$here/.."
 .venv/bin/ruff check .
+# The suite starts ~250 Python processes (nodes, CLI commands, etcd helpers);
+# with PYTHONDONTWRITEBYTECODE set (as in some CI images) each recompiled
+# postroom's modules (~0.3 s of CPU per start).  Cache the bytecode.
+unset PYTHONDONTWRITEBYTECODE
+.venv/bin/python -m compileall -q node storage cluster tests > /dev/null
 exec .venv/bin/python -m pytest "$@"
