@@ -68,9 +68,29 @@ def node(env: dict):
     proc.start()
     try:
         proc.provision()
+        _wait_chains_started(proc, env)
         yield proc
     finally:
         proc.stop()
+
+
+def _wait_chains_started(node: NodeProcess, env: dict) -> None:
+    """Until every shard that exists has its backup chain's base snapshot in the
+    target, so that the mail the tests send reaches it as segments (a chain
+    started after the mail would hold it all in its snapshot, and the
+    damaged-segment test needs segments), whatever the agent's timing."""
+    cid = _cid(node)
+    deadline = time.monotonic() + DEADLINE
+
+    def unstarted() -> list[int]:
+        shards = [int(db.stem.removeprefix("shard-"))
+                  for db in (node.data_dir / "mail" / "shards").glob("shard-*.sqlite")]
+        return [n for n in shards
+                if not any((env["target"] / cid / "shards" / f"{n:04d}" / "snap").glob("*"))]
+
+    while (late := unstarted()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not late, f"no backup chain for shards {late}\n{node.log_tail()}"
 
 
 def _send(node: NodeProcess, rcpt: str, subject: str) -> None:
