@@ -293,12 +293,18 @@ def _copy(src: Any, dst: Any) -> None:
     the command/response ping-pong (short reads) pays no extra hub cycle."""
     buf = bytearray(PIPE_SIZE)
     view = memoryview(buf)
+    recv_into, send = src.recv_into, dst.send
     try:
         while True:
-            n = src.recv_into(buf)
+            n = recv_into(buf)
             if not n:
                 return
-            dst.sendall(view[:n])
+            # send, not sendall: gevent's sendall asks the kernel for SO_SNDBUF
+            # (a getsockopt) and slices into chunks on every call; a relayed
+            # chunk nearly always goes in one send (gevent waits for room).
+            sent = send(view[:n])
+            while sent < n:
+                sent += send(view[sent:n])
             if n >= YIELD_AT:
                 gevent.idle()
     except (OSError, ssl.SSLError, ValueError):
