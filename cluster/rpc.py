@@ -140,8 +140,16 @@ def encode_frame(header: dict, attachments: Sequence[bytes] = ()) -> list[bytes 
 
 
 def send_chunks(sock: Any, chunks: list[bytes | memoryview]) -> None:
+    """Each chunk in full.  ``send`` in a loop rather than ``sendall``:
+    gevent's sendall asks the kernel for SO_SNDBUF (a getsockopt) and
+    slices the data on every call, while a frame nearly always goes in one
+    send (gevent waits for room in the buffer)."""
     for chunk in chunks:
-        sock.sendall(chunk)
+        n, size = sock.send(chunk), len(chunk)
+        if n < size:
+            view = memoryview(chunk)
+            while n < size:
+                n += sock.send(view[n:])
 
 
 def write_frame(sock: Any, header: dict, attachments: Sequence[bytes] = ()) -> None:
