@@ -65,6 +65,7 @@ log = logging.getLogger("postroom.cluster.router")
 CALLABLE = frozenset({
     "ensure_account", "delete_account", "append", "list_mailboxes", "create_mailbox",
     "delete_mailbox", "rename_mailbox", "set_subscribed", "status", "messages", "metadata",
+    "mailbox_state",
     "rows", "uid_flags", "store_flags", "expunge", "copy", "move", "changes_since",
     "search_text", "usage", "savedates", "get_metadata", "set_metadata",
     "restore_mailbox",  # in-place restores (storage/restore.py), blobs as attachments
@@ -347,6 +348,9 @@ class ClusterStore:
 
     def status(self, account: str, name: str) -> MailboxStatus:
         return self._call("status", account, name)
+
+    def mailbox_state(self, account: str, name: str) -> tuple[int, int, int]:
+        return self._call("mailbox_state", account, name)
 
     def messages(self, account: str, name: str) -> list[MessageRow]:
         return self._call("messages", account, name)

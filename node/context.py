@@ -123,6 +123,10 @@ class MailStore(Protocol):
 
     def status(self, account: str, name: str) -> MailboxStatus: ...
 
+    def mailbox_state(self, account: str, name: str) -> tuple[int, int, int]:
+        """(uidvalidity, uidnext, highestmodseq): status() without its aggregates."""
+        ...
+
     def messages(self, account: str, name: str) -> list[MessageRow]:
         """Every message in the mailbox, ascending UID."""
         ...

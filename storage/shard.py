@@ -1246,6 +1246,12 @@ class Shard:
     def _mailbox_row(self, account: str, name: str) -> tuple:
         return _mailbox_row(self.reader, account, name)
 
+    def mailbox_state(self, account: str, name: str) -> tuple[int, int, int]:
+        """(uidvalidity, uidnext, highestmodseq): one indexed row, no
+        aggregate over the messages (what SELECT and a session sync need)."""
+        uv, uidnext, hms = _mailbox_row(self.reader, account, name)
+        return uv, uidnext, hms
+
     def list_mailboxes(self, account: str) -> list[MailboxInfo]:
         rows = self.reader.execute(
             "SELECT name, uidvalidity, special_use, subscribed FROM mailboxes"

@@ -180,6 +180,9 @@ class Session:
         self._auth_tag: str | None = None
         self._auth_failures = 0
         self._dirty = False
+        # MODSEQs this session's own STORE/EXPUNGE took in the selected
+        # mailbox since view.modseq; their effects are in the view (_own_only).
+        self._own = 0
         self._unwatch: Callable[[], None] | None = None
         self._out: list[bytes] = []
         self._out_size = 0
@@ -557,15 +560,17 @@ class Session:
 
     def _select(self, name: str, *, readonly: bool) -> Reply:
         # RFC 3501 §6.3.1: a failed SELECT leaves no mailbox selected.
-        self.view = None
+        old, self.view = self.view, None
+        own, self._own = self._own, 0
         self.state = State.AUTHENTICATED
         store = self.ctx.store
-        status = store.status(self._acct, name)
-        # UIDs and flags only (node/imap/view.py): no row per message.
-        view = View.build(
-            name, readonly, status.uidvalidity, status.highestmodseq,
-            store.uid_flags(self._acct, name),
-        )
+        # The mailbox row only: SELECT reports no count/unseen/size aggregate.
+        uidvalidity, uidnext, modseq = store.mailbox_state(self._acct, name)
+        view = self._reopen(old, own, name, readonly, uidvalidity, modseq)
+        if view is None:
+            # UIDs and flags only (node/imap/view.py): no row per message.
+            view = View.build(name, readonly, uidvalidity, modseq,
+                              store.uid_flags(self._acct, name))
         uids = view.uids
         self.view = view
         self._dirty = False
@@ -578,10 +583,10 @@ class Session:
             unseen = view.first_unseen()
             if unseen is not None:
                 self._write(status_untagged("OK", "first unseen", f"UNSEEN {unseen}"))
-        self._write(status_untagged("OK", "UIDs valid", f"UIDVALIDITY {status.uidvalidity}"))
-        mailbox_id = objectid.mailbox_id(self._acct, status.uidvalidity)  # RFC 8474 §4.2
+        self._write(status_untagged("OK", "UIDs valid", f"UIDVALIDITY {uidvalidity}"))
+        mailbox_id = objectid.mailbox_id(self._acct, uidvalidity)  # RFC 8474 §4.2
         self._write(status_untagged("OK", "mailbox id", f"MAILBOXID ({mailbox_id})"))
-        uidnext = max(status.uidnext, (uids[-1] + 1) if uids else 1)
+        uidnext = max(uidnext, (uids[-1] + 1) if uids else 1)
         self._write(status_untagged("OK", "predicted next UID", f"UIDNEXT {uidnext}"))
         perm = "()" if readonly else PERMANENT_FLAGS
         self._write(status_untagged("OK", "flags permitted", f"PERMANENTFLAGS {perm}"))
@@ -590,6 +595,28 @@ class Session:
         if readonly:
             return ok("EXAMINE completed", "READ-ONLY")
         return ok("SELECT completed", "READ-WRITE")
+
+    def _reopen(self, old: View | None, own: int, name: str, readonly: bool,
+                uidvalidity: int, modseq: int) -> View | None:
+        """A SELECT of the mailbox already selected: the new view from the old
+        one and the changes since its MODSEQ (none, or only this session's
+        own, already in it: no query), instead of reading every message
+        again.  None when it must be built afresh: another mailbox, a new
+        UIDVALIDITY, or a change the incremental view cannot take (a UID
+        below its newest that it does not hold, one expunged and back)."""
+        if old is None or old.name != name or old.uidvalidity != uidvalidity:
+            return None
+        if modseq != old.modseq + own:
+            changes = self.ctx.store.changes_since(self._acct, name, old.modseq)
+            newest = old.uids[-1] if old.uids else 0
+            back = set(changes.expunged)
+            if any(r.uid in back or (r.uid <= newest and r.uid not in old.flags)
+                   for r in changes.changed):
+                return None
+            old.apply(changes)
+        else:
+            old.modseq = modseq
+        return old.reopened(readonly)
 
     def _flags_atom(self) -> str:
         assert self.view is not None
@@ -807,7 +834,9 @@ class Session:
         rows = self.ctx.store.rows(self._acct, view.name, view.uids if only is None else only)
         doomed = [r.uid for r in rows.values() if "\\Deleted" in r.flags and r.uid in view.flags]
         if doomed:
-            for uid in self.ctx.store.expunge(self._acct, view.name, doomed):
+            present = self.ctx.store.expunge(self._acct, view.name, doomed)
+            self._own += 1 if present else 0  # one MODSEQ per expunge
+            for uid in present:
                 if uid in view.flags:
                     view.gone.add(uid)
         return ok(f"{cmd.full_name} completed")
@@ -878,6 +907,7 @@ class Session:
         uids = [u for u in uids if u not in view.gone]
         if uids:
             changes = self.ctx.store.store_flags(self._acct, view.name, uids, mode, flags)
+            self._own += len(changes)  # one MODSEQ per changed message
             for ch in changes:
                 view.flags[ch.uid] = ch.flags
             self._announce_keywords(flags)
@@ -952,7 +982,9 @@ class Session:
             if sets_seen:
                 unseen = [u for u in batch if "\\Seen" not in view.flags.get(u, frozenset())]
                 if unseen:
-                    for ch in store.store_flags(self._acct, view.name, unseen, "add", ["\\Seen"]):
+                    changes = store.store_flags(self._acct, view.name, unseen, "add", ["\\Seen"])
+                    self._own += len(changes)
+                    for ch in changes:
                         view.flags[ch.uid] = ch.flags
                         seen_now.add(ch.uid)
                         rows[ch.uid] = dataclasses.replace(rows[ch.uid], modseq=ch.modseq)
@@ -1056,19 +1088,45 @@ class Session:
             return
         if self._dirty:
             self._dirty = False
-            changes = self.ctx.store.changes_since(self._acct, view.name, view.modseq)
-            # node/imap/view.py: expunges to view.gone, new UIDs appended.
-            flag_updates, added = view.apply(changes)
-            keywords = {f for u in flag_updates + added for f in view.flags[u]}
-            self._announce_keywords(keywords)
-            modseqs = {r.uid: r.modseq for r in changes.changed}
-            for u in flag_updates:
-                items = [Atom("FLAGS"), _flag_list(view.flags[u]), Atom("UID"), u]
-                if self.enabled & {"CONDSTORE", "QRESYNC"}:  # RFC 7162 §3.1 (unsolicited)
-                    items += [Atom("MODSEQ"), Raw(b"(%d)" % modseqs[u])]
-                self._write(untagged(view.seq_of(u), "FETCH", items))
-            if added:
-                self._write(b"* %d EXISTS\r\n" % len(view.uids))
+            if not self._own_only(view):
+                self._report_changes(view)
+        self._report_expunged(view, expunge)
+
+    def _report_changes(self, view: View) -> None:
+        """Fold changes_since(view.modseq) into the view; FETCH (FLAGS) for
+        other sessions' flag changes, EXISTS for new messages."""
+        changes = self.ctx.store.changes_since(self._acct, view.name, view.modseq)
+        # node/imap/view.py: expunges to view.gone, new UIDs appended.
+        flag_updates, added = view.apply(changes)
+        keywords = {f for u in flag_updates + added for f in view.flags[u]}
+        self._announce_keywords(keywords)
+        modseqs = {r.uid: r.modseq for r in changes.changed}
+        for u in flag_updates:
+            items = [Atom("FLAGS"), _flag_list(view.flags[u]), Atom("UID"), u]
+            if self.enabled & {"CONDSTORE", "QRESYNC"}:  # RFC 7162 §3.1 (unsolicited)
+                items += [Atom("MODSEQ"), Raw(b"(%d)" % modseqs[u])]
+            self._write(untagged(view.seq_of(u), "FETCH", items))
+        if added:
+            self._write(b"* %d EXISTS\r\n" % len(view.uids))
+
+    def _own_only(self, view: View) -> bool:
+        """True if every change committed to the selected mailbox since
+        view.modseq is this session's own STORE/EXPUNGE, already in the view,
+        so no changes_since is needed.  Every change takes the next MODSEQ of
+        its mailbox (storage/shard.py), so HIGHESTMODSEQ = view.modseq + the
+        MODSEQs own writes took proves nobody else changed it meanwhile;
+        anything else (own APPEND/COPY/MOVE not counted) takes the full path."""
+        own, self._own = self._own, 0
+        if not own:
+            return False
+        uidvalidity, _, modseq = self.ctx.store.mailbox_state(self._acct, view.name)
+        if uidvalidity != view.uidvalidity or modseq != view.modseq + own:
+            return False
+        view.modseq = modseq
+        return True
+
+    def _report_expunged(self, view: View, expunge: bool) -> None:
+        """EXPUNGE (VANISHED with QRESYNC) for view.gone, where allowed."""
         if expunge and view.gone and "QRESYNC" in self.enabled:
             # RFC 7162 §3.2.10: VANISHED (UIDs) instead of EXPUNGE.
             gone = sorted(view.gone)

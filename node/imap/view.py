@@ -105,6 +105,16 @@ class View:
         updated.sort()
         return updated, added
 
+    def reopened(self, readonly: bool) -> View:
+        """A new view of this mailbox as a SELECT now would build it, from
+        this one once every committed change is applied: messages expunged
+        meanwhile dropped (a new selection reports none), keywords again from
+        the flags the messages hold."""
+        self.take_expunged()
+        flags = self.flags
+        return View.build(self.name, readonly, self.uidvalidity, self.modseq,
+                          [(u, flags[u]) for u in self.uids])
+
     def take_expunged(self) -> list[int]:
         """Remove the ``gone`` messages; returns their sequence numbers,
         highest first, so each EXPUNGE leaves earlier numbers valid (§7.4.1)."""

@@ -233,6 +233,7 @@ def cmd_store(session: Any, cmd: Command) -> Reply | None:
         return ok(f"{cmd.full_name} completed")
     store = session.ctx.store
     changes = store.store_flags(session._acct, view.name, uids, mode, flags, unchanged)
+    session._own += len(changes)  # one MODSEQ each, already in the view (Session._own_only)
     changed = {ch.uid: ch for ch in changes}
     for ch in changes:
         view.flags[ch.uid] = ch.flags

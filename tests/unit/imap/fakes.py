@@ -201,6 +201,10 @@ class FakeStore:
             sum(r.size for r in rows),
         )
 
+    def mailbox_state(self, account: str, name: str) -> tuple[int, int, int]:
+        box = self._box(account, name)
+        return box.info.uidvalidity, box.uidnext, box.highestmodseq
+
     def messages(self, account: str, name: str) -> list[MessageRow]:
         box = self._box(account, name)
         return [box.rows[u] for u in sorted(box.rows)]
