@@ -34,6 +34,11 @@ options:
     type: list
     elements: dict
     default: []
+  probe:
+    description: Paths to look for (nothing is changed); those that exist come back in C(existing).
+    type: list
+    elements: path
+    default: []
 author: postroom
 """
 
@@ -44,6 +49,10 @@ changed_paths:
   returned: always
 changed_files:
   description: The files among them (content or attributes changed).
+  type: list
+  returned: always
+existing:
+  description: The paths of C(probe) that exist.
   type: list
   returned: always
 """
@@ -112,6 +121,7 @@ def main() -> None:
                       "options": {"dest": {"type": "path", "required": True},
                                   "content": {"type": "str", "required": True, "no_log": True},
                                   **attrs}},
+            "probe": {"type": "list", "elements": "path", "default": []},
         },
         supports_check_mode=True,
     )
@@ -123,8 +133,9 @@ def main() -> None:
         if _file(module, spec):
             changed_paths.append(spec["dest"])
             changed_files.append(spec["dest"])
+    existing = [path for path in module.params["probe"] if os.path.lexists(path)]
     module.exit_json(changed=bool(changed_paths), changed_paths=changed_paths,
-                     changed_files=changed_files)
+                     changed_files=changed_files, existing=existing)
 
 
 if __name__ == "__main__":
