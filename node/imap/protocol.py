@@ -832,6 +832,38 @@ def parse_command(framed: FramedCommand, limits: Limits) -> Command:
     return Command(r.tag, name, args, uid)
 
 
+# Commands whose parse is remembered by the line after the tag: their
+# arguments are immutable (tuples, frozen dataclasses) and hold no secret
+# (LOGIN and AUTHENTICATE are never kept).
+CACHED_COMMANDS = frozenset({
+    "SELECT", "EXAMINE", "FETCH", "STORE", "SEARCH", "SORT", "THREAD", "STATUS", "LIST",
+    "LSUB", "NOOP", "CHECK", "CLOSE", "UNSELECT", "EXPUNGE", "IDLE", "COPY", "MOVE",
+})
+_PARSED: dict[tuple[Limits, bytes], Command] = {}
+_PARSED_MAX = 4096
+
+
+def parse_command_cached(framed: FramedCommand, limits: Limits) -> Command:
+    """parse_command, with the Command of a literal-free line kept by the
+    octets after its tag (and the limits): a line seen before is not parsed
+    again (clients repeat theirs: NOOP, SELECT INBOX, the same FETCH item
+    list and UIDs).  The same Command results, a new tag aside."""
+    line = framed.lines[0]
+    sp = line.find(b" ")
+    if framed.literals or len(framed.lines) != 1 or sp <= 0:
+        return parse_command(framed, limits)
+    key = (limits, line[sp:])
+    hit = _PARSED.get(key)
+    if hit is not None and _RUNS[_is_tag_char].match(line).end() == sp:
+        return Command(line[:sp].decode("ascii"), hit.name, hit.args, hit.uid)
+    cmd = parse_command(framed, limits)
+    if cmd.name in CACHED_COMMANDS:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = cmd
+    return cmd
+
+
 def _no_args(r: _Reader) -> tuple[Any, ...]:
     return ()
 

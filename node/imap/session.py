@@ -68,7 +68,7 @@ from node.imap.protocol import (
     encode_utf8_string,
     encode_value,
     format_date_time,
-    parse_command,
+    parse_command_cached,
     status_untagged,
     tagged,
     untagged,
@@ -291,7 +291,7 @@ class Session:
             self._raw_line(ev.line)
         elif isinstance(ev, FramedCommand):
             try:
-                cmd = parse_command(ev, self.limits)
+                cmd = parse_command_cached(ev, self.limits)
             except ParseError as exc:
                 self._write(tagged(exc.tag, "BAD", exc.text))
                 return
