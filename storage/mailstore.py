@@ -187,10 +187,6 @@ class MailStore:
         self._changes_cache: dict[tuple[str, str, int], tuple[int, Shard, MailboxChanges]] = {}
         self._indexing: set[_OpenShard] = set()  # shards with a running indexer
         self._is_open = False
-        # Set by the cluster (cluster/manager.py): ship_ahead(shard, blob, body)
-        # sends a new body to the shard's followers before its batch is
-        # prepared (Replicator.ship_ahead); a hint, nothing waits for it.
-        self.ship_ahead: Callable[[int, str, bytes], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -631,18 +627,12 @@ class MailStore:
         else:
             blob = self.blobs.put(raw)
         pending = []
-        idle = {e.number: e for e in entries if stored is not None and not e.committer.busy}
         for acct, entry in zip(targets, entries, strict=True):
             intent = functools.partial(
                 ops.intent_append, account=acct, mailbox=box, blob=blob, size=len(raw),
                 flags=canon, internaldate=when, meta=metadata,
             )
             pending.append(entry.committer.submit_nowait(intent, entry.require_primary, stored))
-        if idle and self.ship_ahead is not None:
-            # Only to shards whose batch starts at once (latency-bound); a busy
-            # shard's batch waits anyway and one append carries its bodies.
-            for number in idle:
-                self.ship_ahead(number, blob, raw)
         results: list[AppendResult] = []
         error: BaseException | None = None
         for p in pending:
