@@ -34,6 +34,11 @@ options:
     type: list
     elements: dict
     default: []
+  links:
+    description: "Symbolic links: C(dest) pointing at C(src) (replaced atomically when it points elsewhere)."
+    type: list
+    elements: dict
+    default: []
   probe:
     description: Paths to look for (nothing is changed); those that exist come back in C(existing).
     type: list
@@ -44,7 +49,7 @@ author: postroom
 
 RETURN = r"""
 changed_paths:
-  description: Directories and files created or changed, in order.
+  description: Directories, files and links created or changed, in order.
   type: list
   returned: always
 changed_files:
@@ -110,6 +115,20 @@ def _file(module: AnsibleModule, spec: dict) -> bool:
     return module.set_fs_attributes_if_different(_file_args(module, dest, spec), False)
 
 
+def _link(module: AnsibleModule, spec: dict) -> bool:
+    """Point dest at src (a new link renamed over the old); True when it changed."""
+    dest, src = spec["dest"], spec["src"]
+    if os.path.islink(dest) and os.readlink(dest) == src:
+        return False
+    if not module.check_mode:
+        tmp = os.path.join(os.path.dirname(dest), f".postroom_files.{os.getpid()}.link")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(src, tmp)
+        os.replace(tmp, dest)
+    return True
+
+
 def main() -> None:
     attrs = {"mode": {"type": "raw", "required": True}, "owner": {"type": "str", "default": ""},
              "group": {"type": "str", "default": ""}}
@@ -121,6 +140,9 @@ def main() -> None:
                       "options": {"dest": {"type": "path", "required": True},
                                   "content": {"type": "str", "required": True, "no_log": True},
                                   **attrs}},
+            "links": {"type": "list", "elements": "dict", "default": [],
+                      "options": {"src": {"type": "str", "required": True},
+                                  "dest": {"type": "path", "required": True}}},
             "probe": {"type": "list", "elements": "path", "default": []},
         },
         supports_check_mode=True,
@@ -133,6 +155,9 @@ def main() -> None:
         if _file(module, spec):
             changed_paths.append(spec["dest"])
             changed_files.append(spec["dest"])
+    for spec in module.params["links"]:
+        if _link(module, spec):
+            changed_paths.append(spec["dest"])
     existing = [path for path in module.params["probe"] if os.path.lexists(path)]
     module.exit_json(changed=bool(changed_paths), changed_paths=changed_paths,
                      changed_files=changed_files, existing=existing)
