@@ -14,7 +14,9 @@ points RFC 3501 §5.2/§7.4.1 allow, `_sync` asks `changes_since` and reports
 EXISTS, FETCH (FLAGS) and, except while answering FETCH/STORE/SEARCH (UID
 forms included), EXPUNGE.  An expunge learned at another point is kept in
 `View.gone` until it may be reported, so sequence numbers never shift under
-the client mid-command.  \\Recent is not tracked: RECENT is always 0 (the
+the client mid-command.  After the session's own STORE/EXPUNGE the sync
+needs no changes_since when nobody else changed the mailbox (`_own_only`),
+and a SELECT of the selected mailbox reuses the view (`_reopen`).  \\Recent is not tracked: RECENT is always 0 (the
 flag is gone from IMAP4rev2, RFC 9051 §7.3.2; see docs/imap.md).
 
 Cluster mode (ctx.cluster set): a login for an account whose shard another
