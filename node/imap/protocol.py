@@ -841,6 +841,10 @@ CACHED_COMMANDS = frozenset({
 })
 _PARSED: dict[tuple[Limits, bytes], Command] = {}
 _PARSED_MAX = 4096
+# Only lines up to this many octets are kept, so the cache holds at most
+# ~4,096 x 512 octets of keys whatever the clients send (a line may be up
+# to max_line_length).
+_PARSED_LINE_MAX = 512
 
 
 def parse_command_cached(framed: FramedCommand, limits: Limits) -> Command:
@@ -850,7 +854,7 @@ def parse_command_cached(framed: FramedCommand, limits: Limits) -> Command:
     list and UIDs).  The same Command results, a new tag aside."""
     line = framed.lines[0]
     sp = line.find(b" ")
-    if framed.literals or len(framed.lines) != 1 or sp <= 0:
+    if framed.literals or len(framed.lines) != 1 or sp <= 0 or len(line) > _PARSED_LINE_MAX:
         return parse_command(framed, limits)
     key = (limits, line[sp:])
     hit = _PARSED.get(key)

@@ -94,3 +94,18 @@ def test_secrets_and_literals_are_not_kept() -> None:
         (framed,) = _framed(wire)
         parse_command_cached(framed, LIMITS)
     assert protocol._PARSED == {}
+
+
+def test_long_lines_are_parsed_but_not_kept() -> None:
+    """The cache's memory is bounded: a line longer than _PARSED_LINE_MAX is
+    parsed every time and never stored (a client may send up to
+    max_line_length octets per line)."""
+    uids = ",".join(str(n) for n in range(1, 400)).encode()
+    wire = b"a UID FETCH " + uids + b" (FLAGS)\r\n"
+    assert len(wire) > protocol._PARSED_LINE_MAX
+    (framed,) = _framed(wire)
+    assert _parse(parse_command_cached, framed) == _parse(parse_command, framed)
+    assert protocol._PARSED == {}
+    (short,) = _framed(b"b UID FETCH 1:5 (FLAGS)\r\n")
+    parse_command_cached(short, LIMITS)
+    assert len(protocol._PARSED) == 1
