@@ -74,6 +74,11 @@ _INDEX_BATCH = 50  # messages indexed per write transaction (storage/fts.py): sh
 # replicated apply or delivery queued behind it never waits long (a follower's ack_timeout)
 _INDEX_DELAY = 1.0  # seconds without changes before the shard's pending messages are indexed
 _INDEX_MAX_WAIT = 30.0  # seconds a message waits for the index at most, even under load
+# A follower serves no SEARCH: it indexes its replicated messages only when
+# the shard has been quiet longer, or at the latest after this long under
+# load, so its backlog (a promoted primary's slow-path window) stays bounded.
+_FOLLOWER_INDEX_DELAY = 10.0
+_FOLLOWER_INDEX_MAX_WAIT = 300.0
 ROLES = ("primary", "follower", "none")
 
 
@@ -394,8 +399,7 @@ class MailStore:
         committer.replicate = hook
         committer.generation += 1
         log.info("shard %d: %s at epoch %d", entry.number, role, epoch)
-        if role != "follower":
-            self._index_later(entry)  # what it deferred as a follower (fts_pending)
+        self._index_later(entry)  # now with this role's delays (fts_pending)
 
     def role(self, number: int) -> tuple[str, int]:
         """(role, highest known epoch) of shard ``number``."""
@@ -539,12 +543,10 @@ class MailStore:
         if self._is_open:
             now = time.monotonic()
             for account in {a for a, _ in changes}:
-                # New messages wait in fts_pending (storage/fts.py).  A
-                # follower serves no SEARCH: it indexes once it leads.
+                # New messages wait in fts_pending (storage/fts.py).
                 entry = self._shard(account)
                 entry.last_change = now
-                if entry.role != "follower":
-                    self._index_later(entry)
+                self._index_later(entry)
         seen: set[tuple[str, str]] = set()
         for account, mailbox in changes:
             if (account, mailbox) in seen:
@@ -861,20 +863,27 @@ class MailStore:
         def read(sha: str) -> bytes:  # threadpool: plain file I/O
             return self.blobs.path(sha).read_bytes()
 
+        def delays() -> tuple[float, float]:
+            if entry.role == "follower":
+                return _FOLLOWER_INDEX_DELAY, _FOLLOWER_INDEX_MAX_WAIT
+            return _INDEX_DELAY, _INDEX_MAX_WAIT
+
         def run() -> None:
-            # Index when the shard is quiet (no change for _INDEX_DELAY), or
-            # at the latest _INDEX_MAX_WAIT after the first waiting message:
+            # Index when the shard is quiet (no change for the role's delay),
+            # or at the latest its max wait after the first waiting message:
             # deliveries under load do not pay for the index, and one index
             # transaction (one fsync) covers many messages.  SEARCH stays
-            # exact meanwhile: pending messages take the slow path.
+            # exact meanwhile: pending messages take the slow path.  The
+            # delays are read each turn: a promotion shortens them.
             started = time.monotonic()
             while self._is_open:
-                gevent.sleep(_INDEX_DELAY)
+                gevent.sleep(min(_INDEX_DELAY, delays()[0]))
                 now = time.monotonic()
-                if now - entry.last_change >= _INDEX_DELAY or now - started >= _INDEX_MAX_WAIT:
+                quiet, most = delays()
+                if now - entry.last_change >= quiet or now - started >= most:
                     break
             try:
-                while self._is_open and entry.role != "follower":
+                while self._is_open:
                     incarnation = entry.shard.incarnation
                     rows = fts.pending_batch(entry.shard.reader, _INDEX_BATCH)
                     if not rows:

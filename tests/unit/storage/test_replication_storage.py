@@ -515,20 +515,77 @@ def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
         gevent.sleep(0.02)
 
 
-def test_a_follower_leaves_full_text_indexing_to_its_promotion(pair, monkeypatch):
+def _follower_delays(monkeypatch, quiet: float, most: float) -> None:
     from storage import mailstore
 
     monkeypatch.setattr(mailstore, "_INDEX_DELAY", 0.05)
+    monkeypatch.setattr(mailstore, "_FOLLOWER_INDEX_DELAY", quiet)
+    monkeypatch.setattr(mailstore, "_FOLLOWER_INDEX_MAX_WAIT", most)
+
+
+def test_a_follower_indexes_once_quiet_for_its_longer_delay(pair, monkeypatch):
+    """A follower serves no SEARCH: it leaves its replicated messages in
+    fts_pending while the primary indexes, then indexes them itself once the
+    shard was quiet for _FOLLOWER_INDEX_DELAY (a later promotion then starts
+    with no slow-path backlog)."""
+    _follower_delays(monkeypatch, quiet=4, most=600)
     a, b, _ = pair
     a.ensure_account(ALICE)
     for i in range(3):
         a.deliver([ALICE], msg(i))
     _wait_for(lambda: not _pending(a), "the primary's index")
-    gevent.sleep(0.5)  # ten index delays: a follower that indexed would have
+    gevent.sleep(0.5)  # ten primary delays, an eighth of the follower's
+    assert len(_pending(b)) == 3
+    _wait_for(lambda: not _pending(b), "the follower's index")
+    assert a.digest(N) == b.digest(N)
+
+
+def test_a_follower_under_steady_load_indexes_at_its_max_wait(pair, monkeypatch):
+    """Changes closer together than the quiet delay do not hold a follower's
+    backlog back past _FOLLOWER_INDEX_MAX_WAIT."""
+    _follower_delays(monkeypatch, quiet=600, most=2)
+    a, b, _ = pair
+    a.ensure_account(ALICE)
+    for i in range(3):
+        a.deliver([ALICE], msg(i))
+    assert {uid for _, uid in _pending_uids(b)} == {1, 2, 3}
+    stop = gevent.event.Event()
+
+    def steady() -> None:
+        i = 100
+        while not stop.is_set():
+            a.deliver([ALICE], msg(i))
+            i += 1
+            gevent.sleep(0.1)
+
+    load = gevent.spawn(steady)
+    try:
+        _wait_for(lambda: not {uid for _, uid in _pending_uids(b)} & {1, 2, 3},
+                  "the follower's first messages indexed under load")
+        assert load.exception is None and not load.dead
+    finally:
+        stop.set()
+        load.join(timeout=10)
+    assert load.exception is None
+
+
+def test_a_promoted_follower_indexes_at_the_primary_delay(pair, monkeypatch):
+    _follower_delays(monkeypatch, quiet=600, most=600)
+    a, b, _ = pair
+    a.ensure_account(ALICE)
+    for i in range(3):
+        a.deliver([ALICE], msg(i))
+    _wait_for(lambda: not _pending(a), "the primary's index")
+    gevent.sleep(0.5)
     assert len(_pending(b)) == 3
     b.set_role(N, "primary", 2)
     _wait_for(lambda: not _pending(b), "the promoted follower's index")
     assert a.digest(N) == b.digest(N)
+
+
+def _pending_uids(store: MailStore) -> list[tuple[int, int]]:
+    reader = store.shard_by_number(N)[0].reader
+    return [tuple(r) for r in reader.execute("SELECT mailbox, uid FROM fts_pending").fetchall()]
 
 
 def test_a_follower_makes_a_visible_blob_durable_before_its_append(pair):
