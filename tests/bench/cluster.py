@@ -348,8 +348,14 @@ def wait_quiet(system: System, limit: float = QUIET_LIMIT) -> float:
     QUIET_WINDOW s); returns the seconds waited.  Deliveries leave deferred
     work behind (the full-text index is written once a shard is quiet for a
     second, storage/mailstore.py): without this, one load's backlog would be
-    indexed at the start of the next and stall it."""
+    indexed at the start of the next and stall it.  A cluster's followers
+    index theirs only after a longer quiet delay (_FOLLOWER_INDEX_DELAY), so
+    the first sample is taken once that has passed."""
+    from storage.mailstore import _FOLLOWER_INDEX_DELAY
+
     started = time.monotonic()
+    if isinstance(system, Cluster):
+        time.sleep(_FOLLOWER_INDEX_DELAY + 1.0)
     while True:
         pids = system.node_pids()
         cpu0 = cpu_of(pids)
