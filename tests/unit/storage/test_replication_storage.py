@@ -523,6 +523,17 @@ def _follower_delays(monkeypatch, quiet: float, most: float) -> None:
     monkeypatch.setattr(mailstore, "_FOLLOWER_INDEX_MAX_WAIT", most)
 
 
+def _three_indexed_by_the_primary_only(a: MailStore, b: MailStore) -> None:
+    """Deliver 3 messages: the primary indexes them, the follower (whose
+    delays the test set far longer) still has them in fts_pending."""
+    a.ensure_account(ALICE)
+    for i in range(3):
+        a.deliver([ALICE], msg(i))
+    _wait_for(lambda: not _pending(a), "the primary's index")
+    gevent.sleep(0.5)  # ten primary delays, an eighth of the follower's least
+    assert len(_pending(b)) == 3
+
+
 def test_a_follower_indexes_once_quiet_for_its_longer_delay(pair, monkeypatch):
     """A follower serves no SEARCH: it leaves its replicated messages in
     fts_pending while the primary indexes, then indexes them itself once the
@@ -530,12 +541,7 @@ def test_a_follower_indexes_once_quiet_for_its_longer_delay(pair, monkeypatch):
     with no slow-path backlog)."""
     _follower_delays(monkeypatch, quiet=4, most=600)
     a, b, _ = pair
-    a.ensure_account(ALICE)
-    for i in range(3):
-        a.deliver([ALICE], msg(i))
-    _wait_for(lambda: not _pending(a), "the primary's index")
-    gevent.sleep(0.5)  # ten primary delays, an eighth of the follower's
-    assert len(_pending(b)) == 3
+    _three_indexed_by_the_primary_only(a, b)
     _wait_for(lambda: not _pending(b), "the follower's index")
     assert a.digest(N) == b.digest(N)
 
@@ -572,12 +578,7 @@ def test_a_follower_under_steady_load_indexes_at_its_max_wait(pair, monkeypatch)
 def test_a_promoted_follower_indexes_at_the_primary_delay(pair, monkeypatch):
     _follower_delays(monkeypatch, quiet=600, most=600)
     a, b, _ = pair
-    a.ensure_account(ALICE)
-    for i in range(3):
-        a.deliver([ALICE], msg(i))
-    _wait_for(lambda: not _pending(a), "the primary's index")
-    gevent.sleep(0.5)
-    assert len(_pending(b)) == 3
+    _three_indexed_by_the_primary_only(a, b)
     b.set_role(N, "primary", 2)
     _wait_for(lambda: not _pending(b), "the promoted follower's index")
     assert a.digest(N) == b.digest(N)
