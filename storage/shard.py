@@ -1325,16 +1325,21 @@ class Shard:
         return out
 
     def rows(self, account: str, name: str, uids: Iterable[int]) -> dict[int, MessageRow]:
-        """The rows of the given UIDs that exist (one indexed query per 500)."""
-        uv = self._mailbox_row(account, name)[0]
+        """The rows of the given UIDs that exist (one indexed query per 500,
+        the mailbox looked up inside it; NoSuchMailbox checked only when
+        nothing matched, saving a statement per FETCH/STORE on the hub)."""
         out: dict[int, MessageRow] = {}
         for chunk in _chunks(list(uids)):
             for u, f, m, s, d, b in self.reader.execute(
                 "SELECT uid, flags, modseq, size, internaldate, blob FROM messages"
-                f" WHERE mailbox = ? AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid",
-                (uv, *chunk),
+                " WHERE mailbox = (SELECT uidvalidity FROM mailboxes"
+                " WHERE account = ? AND name = ?)"
+                f" AND uid IN ({','.join('?' * len(chunk))}) ORDER BY uid",
+                (account, name, *chunk),
             ):
                 out[u] = MessageRow(u, _flags_set(f), m, s, d, b)
+        if not out:
+            self._mailbox_row(account, name)  # raises NoSuchMailbox
         return out
 
     def uid_flags(self, account: str, name: str) -> list[tuple[int, frozenset[str]]]:

@@ -9,6 +9,7 @@ import gevent
 import pytest
 
 from storage.mailstore import MailStore
+from storage.model import NoSuchMailbox
 from tests.unit.imap.fakes import FakeStore
 
 ACCOUNT = "alice@example.test"
@@ -48,6 +49,25 @@ def test_rows_and_uid_flags_match_the_fake(real) -> None:
         r, f = got_real[uid], got_fake[uid]
         assert (r.flags, r.size, r.internaldate, r.blob) == (f.flags, f.size, f.internaldate,
                                                              f.blob)
+
+
+def test_rows_keep_to_their_mailbox_and_refuse_a_missing_one(real) -> None:
+    # rows() finds the mailbox inside its one query: another account's or
+    # mailbox's messages with the same UIDs never leak in, and a missing
+    # mailbox raises whether or not any UID is asked.
+    _fill(real)
+    other = "bob@example.test"
+    real.ensure_account(other)
+    real.create_mailbox(ACCOUNT, "Other")
+    for store_account, box in ((other, "INBOX"), (ACCOUNT, "Other")):
+        real.append(store_account, box, b"Subject: x\r\n\r\nx\r\n", flags=["\\Deleted"])
+    assert list(real.rows(ACCOUNT, "INBOX", [1, 2])) == [1, 2]
+    assert all(not r.flags & {"\\Deleted"} for r in real.rows(ACCOUNT, "INBOX", [1]).values())
+    assert list(real.rows(ACCOUNT, "Other", [1, 2])) == [1]
+    assert real.rows(ACCOUNT, "Other", [7]) == {}
+    for uids in ([1], [], [99]):
+        with pytest.raises(NoSuchMailbox):
+            real.rows(ACCOUNT, "Missing", uids)
 
 
 def test_equal_flag_lists_share_one_set(real) -> None:
