@@ -67,7 +67,8 @@ def pair(tmp_path_factory):
             assert b.cli("domain", "add", "dest.test").returncode == 0
             b.add_user("carol@dest.test", "carol-pw-1234")
             a = NodeProcess(tmp_path_factory.mktemp("node-a"), {"outbound": {
-                "resolvers": [dns.address], "port": b.ports["smtp"], "mta_sts": False,
+                "resolvers": [dns.address], "dns_timeout": 2.0, "port": b.ports["smtp"],
+                "mta_sts": False,
                 "retry_intervals": [1]}})
             a.start()
             a.provision()
