@@ -86,6 +86,7 @@ from storage.model import (
     StorageError,
     StorageUnavailable,
 )
+from storage.names import canonical_flags
 
 log = logging.getLogger("postroom.imap")
 
@@ -185,6 +186,9 @@ class Session:
         # MODSEQs this session's own STORE/EXPUNGE took in the selected
         # mailbox since view.modseq; their effects are in the view (_own_only).
         self._own = 0
+        # (UID, flags) of own APPENDs to the selected mailbox, counted in _own:
+        # _own_only adds them to the view and reports EXISTS (RFC 9051 §6.3.12).
+        self._own_added: list[tuple[int, frozenset[str]]] = []
         self._unwatch: Callable[[], None] | None = None
         self._out: list[bytes] = []
         self._out_size = 0
@@ -564,6 +568,8 @@ class Session:
         # RFC 3501 §6.3.1: a failed SELECT leaves no mailbox selected.
         old, self.view = self.view, None
         own, self._own = self._own, 0
+        if self._own_added:  # not in the old view yet: take the changes_since path
+            own, self._own_added = 0, []
         self.state = State.AUTHENTICATED
         store = self.ctx.store
         # The mailbox row only: SELECT reports no count/unseen/size aggregate.
@@ -724,7 +730,7 @@ class Session:
                 info = by_name.get(name)
                 if info is not None and info.special_use:
                     attrs.append(info.special_use)
-            self._write(untagged(word, "(" + " ".join(attrs) + ")", f'"{DELIMITER}"', _mbox(name)))
+            self._write(_list_line(word, " ".join(attrs), name, _UTF8_NAMES.get()))
         return ok(f"{word} completed")
 
     def _cmd_status(self, cmd: Command) -> Reply:
@@ -768,8 +774,12 @@ class Session:
             )
         except NoSuchMailbox:
             return no("no such mailbox", "TRYCREATE")  # RFC 3501 §6.3.11
-        if self.view is not None and self.view.name == name:
+        view = self.view
+        if view is not None and view.name == name:
             self._dirty = True
+            if res.uidvalidity == view.uidvalidity:  # one MODSEQ, flags as stored
+                self._own += 1
+                self._own_added.append((res.uid, frozenset(canonical_flags(flags))))
         return ok("APPEND completed", f"APPENDUID {res.uidvalidity} {res.uid}")  # RFC 4315 §3
 
     def _cmd_idle(self, cmd: Command) -> Reply | None:
@@ -914,11 +924,12 @@ class Session:
                 view.flags[ch.uid] = ch.flags
             self._announce_keywords(flags)
         if not silent:
-            for u in uids:
-                items: list[Any] = [Atom("FLAGS"), _flag_list(view.flags[u])]
+            for u in uids:  # written directly: encode_value was most of STORE's CPU
+                fl = flag_list_bytes(view.flags[u])
                 if cmd.uid:
-                    items += [Atom("UID"), u]
-                self._write(untagged(view.seq_of(u), "FETCH", items))
+                    self._write(b"* %d FETCH (FLAGS %s UID %d)\r\n" % (view.seq_of(u), fl, u))
+                else:
+                    self._write(b"* %d FETCH (FLAGS %s)\r\n" % (view.seq_of(u), fl))
         return ok(f"{cmd.full_name} completed")
 
     def _announce_keywords(self, flags: Any) -> None:
@@ -1117,14 +1128,26 @@ class Session:
         so no changes_since is needed.  Every change takes the next MODSEQ of
         its mailbox (storage/shard.py), so HIGHESTMODSEQ = view.modseq + the
         MODSEQs own writes took proves nobody else changed it meanwhile;
-        anything else (own APPEND/COPY/MOVE not counted) takes the full path."""
+        anything else (own COPY/MOVE not counted) takes the full path.  Own
+        APPENDs are counted too: their messages join the view here, reported
+        with EXISTS as changes_since would have (RFC 9051 §6.3.12, §7.4.1)."""
         own, self._own = self._own, 0
+        added, self._own_added = self._own_added, []
         if not own:
             return False
         uidvalidity, _, modseq = self.ctx.store.mailbox_state(self._acct, view.name)
         if uidvalidity != view.uidvalidity or modseq != view.modseq + own:
             return False
+        newest = view.uids[-1] if view.uids else 0
+        if any(uid <= newest for uid, _ in added):
+            return False  # not a plain addition (cannot happen): the full path decides
         view.modseq = modseq
+        if added:
+            for uid, flags in sorted(added):
+                view.uids.append(uid)
+                view.flags[uid] = flags
+            self._announce_keywords({f for _, fs in added for f in fs})
+            self._write(b"* %d EXISTS\r\n" % len(view.uids))
         return True
 
     def _report_expunged(self, view: View, expunge: bool) -> None:
@@ -1172,6 +1195,14 @@ def _section(raw: bytes, section: Section) -> bytes:
     if not section.part and section.specifier is None:
         return raw  # BODY[]: the whole message (RFC 3501 §6.4.5)
     return mime.fetch_section(raw, section.part, section.specifier, section.fields)
+
+
+@functools.lru_cache(maxsize=1024)
+def _list_line(word: str, attrs: str, name: str, utf8: bool) -> bytes:
+    """``* LIST (attrs) "/" name``: the same few lines every LIST repeats,
+    encoded once (modified UTF-7 per name was most of LIST's hub CPU)."""
+    mbox = encode_utf8_string(name) if utf8 else encode_string(encode_mailbox(name))
+    return untagged(word, "(" + attrs + ")", f'"{DELIMITER}"', Raw(mbox))
 
 
 def _mbox(name: str) -> Raw:

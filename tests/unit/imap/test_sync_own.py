@@ -96,6 +96,41 @@ def test_own_append_is_announced(store) -> None:
     assert lines[0] == b"* 3 EXISTS" and lines[-1].startswith(b"a OK"), lines
 
 
+def _append(c: Client, flags: str, tag: str = "a") -> list[bytes]:
+    body = b"Subject: own\r\n\r\nown\r\n"
+    lines = c.feed(b"%s APPEND INBOX (%s) {%d+}\r\n%s\r\n" % (
+        tag.encode(), flags.encode(), len(body), body)).split(b"\r\n")[:-1]
+    assert lines[-1].startswith(tag.encode() + b" OK"), lines
+    return lines
+
+
+def test_own_append_counted_as_own_and_others_still_reported(store) -> None:
+    a = _client(store, 3)
+    a.cmd("e ENABLE CONDSTORE")
+    _select_lines(a)
+    # Own APPEND alone (stored flags canonical: \seen is \Seen): a new
+    # keyword first, then EXISTS, as the changes_since path answers.
+    lines = _append(a, "\\seen $New")
+    assert lines[:-1] == [
+        b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $New)", b"* 4 EXISTS"]
+    assert a.cmd("n NOOP") == [b"n OK NOOP completed"]
+    _same_as_fresh(store, a)
+    # Own STORE and APPEND with another session's change between them: the
+    # other change is reported too, and the appended message exactly once.
+    a.cmd("t STORE 1 +FLAGS.SILENT (\\Flagged)")
+    store.store_flags(ACCOUNT, "INBOX", [2], "add", ["$Theirs"])
+    lines = _append(a, "")
+    assert b"* 5 EXISTS" in lines
+    assert any(line.startswith(b"* 2 FETCH (FLAGS (") and b"$Theirs" in line for line in lines)
+    assert a.cmd("n NOOP") == [b"n OK NOOP completed"]
+    _same_as_fresh(store, a)
+    # Two own APPENDs, then another session's delivery: all three, in order.
+    _append(a, "", "a1")
+    store.append(ACCOUNT, "INBOX", b"Subject: theirs\r\n\r\nx\r\n")
+    assert b"* 8 EXISTS" in _append(a, "\\Draft", "a2")
+    _same_as_fresh(store, a)
+
+
 def _same_as_fresh(store, a: Client, verb: str = "SELECT") -> None:
     """a's re-SELECT answers as a new session's SELECT, and so does its view."""
     again = _select_lines(a, verb)
