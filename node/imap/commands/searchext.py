@@ -162,7 +162,7 @@ def cmd_sort(session: Any, cmd: Command) -> Reply:
     for reverse, key in reversed(criteria):
         ordered.sort(key=known[key].__getitem__, reverse=reverse)
     nums = ordered if cmd.uid else [view.seq_of(u) for u in ordered]
-    session._write(b"* SORT" + b"".join(b" %d" % n for n in nums) + b"\r\n")
+    session._write(b"* SORT" + esearch.number_list(nums) + b"\r\n")
     return ok(f"{cmd.full_name} completed")
 
 
