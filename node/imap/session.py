@@ -861,6 +861,13 @@ class Session:
         if seqs.saved:  # "$": the saved SEARCH result, as UIDs (RFC 5182 §2.2)
             return [u for u in sorted(esearch.saved_uids(self)) if u in view.flags]
         uids = view.uids
+        if len(seqs.ranges) == 1:  # one range: a slice, already ascending and unique
+            if uid:
+                lo, hi = seqs.resolve(uids[-1] if uids else 0)[0]
+                return uids[bisect.bisect_left(uids, lo) : bisect.bisect_right(uids, hi)]
+            lo, hi = seqs.resolve(len(uids))[0]
+            if lo >= 1 and hi <= len(uids):
+                return uids[lo - 1 : hi]
         picked: set[int] = set()
         if uid:
             largest = uids[-1] if uids else 0
@@ -966,26 +973,17 @@ class Session:
         items = list(items)
         if cmd.uid and not any(i.name == "UID" for i in items):
             items.insert(0, FetchItem("UID"))  # RFC 3501 §6.4.8
-        need_meta = any(i.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY", "THREADID")
-                        for i in items)
-        need_raw = any(
-            i.section is not None or i.name.startswith("RFC822") and i.name != "RFC822.SIZE"
-            for i in items
-        )
-        sets_seen = not view.readonly and any(
-            (i.section is not None and not i.peek) or i.name in ("RFC822", "RFC822.TEXT")
-            for i in items
-        )
+        plan, need_meta, need_raw, sets_seen, flags_only = _fetch_plan(tuple(items))
+        sets_seen = sets_seen and not view.readonly
         live = view.live(uids)
         answered = len(live)
-        if not self._dirty and {i.name for i in items} <= FLAGS_ONLY:
+        if not self._dirty and flags_only:
             # No change committed since the last sync, so the view is exact:
             # answer from it without reading rows (UID FETCH 1:* (FLAGS)).
             for u in live:
                 self._write(fetch_flags_line(view, u, items))
             return self._fetch_done(cmd, len(uids) - answered)
         store = self.ctx.store
-        plan = _fetch_plan(tuple(items))
         for start in range(0, len(live), FETCH_BATCH):
             rows = self._rows(live[start : start + FETCH_BATCH])
             batch = list(rows)
@@ -1029,7 +1027,7 @@ class Session:
     ) -> bytes:
         """``* n FETCH (...)`` for one message, written as bytes directly (the
         generic encode_value was a third of FETCH's CPU); ``plan`` is
-        _fetch_plan of the command's items."""
+        the first part of _fetch_plan of the command's items."""
         out: list[bytes] = []
         flags = view.flags.get(row.uid, row.flags)
         wants_flags = False
@@ -1179,16 +1177,30 @@ _F_KINDS = {"FLAGS": _F_FLAGS, "UID": _F_UID, "RFC822.SIZE": _F_SIZE, "BODY[]": 
 
 
 @functools.lru_cache(maxsize=1024)
-def _fetch_plan(items: tuple[FetchItem, ...]) -> tuple[tuple[int, FetchItem, bytes], ...]:
-    """(kind, item, echoed name) per fetch item, worked out once per distinct
-    item list rather than per message; the name is BODY[...] sections'
-    ``BODY[HEADER.FIELDS (FROM TO)]<0>`` as echoed in FETCH responses."""
+def _fetch_plan(
+    items: tuple[FetchItem, ...],
+) -> tuple[tuple[tuple[int, FetchItem, bytes], ...], bool, bool, bool, bool]:
+    """(plan, need_meta, need_raw, sets_seen, flags_only) of a fetch item
+    list, worked out once per distinct list rather than per command or
+    message.  plan: (kind, item, echoed name) per item, the name being
+    BODY[...] sections' ``BODY[HEADER.FIELDS (FROM TO)]<0>`` as echoed in
+    FETCH responses; sets_seen before the mailbox's read-only check."""
     plan = []
     for item in items:
         kind = _F_KINDS.get(item.name, _F_OTHER)
         name = item.response_name().encode("utf-8") if kind == _F_SECTION else b""
         plan.append((kind, item, name))
-    return tuple(plan)
+    need_meta = any(i.name in ("ENVELOPE", "BODYSTRUCTURE", "BODY", "THREADID") for i in items)
+    need_raw = any(
+        i.section is not None or i.name.startswith("RFC822") and i.name != "RFC822.SIZE"
+        for i in items
+    )
+    sets_seen = any(
+        (i.section is not None and not i.peek) or i.name in ("RFC822", "RFC822.TEXT")
+        for i in items
+    )
+    flags_only = {i.name for i in items} <= FLAGS_ONLY
+    return tuple(plan), need_meta, need_raw, sets_seen, flags_only
 
 
 def _section(raw: bytes, section: Section) -> bytes:
