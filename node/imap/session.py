@@ -14,8 +14,9 @@ points RFC 3501 §5.2/§7.4.1 allow, `_sync` asks `changes_since` and reports
 EXISTS, FETCH (FLAGS) and, except while answering FETCH/STORE/SEARCH (UID
 forms included), EXPUNGE.  An expunge learned at another point is kept in
 `View.gone` until it may be reported, so sequence numbers never shift under
-the client mid-command.  After the session's own STORE/EXPUNGE the sync
-needs no changes_since when nobody else changed the mailbox (`_own_only`),
+the client mid-command.  After the session's own STORE/EXPUNGE/APPEND the
+sync needs no changes_since when nobody else changed the mailbox (`_own_only`;
+an own APPEND's message joins the view with EXISTS),
 and a SELECT of the selected mailbox reuses the view (`_reopen`).  \\Recent is not tracked: RECENT is always 0 (the
 flag is gone from IMAP4rev2, RFC 9051 §7.3.2; see docs/imap.md).
 
@@ -183,7 +184,7 @@ class Session:
         self._auth_tag: str | None = None
         self._auth_failures = 0
         self._dirty = False
-        # MODSEQs this session's own STORE/EXPUNGE took in the selected
+        # MODSEQs this session's own STORE/EXPUNGE/APPEND took in the selected
         # mailbox since view.modseq; their effects are in the view (_own_only).
         self._own = 0
         # (UID, flags) of own APPENDs to the selected mailbox, counted in _own:
@@ -1122,8 +1123,8 @@ class Session:
 
     def _own_only(self, view: View) -> bool:
         """True if every change committed to the selected mailbox since
-        view.modseq is this session's own STORE/EXPUNGE, already in the view,
-        so no changes_since is needed.  Every change takes the next MODSEQ of
+        view.modseq is this session's own STORE/EXPUNGE (in the view already)
+        or APPEND, so no changes_since is needed.  Every change takes the next MODSEQ of
         its mailbox (storage/shard.py), so HIGHESTMODSEQ = view.modseq + the
         MODSEQs own writes took proves nobody else changed it meanwhile;
         anything else (own COPY/MOVE not counted) takes the full path.  Own
