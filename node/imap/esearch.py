@@ -17,6 +17,7 @@ Nothing here writes to the client: callers encode with `search_response`.
 from __future__ import annotations
 
 import bisect
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +62,7 @@ def find(
         found = store.search_text(account, view.name, searchmod.INDEX_FIELDS[k.op], needle)
         if found is not None:
             hits[k] = (found, k.op != "HEADER")  # HEADER: candidates, not exact
-    live = view.live(view.uids)
+    live = view.live_uids()
     whole = _Sets(view, live, hits).eval(key)
     if whole is not None:
         # Answered from the view and the index alone, as set operations.
@@ -122,8 +123,13 @@ class _Sets:
     def __init__(self, view: Any, live: list[int], hits: dict) -> None:
         self.view = view
         self.live = live
-        self.all = set(live)
         self.hits = hits
+
+    @functools.cached_property
+    def all(self) -> set[int]:
+        """The live UIDs as a set, built only for keys that need it (a flag
+        key alone, e.g. UNSEEN, does not)."""
+        return set(self.live)
 
     def eval(self, key: SearchKey) -> set[int] | None:
         op, args = key.op, key.args

@@ -43,8 +43,10 @@ def test_expunge_waits_in_gone_until_taken() -> None:
     view.apply(MailboxChanges(8, [_row(3, SEEN)], [2, 3, 4, 99]))
     assert view.gone == {2, 3, 4} and view.seq_of(5) == 5
     assert view.live([1, 2, 3, 4, 5]) == [1, 5]
+    assert view.live_uids() == [1, 5]
     assert view.take_expunged() == [4, 3, 2]
     assert view.uids == [1, 5] and set(view.flags) == {1, 5}
+    assert view.live_uids() == [1, 5] and view.live_uids() is not view.uids
 
 
 @given(st.sets(st.integers(1, 60), max_size=40), st.sets(st.integers(1, 60), max_size=40))
