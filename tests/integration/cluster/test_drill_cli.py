@@ -208,7 +208,7 @@ def test_drain_under_load_moves_everything_and_loses_nothing(cluster: ClusterHar
 
 def test_drill_failover_primary(cluster: ClusterHarness, tmp_path: Path) -> None:
     cluster.wait_until(cluster.all_shards_led, 60, "every shard led")
-    result = _postroom(cluster, "drill", "failover", "--target", "primary", "--duration", "10",
+    result = _postroom(cluster, "drill", "failover", "--target", "primary", "--duration", "6",
                        "--senders", "20", "--imap-clients", "10", timeout=400)
     print(result.stdout, result.stderr)
     assert result.returncode == 0, result.stdout + result.stderr + cluster.log_tails()
